@@ -12,6 +12,8 @@ import sys
 
 # module path for each subcommand group; a module missing here is simply not offered
 _COMMAND_MODULES = (
+    "meshlb.agent_cli",
+    "meshlb.lab.cli",
     "meshlb.cluster.sim_cli",
 )
 
@@ -21,7 +23,9 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshlb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="meshlb", description="meshlb: a layer-4 load balancer on every application host (XDP + gossip)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMAND_MODULES:
@@ -49,4 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the imported module so CliError is one class for every subcommand
+    from meshlb.cli import main as _main
+
+    sys.exit(_main())

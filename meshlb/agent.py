@@ -1,0 +1,751 @@
+"""The agent (`meshlb join`): composition root of one mix.
+
+It wires, on one asyncio loop: the XDP balancer and the socket-release tracer (loaded,
+or adopted from their pins after a restart), the gossip driver around the sans-IO
+cluster node, health checks, the control socket and the metrics endpoint. Its one job
+beyond wiring is to keep the data plane equal to the cluster's view: whenever
+membership, metadata or health changes, it recomputes every VIP's Maglev table
+(meshlb.forwarding) and swaps the changed ones in.
+
+Backends in the data plane are numbered locally: (member, port) -> id. An id stays
+bound to its member until the member is forgotten, so flows pinned by conntrack to a
+member that turned suspect keep flowing while only new flows move.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from meshlb import control, forwarding, metrics, vipnet
+from meshlb import config as config_mod
+from meshlb.dataplane import layouts as L
+from meshlb.dataplane.balancer import Balancer, vip_key
+from meshlb.dataplane.libbpf import BpfError, Link
+from meshlb.dataplane.tracer import SockEvent, Tracer
+from meshlb.forwarding import VipSpec
+
+log = logging.getLogger("meshlb.agent")
+
+XDP_LINK_PIN = "xdp_link"
+TRACER_SUBDIR = "tracer"
+PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
+REBUILD_DEBOUNCE_S = 0.02
+DEFAULT_SNAT_PORTS = (10000, 32767)  # below the kernel's default ephemeral range
+
+
+def vip_specs(cfg: config_mod.Config) -> list[VipSpec]:
+    return [
+        VipSpec(
+            address=str(v.address),
+            port=v.port,
+            proto=v.protocol,
+            mode=v.mode,
+            ring_size=v.ring_size,
+            backend_port=v.backend_port or 0,
+        )
+        for v in cfg.vips
+    ]
+
+
+class Agent:
+    def __init__(self, cfg: config_mod.Config, keys: tuple[bytes, ...], config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.config_path = config_path
+        self.name = cfg.node.name
+        self.vips = vip_specs(cfg)
+        self.balancer: Balancer | None = None
+        self.tracer: Tracer | None = None
+        self.xdp_link: Link | None = None
+        self.xdp_mode = ""
+        self.ifindex = 0
+        self.address = ""  # advertised address: the node's identity in the data plane
+        self.driver: Any = None
+        self.health: Any = None
+        self.control: control.ControlServer | None = None
+        self.metrics: metrics.MetricsServer | None = None
+        self.vip_ids: dict[str, int] = {}
+        self.backend_ids: dict[tuple[str, int], int] = {}
+        self.plans: dict[str, forwarding.VipPlan] = {}
+        self.digest = ""
+        self.table_changes = 0
+        self.evictions: Counter[str] = Counter()
+        self.health_checks: Counter[tuple[str, str]] = Counter()
+        self.added_vips: list[str] = []
+        self.draining = False
+        self.adopted = False
+        self._stop = asyncio.Event()
+        self._leave_requested = False
+        self._rebuild_handle: asyncio.TimerHandle | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            self._setup_dataplane()
+            self._setup_vips()
+            await self._start_gossip()
+            await self._start_health()
+            await self._start_control()
+            await self._start_metrics()
+            self._start_tracer_reader()
+            self._rebuild_now()
+            if self.cfg.conntrack.idle_timeout_s > 0:
+                self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
+            loop.add_signal_handler(signal.SIGTERM, self.request_leave)
+            loop.add_signal_handler(signal.SIGINT, self.request_leave)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+            log.info(
+                "%s: serving %d VIP(s) on %s (xdp %s%s), gossip on %s",
+                self.name, len(self.vips), self.cfg.node.iface, self.xdp_mode,
+                ", adopted pinned state" if self.adopted else "", self.cfg.node.bind,
+            )
+            await self._stop.wait()
+            if self._leave_requested:
+                await self._drain_and_leave()
+            return 0
+        finally:
+            await self._shutdown()
+
+    def request_leave(self) -> None:
+        if not self._leave_requested:
+            log.info("leave requested: draining")
+            self._leave_requested = True
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self.control:
+            await self.control.stop()
+        if self.metrics:
+            await self.metrics.stop()
+        if self.health:
+            with contextlib.suppress(Exception):
+                await self.health.stop()
+        if self.driver and not self._leave_requested:
+            with contextlib.suppress(Exception):
+                await self.driver.stop(leave=False)
+        if self.tracer:
+            self.tracer.stop()
+        if self._leave_requested:
+            self._teardown_dataplane()
+        else:
+            # not a leave (an error): pinned state stays so forwarding carries on and
+            # the next agent adopts it
+            for obj in (self.tracer, self.balancer):
+                if obj is not None:
+                    with contextlib.suppress(Exception):
+                        obj.close()
+
+    # ------------------------------------------------------------------ data plane
+
+    def _setup_dataplane(self) -> None:
+        cfg = self.cfg
+        pin = Path(cfg.node.pin_dir)
+        _ensure_bpffs(pin)
+        self.ifindex = vipnet.ifindex(cfg.node.iface)
+        self.address = cfg.node.advertise.host if cfg.node.advertise else vipnet.interface_addresses(cfg.node.iface)[0]
+        self.adopted = (pin / "conntrack").exists()
+        self.balancer = Balancer.load(pin_dir=pin, conntrack_size=cfg.conntrack.max_entries)
+        self._attach_xdp(pin)
+        tdir = pin / TRACER_SUBDIR
+        if tdir.exists() and any(tdir.iterdir()):
+            try:
+                self.tracer = Tracer.adopt(tdir)
+            except BpfError as exc:
+                log.warning("cannot adopt pinned tracer (%s); loading a new one", exc)
+                Tracer(netns_cookie=0).unpin(tdir)
+                self.tracer = None
+        if self.tracer is None:
+            self.tracer = Tracer()
+            self.tracer.load()
+            self.tracer.attach()
+            self.tracer.pin(tdir)
+        self._configure_snat()
+
+    def _attach_xdp(self, pin: Path) -> None:
+        link_pin = pin / XDP_LINK_PIN
+        if link_pin.exists():
+            old = Link.from_pinned(str(link_pin))
+            try:
+                # Swap the running program for the one just loaded (same pinned maps),
+                # atomically: packets never see the interface without a program.
+                old.update(self.balancer.program)
+                self.xdp_link = old
+                self.xdp_mode = "adopted"
+                return
+            except (BpfError, AttributeError) as exc:
+                log.warning("cannot update the pinned XDP link (%s); re-attaching", exc)
+                old.detach()
+                old.close()
+                os.unlink(link_pin)
+        modes = {"native": ["native"], "generic": ["generic"], "auto": ["native", "generic"]}[self.cfg.node.xdp_mode]
+        errors = []
+        for mode in modes:
+            try:
+                self.xdp_link = self.balancer.attach(self.ifindex, mode)
+                self.xdp_mode = mode
+                break
+            except BpfError as exc:
+                errors.append(f"{mode}: {exc}")
+                if mode == "native" and len(modes) > 1:
+                    log.warning("native XDP unavailable on %s (%s); falling back to generic mode", self.cfg.node.iface, exc)
+        if self.xdp_link is None:
+            raise RuntimeError(f"cannot attach XDP to {self.cfg.node.iface}: {'; '.join(errors)}")
+        self.xdp_link.pin(str(link_pin))
+
+    def _configure_snat(self) -> None:
+        """One SNAT source per family for every nat VIP: the first nat VIP of that
+        family that names an address or port range sets it, else the interface's."""
+        lo, hi = DEFAULT_SNAT_PORTS
+        addrs = vipnet.interface_addresses(self.cfg.node.iface)
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            v6 = fam == socket.AF_INET6
+            fam_addrs = [a for a in addrs if (":" in a) == v6]
+            nat = [v for v in self.cfg.vips if v.mode == "nat" and (v.address.version == 6) == v6]
+            addr = next((str(v.snat_address) for v in nat if v.snat_address), fam_addrs[0] if fam_addrs else None)
+            lo, hi = next((v.snat_ports for v in nat if v.snat_ports), DEFAULT_SNAT_PORTS)
+            if addr:
+                self.balancer.set_snat(fam, addr, lo, hi)
+        # the kernel must never pick a SNAT port for the node's own connections, or a
+        # reply to one of them would be taken for a NAT flow
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/net/ipv4/ip_local_reserved_ports").write_text(f"{lo}-{hi}")
+
+    def _setup_vips(self) -> None:
+        ids_in_use = {m.vip_id: bytes(k) for k, m in self.balancer.vips()}
+        for spec in self.vips:
+            key = bytes(vip_key(spec.address, spec.port, spec.proto))
+            vip_id = next((i for i, k in ids_in_use.items() if k == key), None)
+            if vip_id is None:
+                vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in ids_in_use and i not in self.vip_ids.values())
+            self.vip_ids[spec.key] = vip_id
+            self.balancer.add_vip(spec.address, spec.port, spec.proto, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
+            # dr VIPs must be local addresses to be accepted; a nat VIP whose chosen
+            # backend is this node is passed up unchanged, so it needs the same
+            self._watch(spec)
+        vipnet.set_arp_sysctls(self.cfg.node.iface)
+        self.added_vips = vipnet.add_loopback_vips([s.address for s in self.vips])
+
+    def _watch(self, spec: VipSpec) -> None:
+        if spec.proto != "tcp":
+            return
+        self.tracer.watch(spec.address, spec.port)
+        if spec.mode == "nat":
+            self.tracer.watch(self.address, spec.target_port)
+
+    def _teardown_dataplane(self) -> None:
+        pin = Path(self.cfg.node.pin_dir)
+        with contextlib.suppress(Exception):
+            vipnet.remove_loopback_vips(self.added_vips)
+        if self.xdp_link is not None:
+            with contextlib.suppress(Exception):
+                self.xdp_link.detach()
+            with contextlib.suppress(Exception):
+                self.xdp_link.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pin / XDP_LINK_PIN)
+        if self.tracer is not None:
+            link = self.tracer.link
+            if link is not None:
+                with contextlib.suppress(Exception):
+                    link.detach()
+            with contextlib.suppress(Exception):
+                self.tracer.unpin(pin / TRACER_SUBDIR)
+            self.tracer.close()
+        if self.balancer is not None:
+            self.balancer.unpin()
+            self.balancer.close()
+        with contextlib.suppress(OSError):
+            pin.rmdir()
+        log.info("%s: detached and unpinned", self.name)
+
+    # ------------------------------------------------------------------ tables
+
+    def schedule_rebuild(self) -> None:
+        """Coalesce bursts of membership events into one rebuild."""
+        if self._rebuild_handle is None:
+            loop = asyncio.get_running_loop()
+            self._rebuild_handle = loop.call_later(REBUILD_DEBOUNCE_S, self._rebuild_now)
+
+    def _rebuild_now(self) -> None:
+        self._rebuild_handle = None
+        members = {m.name: m for m in self.driver.members()}
+        usable = [] if self.draining else [n for n in self.driver.usable_backends() if not (n == self.name and self.draining)]
+        serving = {
+            name: (tuple(m.meta.vips), m.meta.weight)
+            for name, m in members.items()
+            if not (name == self.name and self.draining)
+        }
+        plans = forwarding.plan(self.vips, usable, serving)
+        changed = [k for k, p in plans.items() if self.plans.get(k) is None or self.plans[k].digest != p.digest]
+        for key in changed:
+            self._install(plans[key], members)
+        self._forget_unused_backends(plans, members)
+        self.plans = plans
+        digest = forwarding.plans_digest(plans)
+        if changed:
+            self.table_changes += 1
+            log.info("tables: %s -> %s (%s)", self.digest or "-", digest,
+                     ", ".join(f"{k}: {','.join(plans[k].backends) or 'none'}" for k in changed))
+        if digest != self.digest:
+            self.digest = digest
+            self._publish_meta()
+
+    def _install(self, plan: forwarding.VipPlan, members: dict[str, Any]) -> None:
+        spec = plan.vip
+        port = spec.target_port if spec.mode == "nat" else 0
+        ids = []
+        for name in plan.backends:
+            bid = self._backend_id(name, port)
+            host = members[name].address[0]
+            self.balancer.set_backend(bid, host, port, local=(name == self.name))
+            ids.append(bid)
+        table = [ids[i] if i != 0xFFFFFFFF else L.MLB_NO_BACKEND for i in plan.table] if ids else [L.MLB_NO_BACKEND] * spec.ring_size
+        self.balancer.set_vip_table(self.vip_ids[spec.key], table)
+
+    def _backend_id(self, name: str, port: int) -> int:
+        key = (name, port)
+        bid = self.backend_ids.get(key)
+        if bid is None:
+            used = set(self.backend_ids.values())
+            bid = next(i for i in range(L.MLB_MAX_BACKENDS) if i not in used)
+            self.backend_ids[key] = bid
+        return bid
+
+    def _forget_unused_backends(self, plans: dict[str, forwarding.VipPlan], members: dict[str, Any]) -> None:
+        """A backend id is released only when its member is gone from the member list
+        (reaped); while it is suspect or dead the id keeps pointing at it so established
+        flows are not silently moved to another backend."""
+        for (name, port), bid in list(self.backend_ids.items()):
+            if name not in members:
+                self.balancer.remove_backend(bid)
+                del self.backend_ids[(name, port)]
+
+    # ------------------------------------------------------------------ gossip
+
+    def _own_meta(self) -> Any:
+        from meshlb.cluster.node import MemberMeta  # noqa: PLC0415
+
+        return MemberMeta(
+            vips=tuple(s.key for s in self.vips),
+            weight=0 if self.draining else 100,
+            app_healthy=(not self.draining) and self._app_healthy(),
+            table_digest=self.digest,
+            observations=self._observations(),
+        )
+
+    def _publish_meta(self) -> None:
+        if self.driver is not None:
+            self.driver.update_meta(self._own_meta())
+
+    async def _start_gossip(self) -> None:
+        from meshlb.cluster.driver import GossipDriver  # noqa: PLC0415
+
+        self.driver = GossipDriver.from_config(self.cfg, name=self.name, address=self.address, keys=self.keys,
+                                               meta=self._own_meta(), on_event=self._on_cluster_event,
+                                               event_queue=0)
+        await self.driver.start()
+
+    def _on_cluster_event(self, event: Any) -> None:
+        from meshlb.cluster import node as cnode  # noqa: PLC0415
+
+        if isinstance(event, cnode.EvictionReceived):
+            self.evictions["received"] += 1
+            if self._evict(event.tuple):
+                self.evictions["applied"] += 1
+            return
+        kind = type(event).__name__
+        member = getattr(event, "member", None)
+        if member is not None and member.name != self.name:
+            log.info("member %s: %s (incarnation %s)", member.name, kind, member.incarnation)
+            if self.health is not None and kind in ("MemberUp", "MemberLeft", "MemberDead"):
+                self._update_health_targets()
+        self.schedule_rebuild()
+
+    # ------------------------------------------------------------------ evictions
+
+    def _start_tracer_reader(self) -> None:
+        self.tracer.start(callback=self._on_sock_event)
+
+    def _on_sock_event(self, ev: SockEvent) -> None:
+        from meshlb.cluster.node import FlowTuple  # noqa: PLC0415
+
+        f = ev.flow
+        self.evictions["socket_closed"] += 1
+        if self._evict_key(f.key()):
+            self.evictions["applied_local"] += 1
+        self.driver.publish_eviction(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
+        self.evictions["sent"] += 1
+
+    def _evict(self, t: Any) -> bool:
+        try:
+            key = bytes(L.flow_key(t.client, t.client_port, t.vip, t.vip_port, t.proto))
+        except (ValueError, TypeError):
+            self.evictions["malformed"] += 1
+            return False
+        return self._evict_key(key)
+
+    def _evict_key(self, key: bytes) -> bool:
+        """Drop a flow: a dr/nat forward entry keyed (client -> VIP), or, for a nat flow
+        whose backend socket closed, the entry whose reply tuple this is."""
+        fk = L.FlowKey.from_bytes(key)
+        if self.balancer.conntrack_delete(fk):
+            return True
+        return _nat_evict_backend_side(self.balancer, fk)
+
+    async def _sweep_loop(self) -> None:
+        idle_ns = int(self.cfg.conntrack.idle_timeout_s * 1e9)
+        while True:
+            await asyncio.sleep(self.cfg.conntrack.sweep_interval_s)
+            try:
+                now = time.monotonic_ns()
+                stale = [k for k, v in self.balancer.conntrack_entries() if now - v.last_seen_ns > idle_ns]
+                if stale:
+                    n = self.balancer.conntrack_delete_many(stale)
+                    self.evictions["swept"] += n
+            except Exception:
+                log.exception("conntrack sweep failed")
+
+    # ------------------------------------------------------------------ health
+
+    def _app_healthy(self) -> bool:
+        if self.health is None:
+            return True
+        r = self.health.result(self.name)
+        return bool(r and r.ok)
+
+    def _observations(self) -> dict[str, bool]:
+        if self.health is None:
+            return {}
+        return {name: r.ok for name, r in self.health.results().items() if name != self.name and r is not None}
+
+    async def _start_health(self) -> None:
+        from meshlb.health import HealthChecker  # noqa: PLC0415
+
+        self.health = HealthChecker.from_config(self.cfg.health, on_change=self._on_health_change,
+                                                on_result=self._on_health_result)
+        self._update_health_targets()
+        await self.health.start()
+
+    def _update_health_targets(self) -> None:
+        hc = self.cfg.health
+        port = hc.app_port or (self.vips[0].target_port if self.vips else 80)
+        targets = {self.name: (self.address, port)}
+        if hc.check_peers:
+            allowed = None if hc.check_peers is True else set(hc.check_peers)
+            for m in self.driver.members():
+                if m.name != self.name and m.status.value in ("alive", "suspect") and (allowed is None or m.name in allowed):
+                    targets[m.name] = (m.address[0], port)
+        self.health.set_targets(targets)
+
+    def _on_health_change(self, name: str, ok: bool) -> None:
+        log.info("health: %s %s", name, "up" if ok else "DOWN")
+        self._publish_meta()
+        self.schedule_rebuild()
+
+    def _on_health_result(self, name: str, ok: bool) -> None:
+        self.health_checks[(name, "ok" if ok else "fail")] += 1
+
+    # ------------------------------------------------------------------ leave
+
+    async def _drain_and_leave(self) -> None:
+        self.draining = True
+        self._publish_meta()  # peers stop sending new flows here
+        self._rebuild_now()  # and so does this node's own balancer
+        deadline = time.monotonic() + self.cfg.drain.timeout_s
+        while time.monotonic() < deadline and self._local_established() > 0:
+            await asyncio.sleep(0.2)
+        left = self._local_established()
+        if left:
+            log.warning("drain timeout: %d connection(s) still open", left)
+        with contextlib.suppress(Exception):
+            await self.driver.stop(leave=True)
+
+    def _local_established(self) -> int:
+        """TCP connections established to this node's VIPs (dr) or backend ports (nat)."""
+        endpoints = set()
+        for s in self.vips:
+            if s.proto == "tcp":
+                endpoints.add((ipaddress.ip_address(s.address), s.port))
+                if s.mode == "nat":
+                    endpoints.add((ipaddress.ip_address(self.address), s.target_port))
+        return _count_established(endpoints)
+
+    # ------------------------------------------------------------------ reload
+
+    def _reload_soon(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> dict[str, Any]:
+        if not self.config_path:
+            log.warning("SIGHUP: no config file to reload (started without --config)")
+            return {"applied": [], "needs_restart": [], "error": "no config file"}
+        try:
+            new = config_mod.load(self.config_path)
+            new = config_mod.merge_cli(new, name=self.cfg.node.name, iface=self.cfg.node.iface,
+                                       bind=None, control=None, peers=None)
+            config_mod.validate_host(new)
+        except config_mod.ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return {"applied": [], "needs_restart": [], "error": str(exc)}
+        applied, needs_restart = config_mod.diff_live(self.cfg, new)
+        if any(a.startswith("vips") for a in applied):
+            self._apply_vip_changes(vip_specs(new))
+        self.cfg = new
+        if self.health is not None and any(a.startswith("health") for a in applied):
+            self.health.reconfigure(new.health)
+            self._update_health_targets()
+        self._publish_meta()
+        self._rebuild_now()
+        if needs_restart:
+            log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(needs_restart))
+        log.info("reload: applied %s", ", ".join(applied) or "nothing (no change)")
+        return {"applied": applied, "needs_restart": needs_restart}
+
+    def _apply_vip_changes(self, specs: list[VipSpec]) -> None:
+        old = {s.key: s for s in self.vips}
+        new = {s.key: s for s in specs}
+        for key, spec in old.items():
+            if key not in new or new[key] != spec:
+                self.balancer.remove_vip(spec.address, spec.port, spec.proto)
+                with contextlib.suppress(Exception):
+                    self.tracer.unwatch(spec.address, spec.port)
+                self.vip_ids.pop(key, None)
+                self.plans.pop(key, None)
+                if spec.address not in {s.address for s in specs} and spec.address in self.added_vips:
+                    vipnet.remove_loopback_vips([spec.address])
+                    self.added_vips.remove(spec.address)
+        self.vips = specs
+        for key, spec in new.items():
+            if key not in self.vip_ids:
+                used = set(self.vip_ids.values())
+                vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in used)
+                self.vip_ids[key] = vip_id
+                self.balancer.add_vip(spec.address, spec.port, spec.proto, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
+                self._watch(spec)
+        self.added_vips += vipnet.add_loopback_vips([s.address for s in specs if s.address not in self.added_vips])
+
+    # ------------------------------------------------------------------ control + metrics
+
+    async def _start_control(self) -> None:
+        handlers = {
+            "members": self._op_members,
+            "stats": self._op_stats,
+            "vips": self._op_vips,
+            "conntrack_count": self._op_ct_count,
+            "conntrack_list": self._op_ct_list,
+            "conntrack_flush": self._op_ct_flush,
+            "leave": self._op_leave,
+            "reload": lambda args: self.reload(),
+        }
+        self.control = control.ControlServer(self.cfg.node.control, handlers)
+        await self.control.start()
+
+    async def _start_metrics(self) -> None:
+        listen = self.cfg.node.metrics
+        if not listen:
+            return
+        self.metrics = metrics.MetricsServer(listen.host, listen.port, self.snapshot)
+        await self.metrics.start()
+
+    def _member_json(self, m: Any, now: float) -> dict[str, Any]:
+        health = "draining" if (m.name == self.name and self.draining) else ("ok" if m.meta.app_healthy else "down")
+        return {
+            "name": m.name,
+            "address": f"{m.address[0]}:{m.address[1]}",
+            "status": m.status.value,
+            "incarnation": m.incarnation,
+            "vips": list(m.meta.vips),
+            "health": health,
+            "table_digest": m.meta.table_digest,
+            # the node runs on the loop's monotonic clock; the CLI wants wall time
+            "status_since": now - max(0.0, self.driver.now() - m.status_since),
+            "self": m.name == self.name,
+        }
+
+    async def _op_members(self, args: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        members = sorted(self.driver.members(), key=lambda m: m.name)
+        return {"node": self.name, "now": now, "members": [self._member_json(m, now) for m in members]}
+
+    async def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        t = self.tracer.stats()
+        return {
+            "node": self.name,
+            "uptime_s": round(time.time() - self._started, 1),
+            "xdp_mode": self.xdp_mode,
+            "table_digest": self.digest,
+            "table_changes": self.table_changes,
+            "dataplane": self.balancer.counters(),
+            "conntrack_entries": self.balancer.conntrack_count(),
+            "evictions": dict(self.evictions),
+            "tracer": {"emitted": t.emitted, "ringbuf_full": t.ringbuf_full, "queue_dropped": t.queue_dropped},
+            "gossip": dict(self.driver.stats),
+        }
+
+    async def _op_vips(self, args: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for spec in self.vips:
+            plan = self.plans.get(spec.key)
+            st = self.balancer.vip_stats(self.vip_ids[spec.key])
+            out.append({
+                "vip": spec.key, "mode": spec.mode, "backends": list(plan.backends) if plan else [],
+                "table_digest": plan.digest if plan else "", "packets": st.packets, "bytes": st.bytes,
+            })
+        return {"node": self.name, "vips": out}
+
+    async def _op_ct_count(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"entries": self.balancer.conntrack_count()}
+
+    async def _op_ct_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        limit = int(args.get("limit") or 1000)
+        entries = self.balancer.conntrack_entries()
+        now = time.monotonic_ns()
+        names = {bid: name for (name, _), bid in self.backend_ids.items()}
+        out = []
+        for k, v in entries[:limit]:
+            fam = k.family
+            src, dst = L.words_addr(k.src, fam), L.words_addr(k.dst, fam)
+            out.append({
+                "client": _hostport(src, L.port_host(k.sport)),
+                "vip": _hostport(dst, L.port_host(k.dport)),
+                "proto": PROTO_NAME.get(k.proto, str(k.proto)),
+                "backend": names.get(v.backend_id, str(v.backend_id)),
+                "idle_s": max(0.0, (now - v.last_seen_ns) / 1e9),
+            })
+        return {"entries": out, "total": len(entries), "truncated": len(entries) > limit}
+
+    async def _op_ct_flush(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted": self.balancer.conntrack_flush()}
+
+    async def _op_leave(self, args: dict[str, Any]) -> dict[str, Any]:
+        asyncio.get_running_loop().call_soon(self.request_leave)
+        return {"drain_timeout_s": self.cfg.drain.timeout_s}
+
+    def snapshot(self) -> metrics.Snapshot:
+        members = self.driver.members()
+        by_status = Counter(m.status.value for m in members)
+        vip_traffic = {}
+        for spec in self.vips:
+            st = self.balancer.vip_stats(self.vip_ids[spec.key])
+            vip_traffic[spec.key] = (st.packets, st.bytes)
+        backend_traffic = {}
+        for (name, port), bid in self.backend_ids.items():
+            st = self.balancer.backend_stats(bid)
+            backend_traffic[f"{name}:{port}" if port else name] = (st.packets, st.bytes)
+        stats = dict(self.driver.stats)
+        drops = {k[len("drop_"):]: v for k, v in stats.items() if k.startswith("drop_")}
+        health = {}
+        if self.health is not None:
+            health = {n: bool(r and r.ok) for n, r in self.health.results().items()}
+        return metrics.Snapshot(
+            node=self.name,
+            members_by_status=by_status,
+            table_digest=self.digest,
+            table_changes=self.table_changes,
+            vip_traffic=vip_traffic,
+            backend_traffic=backend_traffic,
+            dataplane_reasons=self.balancer.counters(),
+            conntrack_entries=self.balancer.conntrack_count(),
+            evictions=dict(self.evictions),
+            gossip_datagrams={"sent": stats.get("datagrams_sent", 0), "received": stats.get("datagrams_received", 0)},
+            gossip_drops=drops,
+            health=health,
+            health_checks=dict(self.health_checks),
+        )
+
+
+def _nat_evict_backend_side(balancer: Balancer, fk: L.FlowKey) -> bool:
+    """A nat flow closed on its backend: the backend saw (SNAT addr:port -> backend),
+    so the reply tuple, which keys the reverse map, is that with the ends swapped."""
+    rk = L.FlowKey(sport=fk.dport, dport=fk.sport, proto=fk.proto, family=fk.family)
+    rk.src[:] = list(fk.dst)
+    rk.dst[:] = list(fk.src)
+    raw = balancer.maps["nat_reverse"].lookup(bytes(rk))
+    if raw is None:
+        return False
+    rev = L.NatRevValue.from_bytes(raw)
+    balancer.maps["conntrack"].delete(bytes(rev.orig))
+    balancer.maps["nat_reverse"].delete(bytes(rk))
+    return True
+
+
+def _ensure_bpffs(pin_dir: Path) -> None:
+    """Pins need a BPF filesystem; containers often start without one mounted."""
+    root = Path("/sys/fs/bpf")
+    if not str(pin_dir).startswith(str(root) + "/"):
+        return
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1:3] == [str(root), "bpf"] for line in f):
+            return
+    import ctypes  # noqa: PLC0415
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    root.mkdir(parents=True, exist_ok=True)
+    if libc.mount(b"bpf", str(root).encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise RuntimeError(f"no BPF filesystem at {root} and mounting one failed: {os.strerror(err)}")
+    log.info("mounted a BPF filesystem at %s", root)
+
+
+def _hostport(addr: Any, port: int) -> str:
+    return f"[{addr}]:{port}" if getattr(addr, "version", 4) == 6 else f"{addr}:{port}"
+
+
+def _count_established(endpoints: set[tuple[Any, int]]) -> int:
+    """Count ESTABLISHED TCP sockets whose local end is one of ``endpoints``."""
+    n = 0
+    for path, fam in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        try:
+            lines = Path(path).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 4 or parts[3] != "01":  # 01 = TCP_ESTABLISHED
+                continue
+            hexaddr, hexport = parts[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints the address as host-order 32-bit words
+            words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]
+            addr = ipaddress.ip_address(b"".join(words))
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            if (addr, int(hexport, 16)) in endpoints:
+                n += 1
+    return n
+
+
+def run_agent(cfg: config_mod.Config, keys: tuple[bytes, ...], config_path: str | None = None) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(cfg.node, "log_level", "info")).upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    # uvloop for the agent's own loop only, not as the global policy: pyroute2 runs
+    # loops of its own for netlink sockets, which uvloop cannot open
+    try:
+        import uvloop  # noqa: PLC0415
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(Agent(cfg, keys, config_path).run())

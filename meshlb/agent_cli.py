@@ -1,0 +1,231 @@
+"""CLI commands that start the agent or talk to a running one over its control socket.
+
+``--format json`` output is stable: the keys documented in docs/operations.md are
+only ever added to, never renamed or removed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from meshlb import control
+from meshlb.cli import CliError
+
+CONTROL_DIR = "/run/meshlb"
+DEFAULT_CONTROL = f"{CONTROL_DIR}/<name>.sock"
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    """--control, else $MESHLB_CONTROL, else the only agent socket in /run/meshlb."""
+    path = args.control or os.environ.get("MESHLB_CONTROL")
+    if path:
+        return path
+    try:
+        socks = sorted(e for e in os.listdir(CONTROL_DIR) if e.endswith(".sock"))
+    except FileNotFoundError:
+        socks = []
+    except PermissionError:
+        raise CliError(f"permission denied on {CONTROL_DIR} (the control socket is root only)") from None
+    if len(socks) == 1:
+        return os.path.join(CONTROL_DIR, socks[0])
+    if not socks:
+        raise CliError(f"agent not running (no control socket in {CONTROL_DIR}; pass --control PATH)")
+    raise CliError(f"several agents in {CONTROL_DIR} ({', '.join(socks)}): pass --control PATH")
+
+
+def _call(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
+    try:
+        return control.call(_control_path(args), op, kwargs)
+    except control.ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+# --- join ---------------------------------------------------------------------------
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from meshlb import config as config_mod  # noqa: PLC0415  (keeps `members` fast)
+    from meshlb.agent import run_agent  # noqa: PLC0415
+
+    try:
+        cfg = config_mod.load(args.config) if args.config else config_mod.default_config()
+        cfg = config_mod.merge_cli(
+            cfg, peers=args.peers, iface=args.iface, name=args.name, bind=args.bind, control=args.control
+        )
+        keys = config_mod.validate_host(cfg)
+    except config_mod.ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if os.geteuid() != 0:
+        raise CliError("must run as root (it loads BPF programs and owns the control socket)")
+    return run_agent(cfg, keys, config_path=args.config)
+
+
+# --- members ------------------------------------------------------------------------
+
+
+def members_rows(result: dict[str, Any]) -> tuple[list[list[str]], str]:
+    now = result.get("now", time.time())
+    members = result["members"]
+    alive_digests = {m["table_digest"] for m in members if m["status"] == "alive"}
+    rows = []
+    for m in members:
+        rows.append(
+            [
+                m["name"] + (" *" if m.get("self") else ""),
+                m["address"],
+                m["status"],
+                str(m["incarnation"]),
+                ",".join(m["vips"]) or "-",
+                m["health"],
+                (m["table_digest"] or "-")[:12],
+                _ago(now - m["status_since"]),
+            ]
+        )
+    if len(alive_digests) == 1:
+        digest = next(iter(alive_digests)) or "-"
+        summary = f"tables: all {sum(m['status'] == 'alive' for m in members)} alive members agree ({digest[:12]})"
+    else:
+        summary = f"tables: alive members DISAGREE ({len(alive_digests)} different digests)"
+    return rows, summary
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    result = _call(args, "members")
+    if args.format == "json":
+        _print_json(result)
+        return 0
+    rows, summary = members_rows(result)
+    print(_table(rows, ["NAME", "ADDRESS", "STATUS", "INC", "VIPS", "HEALTH", "DIGEST", "CHANGED"]))
+    print(summary)
+    return 0
+
+
+# --- leave / stats / vips / conntrack -------------------------------------------------
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    result = _call(args, "leave")
+    if args.format == "json":
+        _print_json(result)
+    else:
+        print(f"leaving: draining for up to {result['drain_timeout_s']:g} s, then the agent exits")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    result = _call(args, "stats")
+    if args.format == "json":
+        _print_json(result)
+        return 0
+    for section in sorted(result):
+        value = result[section]
+        if isinstance(value, dict):
+            print(f"{section}:")
+            for k in sorted(value):
+                print(f"  {k}: {value[k]}")
+        else:
+            print(f"{section}: {value}")
+    return 0
+
+
+def cmd_vips(args: argparse.Namespace) -> int:
+    result = _call(args, "vips")
+    if args.format == "json":
+        _print_json(result)
+        return 0
+    rows = [
+        [v["vip"], v["mode"], str(len(v["backends"])), ",".join(v["backends"]) or "-", v["table_digest"][:12],
+         str(v["packets"]), str(v["bytes"])]
+        for v in result["vips"]
+    ]
+    print(_table(rows, ["VIP", "MODE", "N", "BACKENDS", "DIGEST", "PACKETS", "BYTES"]))
+    return 0
+
+
+def cmd_conntrack(args: argparse.Namespace) -> int:
+    if args.action == "count":
+        result = _call(args, "conntrack_count")
+        if args.format == "json":
+            _print_json(result)
+        else:
+            print(result["entries"])
+        return 0
+    if args.action == "flush":
+        result = _call(args, "conntrack_flush")
+        if args.format == "json":
+            _print_json(result)
+        else:
+            print(f"flushed {result['deleted']} entries")
+        return 0
+    result = _call(args, "conntrack_list", limit=args.limit)
+    if args.format == "json":
+        _print_json(result)
+        return 0
+    rows = [[e["client"], e["vip"], e["proto"], e["backend"], f"{e['idle_s']:.1f}s"] for e in result["entries"]]
+    print(_table(rows, ["CLIENT", "VIP", "PROTO", "BACKEND", "IDLE"]))
+    if result.get("truncated"):
+        print(f"(first {len(rows)} of {result['total']})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser, fmt: bool = True) -> None:
+        p.add_argument("--control", metavar="PATH",
+                       help=f"agent control socket (default: $MESHLB_CONTROL, else the only socket in {CONTROL_DIR})")
+        if fmt:
+            p.add_argument("--format", choices=("table", "json"), default="table", help="output format (json is stable)")
+
+    p = sub.add_parser("join", help="run the agent on this host and join the cluster")
+    p.add_argument("--config", metavar="FILE", help="cluster file (TOML); see cluster.toml.example")
+    p.add_argument("--peers", metavar="HOST[:PORT],...", help="seed members to join through (comma separated)")
+    p.add_argument("--iface", metavar="IFACE", help="interface the XDP balancer attaches to")
+    p.add_argument("--name", metavar="NAME", help="member name (default: hostname)")
+    p.add_argument("--bind", metavar="ADDR[:PORT]", help="gossip listen address")
+    p.add_argument("--control", metavar="PATH", help=f"control socket to serve (default {DEFAULT_CONTROL})")
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("members", help="list cluster members as this node sees them")
+    common(p)
+    p.set_defaults(func=cmd_members)
+
+    p = sub.add_parser("leave", help="drain and leave the cluster gracefully (the agent exits)")
+    common(p)
+    p.set_defaults(func=cmd_leave)
+
+    p = sub.add_parser("stats", help="data-plane and gossip counters")
+    common(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("vips", help="VIPs, their backends and table digests")
+    common(p)
+    p.set_defaults(func=cmd_vips)
+
+    p = sub.add_parser("conntrack", help="inspect or flush the conntrack map")
+    p.add_argument("action", choices=("list", "count", "flush"))
+    p.add_argument("--limit", type=int, default=1000, help="list at most this many entries")
+    common(p)
+    p.set_defaults(func=cmd_conntrack)

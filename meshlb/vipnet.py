@@ -1,0 +1,138 @@
+"""VIPs on the node's loopback, and the ARP settings that go with them.
+
+In direct-return mode a mix accepts packets addressed to the VIP because the VIP is
+configured on ``lo``; replies leave with the VIP as source. The node must not answer
+ARP (or announce) for the VIP on its real interfaces, or the L2 network would route
+every client to whichever node answered last: ``arp_ignore=1`` answers only for
+addresses on the receiving interface, ``arp_announce=2`` never uses a loopback address
+as the ARP source. IPv6 VIPs are added with ``nodad`` so they are usable at once.
+
+All netlink work goes through pyroute2.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import ipaddress
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("meshlb.vipnet")
+
+_ARP_SYSCTLS = {
+    "net/ipv4/conf/all/arp_ignore": "1",
+    "net/ipv4/conf/all/arp_announce": "2",
+}
+IFA_F_NODAD = 0x02
+
+
+def _netlink(fn):
+    """pyroute2's synchronous API drives an asyncio loop of its own, which cannot run
+    inside the agent's; called from a running loop, the call goes to a short-lived
+    thread (these are rare, millisecond operations: start, reload, leave)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        with ThreadPoolExecutor(1, thread_name_prefix="netlink") as ex:
+            return ex.submit(fn, *args, **kwargs).result()
+
+    return wrapper
+
+
+def _sysctl(key: str, value: str | None = None) -> str:
+    path = Path("/proc/sys") / key
+    if value is not None:
+        path.write_text(value)
+        return value
+    return path.read_text().strip()
+
+
+def set_arp_sysctls(iface: str | None = None) -> dict[str, str]:
+    """Apply the ARP settings (all, and the balancer's interface if named); returns old values."""
+    keys = dict(_ARP_SYSCTLS)
+    if iface:
+        keys[f"net/ipv4/conf/{iface}/arp_ignore"] = "1"
+        keys[f"net/ipv4/conf/{iface}/arp_announce"] = "2"
+    old = {}
+    for key, value in keys.items():
+        try:
+            old[key] = _sysctl(key)
+            _sysctl(key, value)
+        except OSError as exc:
+            log.warning("cannot set %s=%s: %s", key, value, exc)
+    return old
+
+
+def _prefix(vip: str) -> tuple[int, str, int]:
+    addr = ipaddress.ip_address(vip)
+    return (2 if addr.version == 4 else 10), str(addr), (32 if addr.version == 4 else 128)
+
+
+@_netlink
+def add_loopback_vips(vips: list[str]) -> list[str]:
+    """Add each VIP to lo; returns those that this call added (already present ones are left
+    as they are and not returned, so removal later never takes an address we did not add)."""
+    added = []
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for vip in vips:
+            family, addr, plen = _prefix(vip)
+            kwargs = {"flags": IFA_F_NODAD} if family == 10 else {}
+            try:
+                ipr.addr("add", index=lo, address=addr, prefixlen=plen, family=family, **kwargs)
+                added.append(addr)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+    return added
+
+
+@_netlink
+def remove_loopback_vips(vips: list[str]) -> None:
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for vip in vips:
+            family, addr, plen = _prefix(vip)
+            try:
+                ipr.addr("del", index=lo, address=addr, prefixlen=plen, family=family)
+            except NetlinkError as exc:
+                if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                    raise
+
+
+@_netlink
+def loopback_addresses() -> set[str]:
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo)}
+
+
+@_netlink
+def interface_addresses(iface: str) -> list[str]:
+    """Addresses of an interface, IPv4 first (used for SNAT and as the advertise address)."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=iface)
+        if not idx:
+            raise LookupError(f"no interface {iface}")
+        addrs = [(a["family"], a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=idx[0])]
+    v4 = [a for f, a in addrs if f == 2]
+    v6 = [a for f, a in addrs if f == 10 and not a.startswith("fe80")]
+    return v4 + v6
+
+
+@_netlink
+def ifindex(iface: str) -> int:
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=iface)
+    if not idx:
+        raise LookupError(f"no interface {iface}")
+    return idx[0]
