@@ -1,0 +1,540 @@
+"""The asyncio loop that drives a sans-IO :class:`meshlb.cluster.node.Node`.
+
+The node owns the protocol and no I/O; the :class:`UdpTransport` owns sockets and no
+protocol. This module is the only place where the two meet and where time comes from:
+``now`` is always ``loop.time()``, so the node sees the loop's monotonic clock.
+
+One task does everything, in this order, each time it wakes up:
+
+1. hand every queued datagram to ``node.handle_datagram``,
+2. call ``node.tick`` if its deadline has come,
+3. send what the node wants sent and deliver its events,
+4. sleep until ``node.next_deadline()`` or until the transport queues a datagram,
+   whichever comes first (a timer handle and a future, no polling).
+
+Public calls that change the node (``publish_eviction``, ``update_meta``) run the
+node at once, flush its datagrams and wake the task, because they may have moved the
+deadline. Nothing the node or a callback raises stops the task: it is logged and
+counted, since a dead gossip loop would silently turn this member into a crashed one
+in everyone else's eyes.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import math
+import random
+import time
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+
+from .transport import DEFAULT_PORT, TransportConfig, UdpTransport, parse_peer, resolve_peers
+
+__all__ = ["GossipDriver", "DriverError"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+# Datagrams handled per wake-up before the task yields to the loop, so a flood cannot
+# starve timers and other tasks (the transport's queue bounds what waits meanwhile).
+_BATCH = 256
+# Timers of the loop may fire a hair early (uvloop counts in milliseconds).
+_EPSILON = 0.001
+# Floor on the sleep when the node reports a deadline already past after a tick: a
+# protocol bug then costs a wake-up per millisecond, not a core.
+_MIN_SLEEP = 0.001
+
+
+class DriverError(RuntimeError):
+    pass
+
+
+def _default_node_factory(**kwargs: Any) -> Any:
+    from .node import Node
+
+    return Node(**kwargs)
+
+
+def _group_sentinel(node: Any) -> Any:
+    import sys
+
+    mod = sys.modules.get(type(node).__module__)
+    return getattr(mod, "GROUP", None)
+
+
+class GossipDriver:
+    """Runs one member of the cluster on the current event loop.
+
+    ``transport`` is a :class:`TransportConfig` (the driver builds the transport) or a
+    ready, unopened :class:`UdpTransport`. ``peers`` are seed specs (``host``,
+    ``host:port``, ``[v6]:port`` or (host, port) tuples); names are resolved at start
+    and again every ``resolve_retry`` seconds while some do not resolve or while this
+    member knows no other member.
+
+    Events reach ``on_event`` (a plain function or a coroutine function) and, if
+    ``event_queue`` > 0, the ``events()`` async iterator; when that queue is full the
+    oldest event is dropped and counted.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        wire: Any,
+        protocol: Any,
+        transport: TransportConfig | UdpTransport,
+        peers: Iterable[str | tuple] = (),
+        meta: Any = None,
+        incarnation: int = 0,
+        rng: random.Random | None = None,
+        on_event: Callable[[Any], Any] | None = None,
+        event_queue: int = 1024,
+        resolve_retry: float = 5.0,
+        leave_linger: float | None = None,
+        node_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.wire = wire
+        self.protocol = protocol
+        if isinstance(transport, UdpTransport):
+            self.transport = transport
+        else:
+            self.transport = UdpTransport(transport)
+        self.transport.on_datagram = self._wake
+        self._peer_specs = list(peers)
+        self._meta = meta
+        self._incarnation = incarnation
+        self._rng = rng or random.Random()
+        self.on_event = on_event
+        self._event_queue: asyncio.Queue | None = None
+        self._event_queue_size = event_queue
+        self.resolve_retry = resolve_retry
+        self.leave_linger = leave_linger
+        self._node_factory = node_factory or _default_node_factory
+
+        self.node: Any = None
+        self._group: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._resolver: asyncio.Task | None = None
+        self._waiter: asyncio.Future | None = None
+        self._deadline = math.inf
+        self._stopping = False
+        self._stopped = False
+        self._seeds: list[tuple[str, int]] = []
+        self._unresolved: list[str] = []
+        self._callback_tasks: set[asyncio.Task] = set()
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, name: str, address: str | None = None, meta: Any = None,
+                    on_event: Callable[[Any], Any] | None = None, keys: Sequence[bytes] | None = None,
+                    **kwargs: Any) -> "GossipDriver":
+        """A driver for the agent, from a loaded :class:`meshlb.config.Config`.
+
+        ``address`` is the advertised address (``host`` or ``host:port``); ``keys`` the
+        key ring (first key seals), read from ``cluster.key_file`` when not given.
+        """
+        from .keyring import Keyring
+        from .protocol_config import ProtocolConfig
+        from .wire import Wire
+
+        node, cl = cfg.node, cfg.cluster
+        if keys is None:
+            from meshlb.config import load_key_ring
+
+            keys = load_key_ring(cl.key_file, getattr(cfg, "source", "cluster.toml"))
+        advertise = advertise_port = None
+        if address:
+            advertise, advertise_port = parse_peer(address, node.bind.port)
+            if advertise_port == node.bind.port:
+                advertise_port = None
+        group = broadcast = group_port = None
+        if cl.discovery == "multicast":
+            group, group_port = cl.multicast_group.host, cl.multicast_group.port
+        elif cl.discovery == "broadcast":
+            broadcast = cl.broadcast_address
+        transport = TransportConfig(
+            mode=cl.discovery, bind=node.bind.host, port=node.bind.port, advertise=advertise,
+            advertise_port=advertise_port, interface=node.iface, group=group, group_port=group_port,
+            broadcast=broadcast, ttl=cl.multicast_ttl,
+        )
+        timings = dict(cl.timings)
+        timings.setdefault("max_datagram", cl.max_datagram)
+        protocol = ProtocolConfig.preset(cl.preset, **timings)
+        # The boot time in milliseconds: each restart starts above the last one, so
+        # the replay windows and the eviction numbering of the old life never clash.
+        boot = time.time_ns() // 1_000_000
+        wire = Wire(label=cl.label, keyring=Keyring(keys[0], keys[1:]), sender=name, epoch=boot,
+                    max_datagram=cl.max_datagram)
+        kwargs.setdefault("incarnation", boot)
+        return cls(name=name, wire=wire, protocol=protocol, transport=transport,
+                   peers=[str(p) for p in cl.peers], meta=meta, on_event=on_event, **kwargs)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def now(self) -> float:
+        """The clock the node runs on (the loop's)."""
+        loop = self._loop or asyncio.get_event_loop()
+        return loop.time()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.transport.address
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Open the sockets, build the node, join, and start the loop task."""
+        if self._loop is not None:
+            raise DriverError("driver already started")
+        loop = self._loop = asyncio.get_running_loop()
+        if self._event_queue_size > 0:
+            self._event_queue = asyncio.Queue(self._event_queue_size)
+        await self.transport.open()
+        try:
+            self._seeds, self._unresolved = await self._resolve()
+            now = loop.time()
+            self.node = self._node_factory(
+                name=self.name, address=self.transport.address, wire=self.wire,
+                config=self.protocol, rng=self._rng, now=now, meta=self._meta,
+                incarnation=self._incarnation, peers=tuple(self._seeds),
+                group=self.transport.has_group,
+            )
+            self._group = _group_sentinel(self.node)
+            self.node.join(now)
+            self._pump()
+        except BaseException:
+            self.transport.close()
+            raise
+        self._task = loop.create_task(self._run(), name=f"gossip:{self.name}")
+        if self._peer_specs and self.resolve_retry > 0:
+            self._resolver = loop.create_task(self._resolve_loop(), name=f"gossip-resolve:{self.name}")
+
+    async def stop(self, leave: bool = True, timeout: float = 3.0) -> None:
+        """Stop the member. With ``leave``, announce the departure first and keep
+        answering until the announcement has had time to spread (``leave_linger``,
+        default about the node's own retransmission time, capped by ``timeout``)."""
+        if self._stopped or self._loop is None:
+            return
+        loop = self._loop
+        if leave and self.node is not None and self.running:
+            self._call("leave")
+            linger = self._linger_time()
+            end = loop.time() + min(timeout, linger)
+            while loop.time() < end and self.running:
+                if self._leave_spread():
+                    break
+                await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
+        await self._shutdown()
+
+    def abort(self) -> None:
+        """Stop at once, without a goodbye: to the cluster this member has crashed."""
+        if self._stopped:
+            return
+        self._stopping = self._stopped = True
+        for t in (self._task, self._resolver):
+            if t is not None:
+                t.cancel()
+        self.transport.close()
+        self._close_events()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self._wake()
+        if self._resolver is not None:
+            self._resolver.cancel()
+            await asyncio.gather(self._resolver, return_exceptions=True)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        # Datagrams the node produced on the way out (its leave, last acks) were
+        # handed to the kernel synchronously by _pump; closing does not discard them.
+        self.transport.close()
+        self._stopped = True
+        self._close_events()
+
+    def _close_events(self) -> None:
+        q = self._event_queue
+        if q is None:
+            return
+        while True:
+            try:
+                q.put_nowait(_STOP)
+                return
+            except asyncio.QueueFull:
+                q.get_nowait()
+                self.counters["events_dropped"] += 1
+
+    def _linger_time(self) -> float:
+        if self.leave_linger is not None:
+            return self.leave_linger
+        p = self.protocol
+        # The goodbye is piggybacked about retransmit_mult*log10(N) times, one batch
+        # per gossip interval; add a probe timeout for the acks of the last ones.
+        try:
+            from .protocol_config import retransmit_limit
+
+            n = max(2, len(self._members_safe()))
+            return retransmit_limit(p.retransmit_mult, n) * p.gossip_interval + p.probe_timeout
+        except Exception:
+            return 1.0
+
+    def _leave_spread(self) -> bool:
+        # The node sends its goodbye directly at leave(); once its broadcast queue is
+        # empty the goodbye has also had all its gossip retransmissions, and staying
+        # longer only delays the exit.
+        try:
+            return int(self.node.stats.get("broadcast_queue", 1)) == 0
+        except Exception:
+            return False
+
+    # -- the loop -------------------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        while not self._stopping:
+            try:
+                self._step(loop.time())
+            except Exception:
+                # _step guards each node call; this is a bug of the driver itself.
+                self.counters["driver_errors"] += 1
+                log.exception("gossip driver step failed")
+            if self._stopping:
+                break
+            if self.transport.pending():
+                await asyncio.sleep(0)  # more datagrams: let others run, then go on
+                continue
+            await self._sleep_until(self._deadline)
+
+    def _step(self, now: float) -> None:
+        node = self.node
+        for data, source in self.transport.take(_BATCH):
+            try:
+                node.handle_datagram(now, data, source)
+            except Exception:
+                self.counters["node_errors"] += 1
+                log.exception("node failed on a datagram from %s", source)
+        if now + _EPSILON >= self._deadline:
+            self.counters["ticks"] += 1
+            try:
+                node.tick(now)
+            except Exception:
+                self.counters["node_errors"] += 1
+                log.exception("node tick failed")
+        self._pump()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        if deadline <= now:
+            deadline = now + _MIN_SLEEP
+        self._waiter = fut = loop.create_future()
+        handle = loop.call_at(deadline, self._wake) if math.isfinite(deadline) else None
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+        self.counters["wakeups"] += 1
+
+    def _pump(self) -> None:
+        """Send the node's datagrams, deliver its events, refresh its deadline."""
+        node = self.node
+        try:
+            out = node.take_outgoing()
+        except Exception:
+            self.counters["node_errors"] += 1
+            log.exception("node take_outgoing failed")
+            out = []
+        group = self._group
+        tr = self.transport
+        for o in out:
+            if group is not None and o.dest is group:
+                tr.send_group(o.data)
+            else:
+                tr.send(o.data, o.dest)
+        try:
+            events = node.take_events()
+        except Exception:
+            self.counters["node_errors"] += 1
+            log.exception("node take_events failed")
+            events = []
+        for ev in events:
+            self._deliver(ev)
+        try:
+            self._deadline = float(node.next_deadline())
+        except Exception:
+            self.counters["node_errors"] += 1
+            log.exception("node next_deadline failed")
+            self._deadline = (self._loop.time() if self._loop else 0.0) + 1.0
+
+    def _deliver(self, ev: Any) -> None:
+        self.counters["events"] += 1
+        cb = self.on_event
+        if cb is not None:
+            try:
+                res = cb(ev)
+                if inspect.isawaitable(res):
+                    task = asyncio.ensure_future(res)
+                    self._callback_tasks.add(task)
+                    task.add_done_callback(self._callback_done)
+            except Exception:
+                self.counters["callback_errors"] += 1
+                log.exception("event callback failed on %r", ev)
+        q = self._event_queue
+        if q is not None:
+            if q.full():
+                # The oldest event is the least useful one: membership events carry
+                # the member's whole current view, so later ones supersede it.
+                q.get_nowait()
+                self.counters["events_dropped"] += 1
+            q.put_nowait(ev)
+
+    def _callback_done(self, task: asyncio.Task) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.counters["callback_errors"] += 1
+            log.error("event callback failed", exc_info=task.exception())
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """Run a node operation now and flush what it produced."""
+        if self.node is None or self._stopped:
+            raise DriverError("driver is not running")
+        loop = self._loop
+        assert loop is not None
+        res = getattr(self.node, method)(*args, loop.time())
+        self._pump()
+        self._wake()
+        return res
+
+    # -- seeds ----------------------------------------------------------------------------
+    async def _resolve(self) -> tuple[list[tuple[str, int]], list[str]]:
+        port = self.transport.config.port or DEFAULT_PORT
+        return await resolve_peers(self._peer_specs, port, self.transport.family)
+
+    def _alone(self) -> bool:
+        try:
+            return all(getattr(m, "name", None) == self.name for m in self._alive_members())
+        except Exception:
+            return False
+
+    def _alive_members(self) -> list[Any]:
+        out = []
+        for m in self._members_safe():
+            status = getattr(m, "status", None)
+            label = getattr(status, "name", str(status)).lower()
+            if label in ("alive", "suspect"):
+                out.append(m)
+        return out
+
+    def _members_safe(self) -> list[Any]:
+        try:
+            return list(self.node.members()) if self.node is not None else []
+        except Exception:
+            return []
+
+    async def _resolve_loop(self) -> None:
+        """Retry names that did not resolve, and re-resolve everything while alone:
+        a seed's address may have changed (DHCP, a rescheduled container)."""
+        delay = self.resolve_retry
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            if not self._unresolved and not self._alone():
+                delay = self.resolve_retry
+                continue
+            try:
+                seeds, unresolved = await self._resolve()
+            except Exception:
+                log.exception("resolving peers failed")
+                continue
+            new = [a for a in seeds if a not in self._seeds]
+            self._unresolved = unresolved
+            if new:
+                # Known seeds need nothing: the node retries its join to them itself.
+                self._seeds.extend(new)
+                self._add_seeds(new)
+            # Back off while nothing changes, up to a minute.
+            delay = self.resolve_retry if new else min(60.0, delay * 2)
+
+    def _add_seeds(self, seeds: Sequence[tuple[str, int]]) -> None:
+        node = self.node
+        if node is None or self._stopped or not seeds:
+            return
+        # Node.add_peers(peers, now) is asked of the protocol; until it exists, new
+        # addresses can only be counted (the node keeps retrying its first seeds).
+        add = getattr(node, "add_peers", None)
+        if add is None:
+            self.counters["seeds_unsupported"] += 1
+            log.warning("seeds resolved late cannot be handed to this node: %s", list(seeds))
+            return
+        try:
+            add(tuple(seeds), self._loop.time())
+        except Exception:
+            self.counters["node_errors"] += 1
+            log.exception("node refused new seeds")
+            return
+        self._pump()
+        self._wake()
+
+    # -- public API -----------------------------------------------------------------------
+    def publish_eviction(self, flow: Any) -> None:
+        """Tell the cluster that ``flow`` (a FlowTuple) must be evicted everywhere."""
+        self._call("publish_eviction", flow)
+
+    def update_meta(self, meta: Any) -> None:
+        self._call("update_meta", meta)
+
+    def members(self) -> list[Any]:
+        if self.node is None:
+            return []
+        return list(self.node.members())
+
+    def usable_backends(self) -> list[str]:
+        if self.node is None:
+            return []
+        return list(self.node.usable_backends())
+
+    async def events(self) -> AsyncIterator[Any]:
+        """The node's events, in order, until the driver stops."""
+        q = self._event_queue
+        if q is None:
+            raise DriverError("events() needs event_queue > 0")
+        while True:
+            ev = await q.get()
+            if ev is _STOP:
+                return
+            yield ev
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"transport": self.transport.stats.as_dict(), "driver": dict(self.counters)}
+        if self.node is not None:
+            try:
+                out["node"] = _plain(self.node.stats)  # includes the Wire's drops
+            except Exception:
+                log.exception("node stats failed")
+        return out
+
+
+def _plain(obj: Any) -> Any:
+    """A node's stats object as plain data, whatever its shape."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return str(obj)
