@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Socket-release tracer.
+ *
+ * When a TCP socket whose local end is a watched endpoint (a VIP served here in dr
+ * mode, a backend endpoint of this node in nat mode) reaches CLOSE, the agent must
+ * evict the flow from conntrack here and gossip the eviction to the other mixes.
+ * This program only reports; the agent decides.
+ *
+ * One kernel runs many agents in lab setups (one per netns) and every attached copy
+ * of this program sees every socket of the machine, so each copy keeps only the
+ * sockets of its own network namespace (tracer_cfg.netns_cookie, set at load).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "meshlb.h"
+
+#define TCP_CLOSE_STATE 7  /* enum tcp_state TCP_CLOSE (uapi, stable) */
+#define TCP_LISTEN_STATE 10
+#define IPPROTO_TCP_NUM 6
+
+enum meshlb_tracer_stat {
+	TRACER_STAT_EMITTED = 0,
+	TRACER_STAT_RINGBUF_FULL = 1,
+	TRACER_STAT_MAX,
+};
+
+const volatile struct tracer_config tracer_cfg = {};
+
+/* Ring-buffer maps carry no value type, so without this the BTF of the object would
+ * not describe the records it emits, and the layout test could not check the Python
+ * mirror of struct sock_event against it. Lives in .rodata next to tracer_cfg. */
+const struct sock_event *const sock_event_btf_anchor = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct endpoint_key);
+	__type(value, __u8);
+} watched_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} sock_events SEC(".maps");
+
+/* Per-CPU so that the hot path never contends on a shared counter line. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TRACER_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} tracer_stats SEC(".maps");
+
+static __always_inline void bump(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&tracer_stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline bool v4_mapped(const __u32 a[4])
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
+}
+
+/* The field changed from atomic64_t to u64 across kernel versions; both are
+ * eight bytes, so a sized CO-RE read covers either. */
+static __always_inline __u64 sock_netns_cookie(const struct sock *sk)
+{
+	struct net *net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
+	__u64 cookie = 0;
+
+	if (net)
+		bpf_core_read(&cookie, sizeof(cookie), &net->net_cookie);
+	return cookie;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(meshlb_sock_close, const struct sock *sk, int oldstate, int newstate)
+{
+	struct endpoint_key local = {};
+	struct sock_event *ev;
+	__u32 raddr[4] = {};
+	__u16 family, rport;
+	__u64 cookie;
+
+	if (newstate != TCP_CLOSE_STATE)
+		return 0;
+	/* A listener closing has no peer: nothing to evict. */
+	if (oldstate == TCP_LISTEN_STATE)
+		return 0;
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP_NUM)
+		return 0;
+
+	cookie = sock_netns_cookie(sk);
+	if (tracer_cfg.netns_cookie && cookie != tracer_cfg.netns_cookie)
+		return 0;
+
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family == AF_INET) {
+		local.addr[0] = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		raddr[0] = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		local.family = AF_INET;
+	} else if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&local.addr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32);
+		BPF_CORE_READ_INTO(&raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32);
+		local.family = AF_INET6;
+		/* A dual-stack socket serving an IPv4 client: the balancer and the
+		 * watch list know that flow as IPv4. */
+		if (v4_mapped(local.addr)) {
+			local.addr[0] = local.addr[3];
+			local.addr[1] = local.addr[2] = local.addr[3] = 0;
+			raddr[0] = raddr[3];
+			raddr[1] = raddr[2] = raddr[3] = 0;
+			local.family = AF_INET;
+		}
+	} else {
+		return 0;
+	}
+
+	/* Not skc_num: by the time the state becomes CLOSE the port has been released
+	 * from the bind table, which zeroes it. inet_sport survives. */
+	local.port = BPF_CORE_READ((const struct inet_sock *)sk, inet_sport);
+	local.proto = IPPROTO_TCP_NUM;
+	rport = BPF_CORE_READ(sk, __sk_common.skc_dport);
+	if (!rport)
+		return 0;
+
+	if (!bpf_map_lookup_elem(&watched_endpoints, &local))
+		return 0;
+
+	ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
+	if (!ev) {
+		bump(TRACER_STAT_RINGBUF_FULL);
+		return 0;
+	}
+	__builtin_memcpy(ev->key.src, raddr, sizeof(raddr));
+	__builtin_memcpy(ev->key.dst, local.addr, sizeof(local.addr));
+	ev->key.sport = rport;
+	ev->key.dport = local.port;
+	ev->key.proto = IPPROTO_TCP_NUM;
+	ev->key.family = local.family;
+	ev->key.pad[0] = 0;
+	ev->key.pad[1] = 0;
+	ev->netns_cookie = cookie;
+	ev->timestamp_ns = bpf_ktime_get_ns();
+	ev->oldstate = oldstate;
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+	bump(TRACER_STAT_EMITTED);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,395 @@
+"""The socket-release tracer: tells the agent when a connection it balances ends.
+
+bpf/tracer.bpf.c hooks the ``inet_sock_set_state`` tracepoint and, for every TCP
+socket of this network namespace that reaches CLOSE with its local end on a watched
+endpoint, writes a ``struct sock_event`` into a ring buffer. This module loads and
+attaches that program, maintains the watch list, and turns ring-buffer records into
+:class:`SockEvent` objects, either synchronously (:meth:`Tracer.poll`) or on an
+asyncio loop (:meth:`Tracer.start` / :meth:`Tracer.events`).
+
+Every tracing program sees every socket of the machine, whatever namespace its
+loader lives in; in a lab with several agents on one kernel each agent must see
+only its own sockets. The program therefore compares each socket's netns cookie with
+the one it was loaded with, which defaults to the cookie of the loader's namespace.
+
+State outlives the agent: :meth:`Tracer.pin` pins the maps and the link under a
+directory of bpffs and :meth:`Tracer.adopt` picks them up again in a new process,
+keeping the events that arrived in between (they wait in the ring buffer).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from . import layouts as L
+from .libbpf import BpfObject, Link, Map, RingBuffer
+
+__all__ = ["Tracer", "SockEvent", "Flow", "TracerStats", "own_netns_cookie",
+           "endpoint_key", "TRACER_OBJECT", "TCP_STATES"]
+
+TRACER_OBJECT = Path(__file__).with_name("bpf") / "tracer.bpf.o"
+PROGRAM = "meshlb_sock_close"
+MAP_WATCHED = "watched_endpoints"
+MAP_EVENTS = "sock_events"
+MAP_STATS = "tracer_stats"
+CONFIG_VAR = "tracer_cfg"
+MAP_CONFIG = ".rodata"   # holds tracer_cfg; pinned so an adopter can read the filter
+PIN_CONFIG = "config"
+PIN_LINK = "link"
+# What pin() leaves in its directory; adopt() and unpin() expect exactly these.
+PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK)
+
+SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; not in Python 3.11
+IPPROTO_TCP = 6
+STAT_EMITTED, STAT_RINGBUF_FULL = 0, 1
+
+# enum tcp_state (include/net/tcp_states.h), for readable oldstate values.
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+    11: "CLOSING", 12: "NEW_SYN_RECV",
+}
+
+
+def own_netns_cookie() -> int:
+    """The cookie of the calling thread's network namespace.
+
+    Any socket reports the namespace it was created in; AF_UNIX exists even in a
+    namespace without IPv4 or IPv6 configured.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    return int.from_bytes(raw, "little")
+
+
+def _unmap(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(addr)
+    # The program reports a dual-stack socket's IPv4 peer as IPv4; watch the same way.
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def endpoint_key(addr, port: int, proto: int = IPPROTO_TCP) -> bytes:
+    """The ``struct endpoint_key`` bytes the program looks up for a local endpoint."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    family, words = L.addr_words(_unmap(addr))
+    k = L.EndpointKey(port=L.port_be(port), proto=proto, family=family)
+    k.addr[:] = words
+    return bytes(k)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A flow as the balancer keys it: src = the remote peer (client or SNAT
+    address), dst = the local endpoint (VIP or backend)."""
+
+    family: int
+    proto: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+    def key(self) -> bytes:
+        """The ``struct flow_key`` bytes (network order), as conntrack keys flows."""
+        return bytes(L.flow_key(self.src, self.sport, self.dst, self.dport, self.proto))
+
+
+@dataclass(frozen=True)
+class SockEvent:
+    flow: Flow
+    netns_cookie: int
+    timestamp_ns: int   # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+    oldstate: int       # TCP state the socket left; see TCP_STATES
+    raw_key: bytes      # the flow_key exactly as the program wrote it
+
+    @property
+    def oldstate_name(self) -> str:
+        return TCP_STATES.get(self.oldstate, str(self.oldstate))
+
+    @classmethod
+    def decode(cls, record: bytes) -> "SockEvent":
+        ev = L.SockEvent.from_bytes(record)
+        k = ev.key
+        if k.family not in (L.AF_INET, L.AF_INET6):
+            raise ValueError(f"sock_event with address family {k.family}")
+        flow = Flow(family=k.family, proto=k.proto,
+                    src=str(L.words_addr(k.src, k.family)), sport=L.port_host(k.sport),
+                    dst=str(L.words_addr(k.dst, k.family)), dport=L.port_host(k.dport))
+        return cls(flow=flow, netns_cookie=ev.netns_cookie, timestamp_ns=ev.timestamp_ns,
+                   oldstate=ev.oldstate, raw_key=bytes(k))
+
+
+@dataclass(frozen=True)
+class TracerStats:
+    emitted: int        # records written to the ring buffer
+    ringbuf_full: int   # records lost because the ring buffer was full
+    queue_dropped: int  # decoded events lost because the asyncio queue was full
+    bad_records: int    # records that did not decode (skipped)
+
+
+class Tracer:
+    """Loader, watch list and reader of the socket-release tracer.
+
+    ``netns_cookie``: report sockets of that namespace only; None (default) means
+    the caller's own namespace, 0 means every namespace.
+    """
+
+    def __init__(self, netns_cookie: int | None = None, *,
+                 object_path: str | os.PathLike | None = None,
+                 ring_size: int | None = None, queue_size: int = 65536) -> None:
+        # None only on an adopted tracer whose config pin is missing.
+        self.netns_cookie: int | None = (own_netns_cookie() if netns_cookie is None
+                                         else netns_cookie)
+        self.object_path = Path(object_path) if object_path else TRACER_OBJECT
+        # Bytes of the ring buffer (power of two, multiple of the page size);
+        # None keeps the object's default.
+        self.ring_size = ring_size
+        self._config: Map | None = None
+        self._obj: BpfObject | None = None
+        self._watched: Map | None = None
+        self._events: Map | None = None
+        self._stats: Map | None = None
+        self._link: Link | None = None
+        self._rb: RingBuffer | None = None
+        self._pending: list[SockEvent] = []
+        self._callback: Callable[[SockEvent], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader_fd: int | None = None
+        self._queue: asyncio.Queue[SockEvent] | None = None
+        self._queue_size = queue_size
+        self._queue_dropped = 0
+        self._bad_records = 0
+        self._pin_dir: Path | None = None
+
+    # ------------------------------------------------------------- lifecycle
+    def load(self) -> None:
+        if self._obj is not None or self._watched is not None:
+            raise RuntimeError("tracer already loaded")
+        obj = BpfObject.open(str(self.object_path))
+        try:
+            obj.set_global(CONFIG_VAR, bytes(L.TracerConfig(netns_cookie=self.netns_cookie)))
+            if self.ring_size is not None:
+                obj.set_max_entries(MAP_EVENTS, self.ring_size)
+            obj.load()
+            self._watched = obj.map(MAP_WATCHED)
+            self._events = obj.map(MAP_EVENTS)
+            self._stats = obj.map(MAP_STATS)
+            self._config = obj.map(MAP_CONFIG)
+        except BaseException:
+            obj.close()
+            raise
+        self._obj = obj
+
+    def attach(self) -> Link:
+        if self._obj is None:
+            raise RuntimeError("load() the tracer before attach()")
+        if self._link is not None:
+            return self._link
+        self._link = self._obj.program(PROGRAM).attach()
+        return self._link
+
+    @property
+    def link(self) -> Link | None:
+        return self._link
+
+    def pin(self, directory: str | os.PathLike) -> None:
+        """Pin maps (and the link, if attached) under ``directory`` on bpffs."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._require_maps("pin")
+        self._watched.pin(str(d / MAP_WATCHED))
+        self._events.pin(str(d / MAP_EVENTS))
+        self._stats.pin(str(d / MAP_STATS))
+        if self._config is not None:
+            self._config.pin(str(d / PIN_CONFIG))
+        if self._link is not None:
+            self._link.pin(str(d / PIN_LINK))
+        self._pin_dir = d
+
+    @classmethod
+    def adopt(cls, directory: str | os.PathLike) -> "Tracer":
+        """Take over a tracer a previous process pinned under ``directory``.
+
+        The program stays as it was loaded (including its netns filter); records
+        written while nobody was reading are still in the ring buffer.
+        """
+        d = Path(directory)
+        t = cls(netns_cookie=0)
+        t.netns_cookie = None
+        try:
+            t._watched = Map.from_pinned(str(d / MAP_WATCHED))
+            t._events = Map.from_pinned(str(d / MAP_EVENTS))
+            t._stats = Map.from_pinned(str(d / MAP_STATS))
+            if (d / PIN_CONFIG).exists():
+                t._config = Map.from_pinned(str(d / PIN_CONFIG))
+                raw = t._config.lookup(bytes(4))
+                if raw is not None:
+                    t.netns_cookie = L.TracerConfig.from_bytes(raw).netns_cookie
+            if (d / PIN_LINK).exists():
+                t._link = Link.from_pinned(str(d / PIN_LINK))
+        except BaseException:
+            t.close()
+            raise
+        t._pin_dir = d
+        return t
+
+    def unpin(self, directory: str | os.PathLike | None = None) -> None:
+        """Remove the pins (the link detaches once no process holds it)."""
+        d = Path(directory) if directory is not None else self._pin_dir
+        if d is None:
+            raise RuntimeError("not pinned and no directory given")
+        for name in PIN_NAMES:
+            try:
+                os.unlink(d / name)
+            except FileNotFoundError:
+                pass
+        try:
+            d.rmdir()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
+        if d == self._pin_dir:
+            self._pin_dir = None
+
+    def close(self) -> None:
+        """Stop reading and drop our references; pinned state stays in the kernel."""
+        self.stop()
+        if self._rb is not None:
+            self._rb.close()
+            self._rb = None
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        # Maps of a BpfObject belong to it; adopted maps own their fds.
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        else:
+            for m in (self._watched, self._events, self._stats, self._config):
+                if m is not None:
+                    m.close()
+        self._watched = self._events = self._stats = self._config = None
+
+    def __enter__(self) -> "Tracer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ watch list
+    def _require_maps(self, op: str) -> None:
+        if self._watched is None:
+            raise RuntimeError(f"{op}: tracer is neither loaded nor adopted")
+
+    def watch(self, addr, port: int, proto: int = IPPROTO_TCP) -> None:
+        self._require_maps("watch")
+        self._watched.update(endpoint_key(addr, port, proto), b"\x01")
+
+    def unwatch(self, addr, port: int, proto: int = IPPROTO_TCP) -> bool:
+        self._require_maps("unwatch")
+        return self._watched.delete(endpoint_key(addr, port, proto))
+
+    def watched(self) -> set[tuple[str, int, int]]:
+        """(address, port, proto) of every watched endpoint."""
+        self._require_maps("watched")
+        out = set()
+        for raw in self._watched.keys():
+            k = L.EndpointKey.from_bytes(raw)
+            out.add((str(L.words_addr(k.addr, k.family)), L.port_host(k.port), k.proto))
+        return out
+
+    # ---------------------------------------------------------------- stats
+    def stats(self) -> TracerStats:
+        self._require_maps("stats")
+
+        def total(idx: int) -> int:
+            vals = self._stats.lookup_percpu(idx.to_bytes(4, "little")) or []
+            return sum(int.from_bytes(v, "little") for v in vals)
+
+        return TracerStats(emitted=total(STAT_EMITTED), ringbuf_full=total(STAT_RINGBUF_FULL),
+                           queue_dropped=self._queue_dropped, bad_records=self._bad_records)
+
+    # --------------------------------------------------------------- reading
+    def _ring(self) -> RingBuffer:
+        if self._rb is None:
+            self._require_maps("read")
+            self._rb = RingBuffer(self._events, self._on_record)
+        return self._rb
+
+    def _on_record(self, record: bytes) -> None:
+        try:
+            ev = SockEvent.decode(record)
+        except ValueError:
+            # One bad record must not stall the reader: the ones behind it matter.
+            self._bad_records += 1
+            return
+        if self._callback is not None:
+            self._callback(ev)
+        else:
+            self._pending.append(ev)
+
+    def poll(self, timeout_ms: int = 0) -> list[SockEvent]:
+        """Wait up to ``timeout_ms`` for records; return those decoded.
+
+        Not for use while an asyncio reader is running (that one gets the events).
+        """
+        if self._loop is not None:
+            raise RuntimeError("poll() while an asyncio reader is registered")
+        self._ring().poll(timeout_ms)
+        out, self._pending = self._pending, []
+        return out
+
+    def start(self, callback: Callable[[SockEvent], None] | None = None,
+              loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Read on ``loop`` (default: the running one): each event goes to
+        ``callback`` or, without one, to the queue behind :meth:`events`."""
+        if self._loop is not None:
+            raise RuntimeError("reader already started")
+        loop = loop or asyncio.get_running_loop()
+        rb = self._ring()
+        if callback is None:
+            self._queue = asyncio.Queue(self._queue_size)
+            callback = self._enqueue
+        self._callback = callback
+        fd = rb.epoll_fd()
+        loop.add_reader(fd, self._readable)
+        self._loop, self._reader_fd = loop, fd
+        # Records written before we registered would not wake epoll again.
+        self._readable()
+
+    def _enqueue(self, ev: SockEvent) -> None:
+        assert self._queue is not None
+        try:
+            self._queue.put_nowait(ev)
+        except asyncio.QueueFull:
+            self._queue_dropped += 1
+
+    def _readable(self) -> None:
+        if self._rb is not None:
+            self._rb.consume()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._reader_fd is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._reader_fd)
+        self._loop = None
+        self._reader_fd = None
+        self._callback = None
+
+    async def events(self) -> AsyncIterator[SockEvent]:
+        """Async iterator over events; starts the reader if needed."""
+        if self._loop is None:
+            self.start()
+        if self._queue is None:
+            raise RuntimeError("reader was started with a callback; events() needs none")
+        while True:
+            yield await self._queue.get()

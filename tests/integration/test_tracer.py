@@ -1,0 +1,416 @@
+"""The socket-release tracer (bpf/tracer.bpf.c + meshlb/dataplane/tracer.py) against
+the running kernel: real TCP connections inside namespaces the test creates."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from meshlb.dataplane import layouts as L
+from meshlb.dataplane.tracer import (
+    TCP_STATES,
+    TRACER_OBJECT,
+    Flow,
+    SockEvent,
+    Tracer,
+    endpoint_key,
+    own_netns_cookie,
+)
+from meshlb.lab.netns import Topology
+
+VIP4, CLIENT4 = "10.66.0.1", "10.66.0.2"
+VIP6, CLIENT6 = "fd66::1", "fd66::2"
+PORT = 8080
+
+
+# ---------------------------------------------------------------- pure decoding
+def _record(src, sport, dst, dport, family, cookie=7, ts=99, oldstate=9) -> bytes:
+    ev = L.SockEvent(netns_cookie=cookie, timestamp_ns=ts, oldstate=oldstate)
+    ev.key = L.flow_key(src, sport, dst, dport, L.IPPROTO_TCP)
+    assert ev.key.family == family
+    return bytes(ev)
+
+
+@pytest.mark.parametrize("src,dst,family", [
+    ("192.0.2.7", "198.51.100.1", socket.AF_INET),
+    ("2001:db8::7", "2001:db8:1::1", socket.AF_INET6),
+])
+def test_decode_gives_the_flow_in_host_terms(src, dst, family):
+    ev = SockEvent.decode(_record(src, 40001, dst, 443, family))
+    assert ev.flow == Flow(family=family, proto=6, src=src, sport=40001, dst=dst, dport=443)
+    assert (ev.netns_cookie, ev.timestamp_ns, ev.oldstate) == (7, 99, 9)
+    assert ev.oldstate_name == "LAST_ACK"
+    # The raw key is the conntrack key, and Flow.key() rebuilds it exactly.
+    assert ev.raw_key == ev.flow.key() == bytes(L.flow_key(src, 40001, dst, 443, 6))
+
+
+def test_decode_rejects_short_and_garbage_records():
+    with pytest.raises(ValueError):
+        SockEvent.decode(b"\0" * 10)
+    with pytest.raises(ValueError):
+        SockEvent.decode(b"\0" * 64)  # family 0
+
+
+def test_endpoint_key_layout_and_v4_mapped_normalisation():
+    k = L.EndpointKey.from_bytes(endpoint_key("10.1.2.3", 80))
+    assert (k.family, k.proto, L.port_host(k.port)) == (socket.AF_INET, 6, 80)
+    assert str(L.words_addr(k.addr, k.family)) == "10.1.2.3"
+    assert endpoint_key("::ffff:10.1.2.3", 80) == endpoint_key("10.1.2.3", 80)
+    assert endpoint_key("fd00::1", 80) != endpoint_key("fd00::2", 80)
+    with pytest.raises(ValueError):
+        endpoint_key("10.1.2.3", 0)
+
+
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed")
+def test_object_btf_matches_the_python_layouts():
+    out = subprocess.run(["bpftool", "btf", "dump", "file", str(TRACER_OBJECT)],
+                         check=True, capture_output=True, text=True).stdout
+    for cls, cname in ((L.SockEvent, "sock_event"), (L.FlowKey, "flow_key"),
+                       (L.EndpointKey, "endpoint_key"), (L.TracerConfig, "tracer_config")):
+        m = re.search(rf"STRUCT '{cname}' size=(\d+) vlen=\d+\n((?:\t.*\n)*)", out)
+        assert m, f"struct {cname} missing from {TRACER_OBJECT} BTF"
+        assert int(m.group(1)) == ctypes.sizeof(cls), cname
+        offs = {name: int(bits) // 8 for name, bits in
+                re.findall(r"'(\w+)' type_id=\d+ bits_offset=(\d+)", m.group(2))}
+        assert offs == {f: getattr(cls, f).offset for f, *_ in cls._fields_}, cname
+
+
+# ------------------------------------------------------------- kernel fixtures
+@pytest.fixture
+def lab():
+    topo = Topology(f"mlbtr{os.getpid()}")
+    try:
+        for short in ("node", "other"):
+            ns = topo.add_namespace(short)
+            for a in (VIP4, CLIENT4):
+                ns.add_address("lo", f"{a}/32")
+            for a in (VIP6, CLIENT6):
+                ns.add_address("lo", f"{a}/128")
+        yield topo
+    finally:
+        assert topo.teardown() == []
+
+
+@pytest.fixture
+def tracers():
+    made: list[Tracer] = []
+
+    def make(cookie, **kw) -> Tracer:
+        t = Tracer(netns_cookie=cookie, **kw)
+        made.append(t)
+        t.load()
+        t.attach()
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+class Server:
+    def __init__(self, ns, family=socket.AF_INET, addr=VIP4, port=PORT, v6only=True):
+        self.sock = ns.socket(family)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        self.sock.bind((addr, port))
+        self.sock.listen(512)
+        self.ns = ns
+
+    def close(self):
+        self.sock.close()
+
+
+def connect_and_close(srv: Server, family, client_addr, server_addr, port=PORT, rst=False,
+                      server_first=False):
+    """One full connection; returns the client's (addr, port). The client closes
+    first, then the server, so the accepted socket passes LAST_ACK -> CLOSE; with
+    ``rst`` the client aborts and the server socket goes ESTABLISHED -> CLOSE; with
+    ``server_first`` the server closes actively and its socket leaves FIN_WAIT2 for
+    TIME_WAIT (the full socket is closed then, the timewait one lingers)."""
+    c = srv.ns.socket(family)
+    c.settimeout(5)
+    c.bind((client_addr, 0))
+    c.connect((server_addr, port))
+    a, _ = srv.sock.accept()
+    a.settimeout(5)
+    c.sendall(b"x")
+    assert a.recv(1) == b"x"
+    name = c.getsockname()[:2]
+    if server_first:
+        a.close()
+        assert c.recv(1) == b""
+        c.close()
+        return name
+    if rst:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        with pytest.raises(ConnectionResetError):
+            for _ in range(50):
+                a.recv(1)
+                time.sleep(0.01)
+    else:
+        c.close()
+        assert a.recv(1) == b""
+    a.close()
+    return name
+
+
+def collect(t: Tracer, want: int, timeout=3.0) -> list[SockEvent]:
+    out: list[SockEvent] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        out += t.poll(50)
+    return out
+
+
+def settle(t: Tracer) -> list[SockEvent]:
+    """Whatever arrives within a short grace period (for "nothing came" checks)."""
+    time.sleep(0.3)
+    return collect(t, 10**9, timeout=0.3)
+
+
+# ------------------------------------------------------------------ behaviour
+privileged = pytest.mark.privileged
+
+
+@privileged
+def test_ipv4_close_reports_peer_and_local_endpoint(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    assert t.watched() == {(VIP4, PORT, 6)}
+    srv = Server(node)
+    try:
+        caddr, cport = connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)
+    finally:
+        srv.close()
+    (ev,) = collect(t, 1)
+    assert ev.flow == Flow(socket.AF_INET, 6, CLIENT4, cport, VIP4, PORT)
+    assert caddr == CLIENT4
+    assert ev.netns_cookie == node.netns_cookie()
+    assert ev.oldstate_name == "LAST_ACK"
+    assert abs(ev.timestamp_ns - time.monotonic_ns()) < 10 * 10**9
+    assert ev.raw_key == bytes(L.flow_key(CLIENT4, cport, VIP4, PORT, 6))
+    # Only the accepted socket matched: the client's and the listener's closes
+    # (CLIENT4 side, and the listener with no peer) are not reported.
+    assert settle(t) == []
+    assert t.stats().emitted == 1 and t.stats().ringbuf_full == 0
+
+
+@privileged
+def test_ipv6_and_v4_mapped_sockets(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP6, PORT)
+    t.watch("::ffff:" + VIP4, PORT)  # stored as the IPv4 endpoint
+    assert t.watched() == {(VIP6, PORT, 6), (VIP4, PORT, 6)}
+    srv = Server(node, socket.AF_INET6, "::", v6only=False)  # dual-stack listener
+    try:
+        _, p6 = connect_and_close(srv, socket.AF_INET6, CLIENT6, VIP6)
+        _, p4 = connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)
+    finally:
+        srv.close()
+    evs = collect(t, 2)
+    assert [e.flow for e in evs] == [
+        Flow(socket.AF_INET6, 6, CLIENT6, p6, VIP6, PORT),
+        Flow(socket.AF_INET, 6, CLIENT4, p4, VIP4, PORT),  # v4-mapped reported as IPv4
+    ]
+
+
+@privileged
+def test_only_watched_endpoints_are_reported(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    other_port = Server(node, port=PORT + 1)
+    other_addr = Server(node, addr=CLIENT4, port=PORT)
+    srv = Server(node)
+    try:
+        connect_and_close(other_port, socket.AF_INET, CLIENT4, VIP4, PORT + 1)
+        connect_and_close(other_addr, socket.AF_INET, VIP4, CLIENT4, PORT)
+        # The ring buffer keeps order: had the two above matched, they would come
+        # before this one.
+        _, p = connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)
+        (ev,) = collect(t, 1)
+        assert (ev.flow.sport, ev.flow.dport) == (p, PORT)
+        assert settle(t) == []
+        assert t.unwatch(VIP4, PORT) is True
+        assert t.unwatch(VIP4, PORT) is False
+        connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)
+        assert settle(t) == []
+    finally:
+        for s in (other_port, other_addr, srv):
+            s.close()
+
+
+@privileged
+def test_reset_connection_is_reported(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    srv = Server(node)
+    try:
+        _, p = connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4, rst=True)
+    finally:
+        srv.close()
+    (ev,) = collect(t, 1)
+    assert ev.flow.sport == p and TCP_STATES[ev.oldstate] == "ESTABLISHED"
+
+
+@privileged
+def test_active_close_by_the_server_is_reported_without_waiting_for_time_wait(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    srv = Server(node)
+    try:
+        _, p = connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4, server_first=True)
+    finally:
+        srv.close()
+    (ev,) = collect(t, 1, timeout=2.0)  # TIME_WAIT would last 60 s
+    assert ev.flow == Flow(socket.AF_INET, 6, CLIENT4, p, VIP4, PORT)
+    assert ev.oldstate_name in ("FIN_WAIT2", "CLOSING")
+
+
+@privileged
+def test_each_tracer_sees_only_its_namespace(lab, tracers):
+    node, other = lab["node"], lab["other"]
+    assert node.netns_cookie() != other.netns_cookie()
+    t_node = tracers(node.netns_cookie())
+    t_other = tracers(other.netns_cookie())
+    t_all = tracers(0)
+    for t in (t_node, t_other, t_all):
+        t.watch(VIP4, PORT)
+    s_node, s_other = Server(node), Server(other)
+    try:
+        _, p_node = connect_and_close(s_node, socket.AF_INET, CLIENT4, VIP4)
+        (ev,) = collect(t_node, 1)
+        assert ev.flow.sport == p_node and ev.netns_cookie == node.netns_cookie()
+        assert settle(t_other) == []
+        _, p_other = connect_and_close(s_other, socket.AF_INET, CLIENT4, VIP4)
+        (ev,) = collect(t_other, 1)
+        assert ev.flow.sport == p_other and ev.netns_cookie == other.netns_cookie()
+        assert settle(t_node) == []
+        # Cookie 0 reports every namespace of the machine, including those of
+        # anybody else running tests right now: look for ours among them.
+        ours = {(node.netns_cookie(), p_node), (other.netns_cookie(), p_other)}
+        seen: set = set()
+        deadline = time.monotonic() + 3
+        while not ours <= seen and time.monotonic() < deadline:
+            seen |= {(e.netns_cookie, e.flow.sport) for e in t_all.poll(50)}
+        assert ours <= seen
+    finally:
+        s_node.close()
+        s_other.close()
+
+
+@privileged
+def test_default_filter_is_the_callers_own_namespace(lab):
+    node = lab["node"]
+    assert Tracer().netns_cookie == own_netns_cookie()
+    assert node.run(lambda: Tracer().netns_cookie) == node.netns_cookie()
+    assert own_netns_cookie() != node.netns_cookie()
+
+
+@privileged
+def test_asyncio_reader_delivers_events(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    srv = Server(node)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        it = t.events().__aiter__()
+        first = asyncio.ensure_future(it.__anext__())
+        ports = []
+        for _ in range(3):
+            ports.append((await loop.run_in_executor(
+                None, connect_and_close, srv, socket.AF_INET, CLIENT4, VIP4))[1])
+        got = [await asyncio.wait_for(first, 3)]
+        while len(got) < 3:
+            got.append(await asyncio.wait_for(it.__anext__(), 3))
+        t.stop()
+        return ports, got
+
+    try:
+        ports, got = asyncio.run(main())
+    finally:
+        srv.close()
+    assert [e.flow.sport for e in got] == ports
+    assert all(e.flow.dst == VIP4 for e in got)
+
+
+@privileged
+def test_ring_buffer_overflow_is_counted(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie(), ring_size=4096)  # one page: ~56 records
+    t.watch(VIP4, PORT)
+    srv = Server(node)
+    n = 120
+    try:
+        for _ in range(n):
+            connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)
+    finally:
+        srv.close()
+    time.sleep(0.2)
+    st = t.stats()
+    assert st.ringbuf_full > 0
+    assert st.emitted + st.ringbuf_full == n
+    assert len(collect(t, st.emitted)) == st.emitted
+    # Drained, the buffer takes records again.
+    srv = Server(node)
+    try:
+        connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)
+    finally:
+        srv.close()
+    assert len(collect(t, 1)) == 1
+    assert t.stats().ringbuf_full == st.ringbuf_full
+
+
+@privileged
+def test_pinned_tracer_survives_its_loader_and_is_adopted(lab):
+    node = lab["node"]
+    pin_dir = f"/sys/fs/bpf/mlbtr{os.getpid()}-tracer"
+    first = Tracer(node.netns_cookie())
+    adopted = None
+    try:
+        first.load()
+        link_id = first.attach().info()["id"]
+        first.watch(VIP4, PORT)
+        first.pin(pin_dir)
+        first.close()  # the "old agent" exits; link and maps stay pinned
+        srv = Server(node)
+        try:
+            _, p = connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)
+        finally:
+            srv.close()
+        adopted = Tracer.adopt(pin_dir)
+        assert adopted.netns_cookie == node.netns_cookie()
+        assert adopted.watched() == {(VIP4, PORT, 6)}
+        (ev,) = collect(adopted, 1)  # written while nobody was reading
+        assert ev.flow.sport == p
+        assert adopted.stats().emitted == 1
+        adopted.unpin()
+        assert not os.path.exists(pin_dir)
+        adopted.close()
+        adopted = None
+        shown = subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
+                               capture_output=True, text=True)
+        assert shown.returncode != 0  # detached once unpinned and closed
+    finally:
+        if adopted is not None:
+            adopted.close()
+        if os.path.isdir(pin_dir):
+            for f in os.listdir(pin_dir):
+                os.unlink(os.path.join(pin_dir, f))
+            os.rmdir(pin_dir)
