@@ -54,4 +54,164 @@ struct tracer_config {
 	__u64 netns_cookie;  /* 0: report every namespace */
 };
 
+/* ------------------------------------------------------------------------------
+ * Balancer (bpf/balancer.bpf.c). Everything below is owned by the balancer.
+ * ------------------------------------------------------------------------------ */
+
+#define MLB_MAX_VIPS          1024   /* vip ids are 0..MLB_MAX_VIPS-1 */
+#define MLB_MAX_BACKENDS      4096   /* backend ids are 0..MLB_MAX_BACKENDS-1 */
+#define MLB_DEFAULT_RING      65537  /* Maglev table size, prime */
+#define MLB_CT_DEFAULT_SIZE   262144 /* conntrack entries (split over CPUs) */
+#define MLB_FIB_RC_SLOTS      16     /* counters reserved for bpf_fib_lookup codes */
+#define MLB_SNAT_PROBES       4      /* source ports tried per new nat flow */
+#define MLB_HASH_SEED         0x6d6c6221u
+
+/* Anti ping-pong mark of a packet one mix forwards to another (dr mode).
+ * IPv4: the reserved "evil" bit of frag_off, which RFC 791 requires to be zero, so
+ *   no legitimate sender sets it.
+ * IPv6: the whole 20-bit flow label is overwritten with MLB_V6_MARK. IPv6 has no
+ *   must-be-zero bit: traffic class carries DSCP/ECN the network acts on, and a
+ *   single flow-label bit would be set by half of all clients (RFC 6437 labels are
+ *   random). A fixed 20-bit value collides with a random client label with
+ *   probability 2^-20 per flow, and a collision only means that flow is served by the
+ *   mix it reached. The flow label is not covered by any checksum. Un-marking sets
+ *   the label to 0 (a valid "no label"). */
+#define MLB_V4_MARK           0x8000 /* host order, in iph->frag_off */
+#define MLB_V6_MARK           0x6d1b5u
+
+/* VIP table key. Address/port in network order. */
+struct vip_key {
+	__u32 addr[4];
+	__u16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+/* vip_meta.flags */
+#define MLB_VIP_F_NAT         (1u << 0) /* full NAT; otherwise dr (mix mode) */
+#define MLB_VIP_F_ACTIVE      (1u << 1) /* set in vip_info while the VIP exists */
+
+/* Value of "vips" (by address) and of "vip_info" (the same, by vip id). The
+ * conntrack hit path reads vip_info[ct->vip_id], an array slot, instead of hashing
+ * the VIP key again; gen tells it whether the VIP the flow was set up for still
+ * exists in the same mode (Python bumps it on remove and on a mode change). */
+struct vip_meta {
+	__u32 vip_id;     /* index into vip_tables, vip_info, vip_stats */
+	__u32 flags;      /* MLB_VIP_F_* */
+	__u32 ring_size;  /* entries of this VIP's Maglev table */
+	__u32 gen;
+};
+
+/* Address pre-filter: "vip_filter" is an array of MLB_VIP_FILTER_SLOTS counters
+ * indexed by mlb_addr_slot(destination address) = (fold(addr) * MULT) >> SHIFT,
+ * fold = xor of the address words, non-zero when
+ * some VIP may have that address. Most non-VIP packets skip the VIP hash lookup. */
+#define MLB_VIP_FILTER_SLOTS  4096
+#define MLB_VIP_FILTER_MULT   0x9e3779b1u
+#define MLB_VIP_FILTER_SHIFT  20
+
+/* backend.flags */
+#define MLB_BE_F_VALID        (1u << 0) /* slot in use; a zeroed slot is never chosen */
+#define MLB_BE_F_LOCAL        (1u << 1) /* this node: pass to the local stack */
+#define MLB_BE_F_DOWN         (1u << 2) /* do not send new or existing flows */
+
+struct backend {
+	__u32 addr[4];    /* network order */
+	__u16 port;       /* network order; nat target port, 0 = keep the VIP's port */
+	__u8 family;
+	__u8 pad;
+	__u32 flags;      /* MLB_BE_F_* */
+};
+
+/* ct_value.flags */
+#define MLB_CT_F_NAT          (1u << 0) /* snat_port is valid, a reverse entry exists */
+
+/* conntrack: struct flow_key (client -> VIP, as received) -> ct_value */
+struct ct_value {
+	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC, tick resolution */
+	__u32 backend_id;
+	__u32 flags;        /* MLB_CT_F_* */
+	__u32 vip_id;
+	__u32 vip_gen;      /* vip_meta.gen when the flow was set up */
+	__u16 snat_port;    /* network order */
+	__u16 pad;
+	__u32 pad2;
+};
+
+/* Per-CPU cache of bpf_fib_lookup results by destination address (a backend, or a
+ * client for nat replies): the route+neighbour lookup is most of the cost of a
+ * conntrack hit. Slot = mlb_addr_slot(addr) & (MLB_FIB_CACHE_SLOTS - 1); entries
+ * live MLB_FIB_CACHE_NS and Python clears them when it knows better. */
+#define MLB_FIB_CACHE_SLOTS   4096
+#define MLB_FIB_CACHE_NS      200000000ull
+struct fib_cache {
+	__u32 addr[4];          /* destination the lookup was for */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u32 ifindex;          /* egress */
+	__u32 ingress_ifindex;  /* the lookup was made for packets from here */
+	__u32 mtu;              /* bigger packets take the full lookup (FRAG_NEEDED) */
+	__u8 family;
+	__u8 pad[3];
+	__u64 expires_ns;
+};
+
+/* nat_reverse: struct flow_key of the reply as the backend sends it
+ * (src = backend addr:port, dst = snat addr:port) -> the original flow. */
+struct nat_rev_value {
+	struct flow_key orig; /* client -> VIP, as the client sent it */
+	__u64 last_seen_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* snat_config array: index 0 = IPv4, 1 = IPv6 */
+#define MLB_SNAT_F_VALID      (1u << 0)
+struct snat_config {
+	__u32 addr[4];    /* network order */
+	__u16 port_lo;    /* host order, inclusive */
+	__u16 port_hi;    /* host order, inclusive */
+	__u32 flags;
+};
+
+/* per-VIP and per-backend traffic (per-CPU arrays indexed by id) */
+struct lb_stats {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Index into the per-CPU "counters" array: every pass/drop reason has its own. */
+enum mlb_counter {
+	MLB_CNT_RX = 0,            /* packets seen */
+	MLB_CNT_PASS_NOT_IP,       /* non-IP ethertype, stacked VLAN tags */
+	MLB_CNT_PASS_MALFORMED,    /* truncated or inconsistent header */
+	MLB_CNT_PASS_BAD_IHL,      /* IPv4 IHL < 5 or version mismatch */
+	MLB_CNT_PASS_FRAGMENT,     /* IPv4 MF/offset or IPv6 fragment header */
+	MLB_CNT_PASS_V6_EXT,       /* IPv6 extension headers not walked */
+	MLB_CNT_PASS_UNKNOWN_L4,   /* neither TCP nor UDP */
+	MLB_CNT_PASS_NOT_VIP,      /* well-formed, not for a VIP */
+	MLB_CNT_PASS_LOCAL,        /* backend is this node */
+	MLB_CNT_PASS_FROM_PEER,    /* carried a peer's mark: un-marked, passed */
+	MLB_CNT_PASS_NO_NEIGH,     /* fib: neighbour unknown, kernel resolves it */
+	MLB_CNT_PASS_FIB_OTHER,    /* fib failed, passed (see MLB_CNT_FIB_RC) */
+	MLB_CNT_DROP_FIB,          /* fib said blackhole/unreachable/prohibit */
+	MLB_CNT_DROP_NO_TABLE,     /* VIP without a (matching) Maglev table */
+	MLB_CNT_DROP_NO_BACKEND,   /* table slot points to a missing/down backend */
+	MLB_CNT_DROP_NO_SNAT,      /* nat VIP, no SNAT address for the family */
+	MLB_CNT_DROP_SNAT_EXHAUSTED, /* all probed SNAT ports taken */
+	MLB_CNT_DROP_UDP6_ZERO_CSUM, /* nat of IPv6 UDP with checksum 0 */
+	MLB_CNT_CT_HIT,
+	MLB_CNT_CT_MISS,
+	MLB_CNT_CT_RESELECT,       /* entry existed, but SYN or backend gone */
+	MLB_CNT_CT_INSERT,
+	MLB_CNT_CT_INSERT_FAIL,
+	MLB_CNT_NAT_REPLY,         /* reply translated back to VIP -> client */
+	MLB_CNT_NAT_REPLY_MISS,    /* to an SNAT addr/port range, no entry: passed */
+	MLB_CNT_TX,
+	MLB_CNT_REDIRECT,
+	MLB_CNT_FIB_CACHED,        /* forwarded with a cached fib result */
+	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
+	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
+};
+
 #endif /* MESHLB_H */

@@ -1,0 +1,566 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * meshlb XDP balancer: one fast path for every mix.
+ *
+ *   parse (eth, one 802.1Q tag, IPv4/IPv6, TCP/UDP) -- anything else --> PASS
+ *     v
+ *   dst address in vip_filter? -- no --> SNAT reply? -- yes --> back to client
+ *     v                                              \-- no --> PASS (cheap)
+ *   marked by a peer? -- yes --> (a VIP?) un-mark, PASS: never balanced twice
+ *     v
+ *   conntrack hit (not a SYN, VIP same generation, backend usable)?
+ *     | no: VIP lookup (miss -> PASS), Maglev table of the VIP, conntrack insert
+ *     v
+ *   backend LOCAL -> PASS (the VIP is on our loopback)
+ *   dr  -> next hop MACs (bpf_fib_lookup, cached per CPU), mark, TX/REDIRECT
+ *   nat -> dst := backend, src := SNAT addr:port, checksums, next hop, TX/REDIRECT
+ *
+ * Not handled here, passed to the stack: ICMP errors about VIP flows (so PMTU
+ * signals reach only the mix that receives them), IP fragments, IPv6 routing
+ * headers, stacked VLAN tags.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "meshlb.h"
+#include "parsing.h"
+#include "csum.h"
+#include "balancer_maps.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void stats_add(void *map, __u32 id, __u64 bytes)
+{
+	struct lb_stats *s = bpf_map_lookup_elem(map, &id);
+	if (s) {
+		s->packets += 1;
+		s->bytes += bytes;
+	}
+}
+
+static __always_inline __u32 rotl32(__u32 x, int r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+/* Murmur3-style mixing over the 32-bit words of a flow_key (as laid out in
+ * memory, native order); meshlb.dataplane.balancer.flow_hash mirrors it so Python
+ * knows which Maglev slot a flow uses. IPv4 hashes only the words it uses. */
+static __always_inline __u32 mix_word(__u32 h, __u32 w)
+{
+	w *= 0xcc9e2d51u;
+	w = rotl32(w, 15);
+	w *= 0x1b873593u;
+	h ^= w;
+	h = rotl32(h, 13);
+	return h * 5 + 0xe6546b64u;
+}
+
+static __always_inline __u32 flow_hash(const struct flow_key *k)
+{
+	const __u32 *w = (const __u32 *)k;
+	__u32 h = MLB_HASH_SEED;
+
+	h = mix_word(h, w[0]);
+	if (k->family == AF_INET6) {
+		h = mix_word(h, w[1]);
+		h = mix_word(h, w[2]);
+		h = mix_word(h, w[3]);
+	}
+	h = mix_word(h, w[4]);
+	if (k->family == AF_INET6) {
+		h = mix_word(h, w[5]);
+		h = mix_word(h, w[6]);
+		h = mix_word(h, w[7]);
+	}
+	h = mix_word(h, w[8]);  /* sport, dport */
+	h = mix_word(h, w[9]);  /* proto, family */
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline int backend_usable(const struct backend *be)
+{
+	return be && (be->flags & (MLB_BE_F_VALID | MLB_BE_F_DOWN)) == MLB_BE_F_VALID;
+}
+
+static __always_inline __u32 addr_slot(const __u32 *a, __u8 family)
+{
+	__u32 x = a[0];
+	if (family == AF_INET6)
+		x ^= a[1] ^ a[2] ^ a[3];
+	return (x * MLB_VIP_FILTER_MULT) >> MLB_VIP_FILTER_SHIFT;
+}
+
+static __always_inline void mark(struct xdp_md *ctx, struct pkt *p);
+
+static __always_inline int l2_send(struct xdp_md *ctx, struct pkt *p, const __u8 *dmac,
+				   const __u8 *smac, __u32 ifindex, int do_mark)
+{
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = p->eth;
+
+	if ((void *)(eth + 1) > end)
+		return XDP_DROP;
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	__builtin_memcpy(eth->h_source, smac, 6);
+	if (do_mark)
+		mark(ctx, p);
+	if (ifindex == ctx->ingress_ifindex) {
+		count(MLB_CNT_TX);
+		return XDP_TX;
+	}
+	count(MLB_CNT_REDIRECT);
+	return bpf_redirect(ifindex, 0);
+}
+
+/*
+ * Resolve next hop MACs towards dst and send. Only MACs change here; on failure
+ * the packet is not dropped silently: every code is counted, a missing neighbour
+ * goes to the stack (which resolves it for routed packets; the agent warms the
+ * neighbour table for dr peers), the kernel's own "can be dropped" codes drop.
+ * do_mark: set the peer mark, only once the packet is really leaving, so a packet
+ * passed to our own stack is never seen marked. Successful lookups are cached per
+ * CPU by destination (fib_cache): the answer depends on the destination and the
+ * ingress device only, as policy routing on the source address is not honoured
+ * for cached results.
+ */
+static __always_inline int fib_forward(struct xdp_md *ctx, struct pkt *p,
+				       const __u32 *src, const __u32 *dst, int do_mark,
+				       __u64 now)
+{
+	struct bpf_fib_lookup f = {};
+	__u8 family = p->key.family;
+	__u32 k = addr_slot(dst, family) & (MLB_FIB_CACHE_SLOTS - 1);
+	struct fib_cache *fc = bpf_map_lookup_elem(&fib_cache, &k);
+	int rc;
+
+	if (fc && fc->expires_ns > now && fc->ingress_ifindex == ctx->ingress_ifindex &&
+	    fc->family == family && p->l3_len <= fc->mtu &&
+	    fc->addr[0] == dst[0] && fc->addr[1] == dst[1] && fc->addr[2] == dst[2] &&
+	    fc->addr[3] == dst[3]) {
+		count(MLB_CNT_FIB_CACHED);
+		return l2_send(ctx, p, fc->dmac, fc->smac, fc->ifindex, do_mark);
+	}
+	f.family = p->key.family;
+	f.l4_protocol = p->key.proto;
+	f.tot_len = p->l3_len;
+	f.ifindex = ctx->ingress_ifindex;
+	if (p->key.family == AF_INET) {
+		f.ipv4_src = src[0];
+		f.ipv4_dst = dst[0];
+	} else {
+		__builtin_memcpy(f.ipv6_src, src, 16);
+		__builtin_memcpy(f.ipv6_dst, dst, 16);
+	}
+	rc = bpf_fib_lookup(ctx, &f, sizeof(f), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (fc) {
+			__builtin_memcpy(fc->addr, dst, 16);
+			fc->family = family;
+			__builtin_memcpy(fc->dmac, f.dmac, 6);
+			__builtin_memcpy(fc->smac, f.smac, 6);
+			fc->ifindex = f.ifindex;
+			fc->ingress_ifindex = ctx->ingress_ifindex;
+			fc->mtu = f.mtu_result ? f.mtu_result : 1500;
+			fc->expires_ns = now + MLB_FIB_CACHE_NS;
+		}
+		return l2_send(ctx, p, f.dmac, f.smac, f.ifindex, do_mark);
+	}
+	if (rc > 0 && rc < MLB_FIB_RC_SLOTS)
+		count(MLB_CNT_FIB_RC + rc);
+	else
+		count(MLB_CNT_FIB_RC);  /* slot 0 (SUCCESS) never counts: "negative/unknown" */
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		count(MLB_CNT_PASS_NO_NEIGH);
+		return XDP_PASS;
+	}
+	if (rc == BPF_FIB_LKUP_RET_BLACKHOLE || rc == BPF_FIB_LKUP_RET_UNREACHABLE ||
+	    rc == BPF_FIB_LKUP_RET_PROHIBIT) {
+		count(MLB_CNT_DROP_FIB);
+		return XDP_DROP;
+	}
+	count(MLB_CNT_PASS_FIB_OTHER);
+	return XDP_PASS;
+}
+
+/* Remove the peer mark before the local stack sees the packet. */
+static __always_inline void unmark(struct xdp_md *ctx, struct pkt *p)
+{
+	void *end = (void *)(long)ctx->data_end;
+
+	if (p->key.family == AF_INET) {
+		struct iphdr *ip = p->l3;
+		if ((void *)(ip + 1) > end)
+			return;
+		__u16 old = ip->frag_off;
+		ip->frag_off = old & ~bpf_htons(MLB_V4_MARK);
+		ip->check = csum_apply(ip->check, csum_diff16(0, old, ip->frag_off));
+	} else {
+		__be32 *w = p->l3;
+		if ((void *)(w + 1) > end)
+			return;
+		*w &= ~bpf_htonl(0xfffff);
+	}
+}
+
+static __always_inline void mark(struct xdp_md *ctx, struct pkt *p)
+{
+	void *end = (void *)(long)ctx->data_end;
+
+	if (p->key.family == AF_INET) {
+		struct iphdr *ip = p->l3;
+		if ((void *)(ip + 1) > end)
+			return;
+		__u16 old = ip->frag_off;
+		ip->frag_off = old | bpf_htons(MLB_V4_MARK);
+		ip->check = csum_apply(ip->check, csum_diff16(0, old, ip->frag_off));
+	} else {
+		__be32 *w = p->l3;
+		if ((void *)(w + 1) > end)
+			return;
+		*w = (*w & ~bpf_htonl(0xfffff)) | bpf_htonl(MLB_V6_MARK);
+	}
+}
+
+/*
+ * Rewrite addresses/ports of the packet in place and fix the IPv4 header and
+ * TCP/UDP checksums incrementally (addresses are in the pseudo-header).
+ * Returns 0 or a drop reason.
+ */
+static __always_inline int rewrite(struct xdp_md *ctx, struct pkt *p,
+				   const __u32 *nsrc, __u16 nsport,
+				   const __u32 *ndst, __u16 ndport)
+{
+	void *end = (void *)(long)ctx->data_end;
+	int v6 = p->key.family == AF_INET6;
+	__u64 addr_diff = 0;
+	__u16 *l4csum;
+	__u16 *ports = p->l4;
+
+	if ((void *)(ports + 2) > end)
+		return MLB_CNT_PASS_MALFORMED;
+	if (p->key.proto == MLB_IPPROTO_TCP) {
+		struct tcphdr *th = p->l4;
+		if ((void *)(th + 1) > end)
+			return MLB_CNT_PASS_MALFORMED;
+		l4csum = (__u16 *)&th->check;
+	} else {
+		struct udphdr *uh = p->l4;
+		if ((void *)(uh + 1) > end)
+			return MLB_CNT_PASS_MALFORMED;
+		l4csum = (__u16 *)&uh->check;
+		if (v6 && *l4csum == 0)
+			return MLB_CNT_DROP_UDP6_ZERO_CSUM;
+	}
+
+	if (!v6) {
+		struct iphdr *ip = p->l3;
+		if ((void *)(ip + 1) > end)
+			return MLB_CNT_PASS_MALFORMED;
+		addr_diff = csum_diff32(addr_diff, ip->saddr, nsrc[0]);
+		addr_diff = csum_diff32(addr_diff, ip->daddr, ndst[0]);
+		ip->saddr = nsrc[0];
+		ip->daddr = ndst[0];
+		ip->check = csum_apply(ip->check, addr_diff);
+	} else {
+		struct ipv6hdr *ip6 = p->l3;
+		if ((void *)(ip6 + 1) > end)
+			return MLB_CNT_PASS_MALFORMED;
+		addr_diff = csum_diff_addr(addr_diff, (__u32 *)&ip6->saddr, nsrc, 1);
+		addr_diff = csum_diff_addr(addr_diff, (__u32 *)&ip6->daddr, ndst, 1);
+		__builtin_memcpy(&ip6->saddr, nsrc, 16);
+		__builtin_memcpy(&ip6->daddr, ndst, 16);
+	}
+
+	__u64 d = addr_diff;
+	d = csum_diff16(d, ports[0], nsport);
+	d = csum_diff16(d, ports[1], ndport);
+	ports[0] = nsport;
+	ports[1] = ndport;
+	/* IPv4 UDP may carry no checksum (0): it stays 0. A computed 0 is sent as
+	 * 0xffff, which is the same value in ones' complement. */
+	if (p->key.proto == MLB_IPPROTO_UDP && *l4csum == 0)
+		return 0;
+	__u16 c = csum_apply(*l4csum, d);
+	if (p->key.proto == MLB_IPPROTO_UDP && c == 0)
+		c = 0xffff;
+	*l4csum = c;
+	return 0;
+}
+
+static __always_inline struct snat_config *snat_for(__u8 family)
+{
+	__u32 idx = family == AF_INET ? 0 : 1;
+	return bpf_map_lookup_elem(&snat_cfg, &idx);
+}
+
+static __always_inline void rev_key(struct flow_key *rk, const struct backend *be,
+				    __u16 bport, const struct snat_config *sc, __u16 sport,
+				    const struct flow_key *k)
+{
+	__builtin_memset(rk, 0, sizeof(*rk));
+	__builtin_memcpy(rk->src, be->addr, 16);
+	__builtin_memcpy(rk->dst, sc->addr, 16);
+	rk->sport = bport;
+	rk->dport = sport;
+	rk->proto = k->proto;
+	rk->family = k->family;
+}
+
+static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+/*
+ * Choose the SNAT source port of a new nat flow: deterministic from the flow hash,
+ * a few alternatives on collision. The reverse entry is claimed with BPF_NOEXIST so
+ * two CPUs cannot hand the same port to two flows. Returns the port (network order)
+ * or 0 if every probe collided.
+ */
+static __always_inline __u16 snat_claim(const struct flow_key *k, __u32 hash,
+					const struct backend *be, __u16 bport,
+					const struct snat_config *sc, __u32 backend_id, __u64 now)
+{
+	__u32 span = (__u32)sc->port_hi - sc->port_lo + 1;
+	struct nat_rev_value rv = {};
+	struct flow_key rk;
+
+	if (sc->port_hi < sc->port_lo)
+		return 0;
+	rv.orig = *k;
+	rv.last_seen_ns = now;
+	rv.backend_id = backend_id;
+#pragma unroll
+	for (int i = 0; i < MLB_SNAT_PROBES; i++) {
+		__u16 port = bpf_htons((__u16)(sc->port_lo + (hash + i * 0x9e3779b1u) % span));
+		rev_key(&rk, be, bport, sc, port, k);
+		if (bpf_map_update_elem(&nat_reverse, &rk, &rv, BPF_NOEXIST) == 0)
+			return port;
+		/* Taken: by this very flow (its forward entry was evicted or re-selected
+		 * to the same backend) is fine, by another flow is a collision. */
+		struct nat_rev_value *cur = bpf_map_lookup_elem(&nat_reverse, &rk);
+		if (cur && flow_key_eq(&cur->orig, k)) {
+			cur->last_seen_ns = now;
+			return port;
+		}
+	}
+	return 0;
+}
+
+/* Reply from a nat backend to our SNAT address: back to VIP -> client. */
+static __always_inline int nat_reply(struct xdp_md *ctx, struct pkt *p)
+{
+	struct snat_config *sc = snat_for(p->key.family);
+
+	if (!sc || !(sc->flags & MLB_SNAT_F_VALID))
+		return -1;
+	__u16 dport = bpf_ntohs(p->key.dport);
+	if (dport < sc->port_lo || dport > sc->port_hi)
+		return -1;
+	if (sc->addr[0] != p->key.dst[0] || sc->addr[1] != p->key.dst[1] ||
+	    sc->addr[2] != p->key.dst[2] || sc->addr[3] != p->key.dst[3])
+		return -1;
+	struct nat_rev_value *rv = bpf_map_lookup_elem(&nat_reverse, &p->key);
+	if (!rv) {
+		count(MLB_CNT_NAT_REPLY_MISS);
+		return XDP_PASS;
+	}
+	__u64 now = bpf_ktime_get_coarse_ns();
+	if (rv->last_seen_ns != now)
+		rv->last_seen_ns = now;
+	struct flow_key orig = rv->orig;
+	int r = rewrite(ctx, p, orig.dst, orig.dport, orig.src, orig.sport);
+	if (r) {
+		count(r);
+		return r == MLB_CNT_PASS_MALFORMED ? XDP_PASS : XDP_DROP;
+	}
+	count(MLB_CNT_NAT_REPLY);
+	stats_add(&backend_stats, rv->backend_id, ctx->data_end - ctx->data);
+	return fib_forward(ctx, p, orig.dst, orig.src, 0, now);
+}
+
+static __always_inline int not_vip(struct xdp_md *ctx, struct pkt *p)
+{
+	int r = nat_reply(ctx, p);
+	if (r >= 0)
+		return r;
+	count(MLB_CNT_PASS_NOT_VIP);
+	return XDP_PASS;
+}
+
+static __always_inline struct vip_meta *find_vip(struct pkt *p)
+{
+	struct vip_key vk;
+
+	__builtin_memcpy(vk.addr, p->key.dst, 16);
+	vk.port = p->key.dport;
+	vk.proto = p->key.proto;
+	vk.family = p->key.family;
+	return bpf_map_lookup_elem(&vips, &vk);
+}
+
+SEC("xdp")
+int meshlb_balancer(struct xdp_md *ctx)
+{
+	struct pkt p;
+	int r;
+
+	__builtin_memset(&p, 0, sizeof(p));
+	count(MLB_CNT_RX);
+	r = parse_packet(ctx, &p);
+	if (r) {
+		count(r);
+		return XDP_PASS;
+	}
+
+	/* Cheap exit for most traffic that is not for a VIP: one array slot. */
+	__u32 fslot = addr_slot(p.key.dst, p.key.family);
+	__u32 *maybe = bpf_map_lookup_elem(&vip_filter, &fslot);
+	if (!maybe || !*maybe)
+		return not_vip(ctx, &p);
+
+	__u64 bytes = ctx->data_end - ctx->data;
+	struct vip_meta *vip;
+
+	if (p.marked) {
+		vip = find_vip(&p);
+		if (!vip)
+			return not_vip(ctx, &p);
+		stats_add(&vip_stats, vip->vip_id, bytes);
+		unmark(ctx, &p);
+		count(MLB_CNT_PASS_FROM_PEER);
+		return XDP_PASS;
+	}
+
+	int syn = p.key.proto == MLB_IPPROTO_TCP &&
+		  (p.tcp_flags & (MLB_TCP_SYN | MLB_TCP_ACK)) == MLB_TCP_SYN;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct backend *be = NULL;
+	__u32 bid = 0, vip_id;
+	__u16 snat_port = 0;
+	int nat;
+
+	/* Conntrack first: a hit needs neither the VIP hash lookup nor the table. The
+	 * entry is trusted only while its VIP exists in the same mode (gen), and
+	 * never for a SYN: a reused tuple starts over on the table. */
+	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, &p.key);
+	if (ct && !syn) {
+		vip_id = ct->vip_id;
+		bid = ct->backend_id;
+		struct vip_meta *vi = bpf_map_lookup_elem(&vip_info, &vip_id);
+		be = bpf_map_lookup_elem(&backends, &bid);
+		if (vi && (vi->flags & MLB_VIP_F_ACTIVE) && vi->gen == ct->vip_gen &&
+		    backend_usable(be)) {
+			count(MLB_CNT_CT_HIT);
+			if (ct->last_seen_ns != now)
+				ct->last_seen_ns = now;
+			nat = vi->flags & MLB_VIP_F_NAT;
+			snat_port = ct->snat_port;
+			goto selected;
+		}
+	}
+
+	vip = find_vip(&p);
+	if (!vip)
+		return not_vip(ctx, &p);  /* also the flows of a removed VIP */
+	count(ct ? MLB_CNT_CT_RESELECT : MLB_CNT_CT_MISS);
+	vip_id = vip->vip_id;
+	nat = vip->flags & MLB_VIP_F_NAT;
+
+	/* Table path. */
+	{
+		__u32 ring = vip->ring_size;
+		void *tbl = bpf_map_lookup_elem(&vip_tables, &vip_id);
+		if (!tbl || ring == 0) {
+			count(MLB_CNT_DROP_NO_TABLE);
+			stats_add(&vip_stats, vip_id, bytes);
+			return XDP_DROP;
+		}
+		__u32 hash = flow_hash(&p.key);
+		__u32 slot = hash % ring;
+		__u32 *b = bpf_map_lookup_elem(tbl, &slot);
+		if (!b) {
+			count(MLB_CNT_DROP_NO_TABLE);
+			stats_add(&vip_stats, vip_id, bytes);
+			return XDP_DROP;
+		}
+		bid = *b;
+		be = bpf_map_lookup_elem(&backends, &bid);
+		if (!backend_usable(be)) {
+			count(MLB_CNT_DROP_NO_BACKEND);
+			stats_add(&vip_stats, vip_id, bytes);
+			return XDP_DROP;
+		}
+		struct ct_value nv = {};
+		nv.last_seen_ns = now;
+		nv.backend_id = bid;
+		nv.vip_id = vip_id;
+		nv.vip_gen = vip->gen;
+		if (nat && !(be->flags & MLB_BE_F_LOCAL)) {
+			struct snat_config *sc = snat_for(p.key.family);
+			if (!sc || !(sc->flags & MLB_SNAT_F_VALID)) {
+				count(MLB_CNT_DROP_NO_SNAT);
+				stats_add(&vip_stats, vip_id, bytes);
+				return XDP_DROP;
+			}
+			__u16 bport = be->port ? be->port : p.key.dport;
+			snat_port = snat_claim(&p.key, hash, be, bport, sc, bid, now);
+			if (!snat_port) {
+				count(MLB_CNT_DROP_SNAT_EXHAUSTED);
+				stats_add(&vip_stats, vip_id, bytes);
+				return XDP_DROP;
+			}
+			nv.flags = MLB_CT_F_NAT;
+			nv.snat_port = snat_port;
+		}
+		if (bpf_map_update_elem(&conntrack, &p.key, &nv, BPF_ANY) == 0)
+			count(MLB_CNT_CT_INSERT);
+		else
+			count(MLB_CNT_CT_INSERT_FAIL);
+	}
+
+selected:
+	if (!be)
+		return XDP_DROP;  /* unreachable; keeps the verifier's view simple */
+	stats_add(&vip_stats, vip_id, bytes);
+	stats_add(&backend_stats, bid, bytes);
+	if (be->flags & MLB_BE_F_LOCAL) {
+		/* The VIP is on this node's loopback: the local app takes it as is (in nat
+		 * mode too: a local backend needs no translation). */
+		count(MLB_CNT_PASS_LOCAL);
+		return XDP_PASS;
+	}
+	if (!nat)
+		return fib_forward(ctx, &p, p.key.src, be->addr, 1, now);
+
+	struct snat_config *sc = snat_for(p.key.family);
+	if (!sc || !(sc->flags & MLB_SNAT_F_VALID)) {
+		count(MLB_CNT_DROP_NO_SNAT);
+		return XDP_DROP;
+	}
+	__u32 saddr[4], daddr[4];
+	__builtin_memcpy(saddr, sc->addr, 16);
+	__builtin_memcpy(daddr, be->addr, 16);
+	__u16 bport = be->port ? be->port : p.key.dport;
+	r = rewrite(ctx, &p, saddr, snat_port, daddr, bport);
+	if (r) {
+		count(r);
+		return r == MLB_CNT_PASS_MALFORMED ? XDP_PASS : XDP_DROP;
+	}
+	return fib_forward(ctx, &p, saddr, daddr, 0, now);
+}

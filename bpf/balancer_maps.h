@@ -1,0 +1,109 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Maps of the balancer. Layouts of keys and values are in meshlb.h. */
+#ifndef MLB_BALANCER_MAPS_H
+#define MLB_BALANCER_MAPS_H
+
+#include "meshlb.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MLB_MAX_VIPS);
+	__type(key, struct vip_key);
+	__type(value, struct vip_meta);
+} vips SEC(".maps");
+
+/* vip id -> the VIP's meta (same value as in vips), for the conntrack hit path */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MLB_MAX_VIPS);
+	__type(key, __u32);
+	__type(value, struct vip_meta);
+} vip_info SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MLB_VIP_FILTER_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} vip_filter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MLB_FIB_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct fib_cache);
+} fib_cache SEC(".maps");
+
+/* Inner template of vip_tables. BPF_F_INNER_MAP lets each VIP's table have its own
+ * size; Python creates the real inner maps with the same type/sizes/flags. */
+struct vip_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);   /* backend id */
+};
+
+/* vip id -> Maglev table. Replacing the inner map is one update, so a packet sees
+ * the old or the new table, never a mix; unused VIP ids cost one empty slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, MLB_MAX_VIPS);
+	__type(key, __u32);
+	__array(values, struct vip_table);
+} vip_tables SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct backend);
+} backends SEC(".maps");
+
+/* Per-CPU LRU lists: no cross-CPU lock on insert; each CPU evicts from its own
+ * share (max_entries / possible CPUs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MLB_CT_DEFAULT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MLB_CT_DEFAULT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct flow_key);
+	__type(value, struct nat_rev_value);
+} nat_reverse SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct snat_config);
+} snat_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MLB_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MLB_MAX_VIPS);
+	__type(key, __u32);
+	__type(value, struct lb_stats);
+} vip_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_stats);
+} backend_stats SEC(".maps");
+
+#endif

@@ -1,0 +1,172 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Header parsing for the balancer. Every access is preceded by an explicit bounds
+ * check against data_end; anything we do not fully understand is reported with a
+ * reason (an enum mlb_counter index) so the caller passes it to the stack unchanged.
+ */
+#ifndef MLB_PARSING_H
+#define MLB_PARSING_H
+
+#include "meshlb.h"
+
+#define ETH_P_IP_BE     bpf_htons(0x0800)
+#define ETH_P_IPV6_BE   bpf_htons(0x86DD)
+#define ETH_P_8021Q_BE  bpf_htons(0x8100)
+#define ETH_P_8021AD_BE bpf_htons(0x88A8)
+
+#define MLB_IPPROTO_HOPOPTS  0
+#define MLB_IPPROTO_TCP      6
+#define MLB_IPPROTO_UDP      17
+#define MLB_IPPROTO_ROUTING  43
+#define MLB_IPPROTO_FRAGMENT 44
+#define MLB_IPPROTO_DSTOPTS  60
+
+/* Hop-by-hop and destination options are walked (they do not change which host
+ * the packet is for); routing headers mean the destination is not final, so those
+ * packets go to the stack. */
+#define MLB_V6_MAX_EXT 3
+
+#define MLB_TCP_FIN 0x01
+#define MLB_TCP_SYN 0x02
+#define MLB_TCP_RST 0x04
+#define MLB_TCP_ACK 0x10
+
+struct mlb_vlan_hdr {
+	__be16 tci;
+	__be16 proto;
+};
+
+struct mlb_opt_hdr {
+	__u8 nexthdr;
+	__u8 hdrlen;   /* 8-octet units beyond the first 8 */
+};
+
+struct pkt {
+	struct flow_key key;  /* as received: src = sender, dst = receiver */
+	struct ethhdr *eth;
+	void *l3;
+	void *l4;
+	__u16 l3_len;         /* IPv4 tot_len / IPv6 40 + payload_len, host order */
+	__u8 tcp_flags;
+	__u8 marked;          /* carries the peer-forwarded mark */
+};
+
+static __always_inline int parse_l4(void *l4, void *l3_end, void *end, struct pkt *p, __u8 proto)
+{
+	if (proto == MLB_IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > end || (void *)(th + 1) > l3_end)
+			return MLB_CNT_PASS_MALFORMED;
+		if (th->doff < 5)
+			return MLB_CNT_PASS_MALFORMED;
+		p->key.sport = th->source;
+		p->key.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+	} else if (proto == MLB_IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > end || (void *)(uh + 1) > l3_end)
+			return MLB_CNT_PASS_MALFORMED;
+		p->key.sport = uh->source;
+		p->key.dport = uh->dest;
+	} else {
+		return MLB_CNT_PASS_UNKNOWN_L4;
+	}
+	p->key.proto = proto;
+	p->l4 = l4;
+	return 0;
+}
+
+static __always_inline int parse_ipv4(void *l3, void *end, struct pkt *p)
+{
+	struct iphdr *ip = l3;
+
+	if ((void *)(ip + 1) > end)
+		return MLB_CNT_PASS_MALFORMED;
+	if (ip->version != 4 || ip->ihl < 5)
+		return MLB_CNT_PASS_BAD_IHL;
+	__u32 hlen = ip->ihl * 4;
+	__u16 tot = bpf_ntohs(ip->tot_len);
+	if (tot < hlen)
+		return MLB_CNT_PASS_MALFORMED;
+	/* The frame may carry Ethernet padding past tot_len, never less than it. */
+	if (l3 + tot > end)
+		return MLB_CNT_PASS_MALFORMED;
+	if (ip->frag_off & bpf_htons(0x3fff))  /* MF or a non-zero offset */
+		return MLB_CNT_PASS_FRAGMENT;
+	p->marked = !!(ip->frag_off & bpf_htons(MLB_V4_MARK));
+	p->l3_len = tot;
+	p->key.family = AF_INET;
+	p->key.src[0] = ip->saddr;
+	p->key.dst[0] = ip->daddr;
+	return parse_l4(l3 + hlen, l3 + tot, end, p, ip->protocol);
+}
+
+static __always_inline int parse_ipv6(void *l3, void *end, struct pkt *p)
+{
+	struct ipv6hdr *ip6 = l3;
+
+	if ((void *)(ip6 + 1) > end)
+		return MLB_CNT_PASS_MALFORMED;
+	if (ip6->version != 6)
+		return MLB_CNT_PASS_BAD_IHL;
+	__u16 plen = bpf_ntohs(ip6->payload_len);
+	void *l3_end = (void *)(ip6 + 1) + plen;
+	/* payload_len 0 is a jumbogram (hop-by-hop option): not ours. */
+	if (plen == 0 || l3_end > end)
+		return MLB_CNT_PASS_MALFORMED;
+
+	__u8 nh = ip6->nexthdr;
+	void *cur = ip6 + 1;
+#pragma unroll
+	for (int i = 0; i < MLB_V6_MAX_EXT; i++) {
+		if (nh != MLB_IPPROTO_HOPOPTS && nh != MLB_IPPROTO_DSTOPTS)
+			break;
+		struct mlb_opt_hdr *oh = cur;
+		if ((void *)(oh + 1) > end)
+			return MLB_CNT_PASS_MALFORMED;
+		nh = oh->nexthdr;
+		cur += ((__u32)oh->hdrlen + 1) * 8;
+	}
+	if (nh == MLB_IPPROTO_FRAGMENT)
+		return MLB_CNT_PASS_FRAGMENT;
+	if (nh == MLB_IPPROTO_HOPOPTS || nh == MLB_IPPROTO_DSTOPTS || nh == MLB_IPPROTO_ROUTING)
+		return MLB_CNT_PASS_V6_EXT;
+	if (cur > l3_end)
+		return MLB_CNT_PASS_MALFORMED;
+
+	p->marked = (bpf_ntohl(*(__be32 *)ip6) & 0xfffff) == MLB_V6_MARK;
+	p->l3_len = 40 + plen;
+	p->key.family = AF_INET6;
+	__builtin_memcpy(p->key.src, &ip6->saddr, 16);
+	__builtin_memcpy(p->key.dst, &ip6->daddr, 16);
+	return parse_l4(cur, l3_end, end, p, nh);
+}
+
+/* 0 when p describes a TCP/UDP packet over IPv4/IPv6, else a reason counter. */
+static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return MLB_CNT_PASS_MALFORMED;
+	p->eth = eth;
+	__be16 proto = eth->h_proto;
+	void *l3 = eth + 1;
+	if (proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE) {
+		struct mlb_vlan_hdr *vh = l3;
+		if ((void *)(vh + 1) > end)
+			return MLB_CNT_PASS_MALFORMED;
+		proto = vh->proto;
+		l3 = vh + 1;
+	}
+	p->l3 = l3;
+	if (proto == ETH_P_IP_BE)
+		return parse_ipv4(l3, end, p);
+	if (proto == ETH_P_IPV6_BE)
+		return parse_ipv6(l3, end, p);
+	return MLB_CNT_PASS_NOT_IP;
+}
+
+#endif

@@ -1,0 +1,439 @@
+"""Typed view of the XDP balancer (bpf/balancer.bpf.c) and its maps.
+
+Every key and value goes through the ctypes structures of :mod:`layouts`, so the
+Python side cannot disagree with the C layout (tests/bpf/test_layouts_btf.py).
+
+State outlives the agent: with ``pin_dir`` the maps are pinned there on first load
+and adopted (``reuse_pinned_map``) by the next load, so conntrack, VIPs, backends and
+Maglev tables survive an agent restart.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import layouts as L
+from .layouts import (
+    AF_INET, AF_INET6, Backend, Counter, CtValue, FlowKey, LbStats, NatRevValue,
+    SnatConfig, VipKey, VipMeta,
+)
+from .libbpf import (
+    BPF_ANY, BPF_MAP_TYPE_ARRAY, BpfError, BpfObject, Link, Map, Program,
+)
+
+OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"
+PROGRAM = "meshlb_balancer"
+BPF_F_INNER_MAP = 1 << 12
+
+MAP_NAMES = ("vips", "vip_info", "vip_filter", "vip_tables", "backends", "conntrack",
+             "nat_reverse", "snat_cfg", "fib_cache", "counters", "vip_stats", "backend_stats")
+
+MODES = {"dr": 0, "nat": L.MLB_VIP_F_NAT}
+PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
+          L.IPPROTO_TCP: L.IPPROTO_TCP, L.IPPROTO_UDP: L.IPPROTO_UDP}
+
+_U32 = struct.Struct("=I")
+
+
+# ------------------------------------------------------------------ flow hash
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
+
+
+def _mix(h: int, w: int) -> int:
+    w = (w * 0xCC9E2D51) & 0xFFFFFFFF
+    w = _rotl(w, 15)
+    w = (w * 0x1B873593) & 0xFFFFFFFF
+    h ^= w
+    h = _rotl(h, 13)
+    return (h * 5 + 0xE6546B64) & 0xFFFFFFFF
+
+
+def flow_hash(key: FlowKey) -> int:
+    """The balancer's flow hash (flow_hash() in balancer.bpf.c), bit for bit."""
+    w = struct.unpack("=10I", bytes(key))
+    idx = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) if key.family == AF_INET6 else (0, 4, 8, 9)
+    h = L.MLB_HASH_SEED
+    for i in idx:
+        h = _mix(h, w[i])
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
+
+
+def table_slot(key: FlowKey, ring_size: int) -> int:
+    """Index of the Maglev table entry a new flow uses."""
+    return flow_hash(key) % ring_size
+
+
+def _proto(proto) -> int:
+    try:
+        return PROTOS[proto.lower() if isinstance(proto, str) else proto]
+    except KeyError:
+        raise ValueError(f"protocol must be tcp or udp, not {proto!r}") from None
+
+
+def vip_key(addr, port: int, proto) -> VipKey:
+    fam, words = L.addr_words(addr)
+    k = VipKey()
+    k.addr[:] = words
+    k.port = L.port_be(port)
+    k.proto = _proto(proto)
+    k.family = fam
+    return k
+
+
+class Balancer:
+    """The loaded balancer object and typed access to its maps."""
+
+    def __init__(self, obj: BpfObject, pin_dir: str | os.PathLike | None = None) -> None:
+        self.obj = obj
+        self.pin_dir = Path(pin_dir) if pin_dir is not None else None
+        self.maps: dict[str, Map] = {n: obj.map(n) for n in MAP_NAMES}
+
+    # -------------------------------------------------------------- lifecycle
+    @classmethod
+    def load(cls, pin_dir: str | os.PathLike | None = None, *,
+             conntrack_size: int | None = None, path: str | os.PathLike | None = None,
+             ) -> "Balancer":
+        """Load the balancer. With ``pin_dir``, maps pinned there are adopted and
+        the rest are pinned after load. ``conntrack_size`` sizes both conntrack
+        maps (ignored for adopted maps, which keep their size)."""
+        obj = BpfObject.open(path or OBJECT_PATH)
+        try:
+            if conntrack_size:
+                obj.set_max_entries("conntrack", conntrack_size)
+                obj.set_max_entries("nat_reverse", conntrack_size)
+            if pin_dir is not None:
+                for name in MAP_NAMES:
+                    p = Path(pin_dir) / name
+                    if p.exists():
+                        obj.reuse_pinned_map(name, str(p))
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        b = cls(obj, pin_dir)
+        if pin_dir is not None:
+            b.pin(pin_dir)
+        return b
+
+    @property
+    def program(self) -> Program:
+        return self.obj.program(PROGRAM)
+
+    def attach(self, ifindex: int, mode: str = "native") -> Link:
+        return self.program.attach_xdp(ifindex, mode)
+
+    def pin(self, pin_dir: str | os.PathLike) -> None:
+        """Pin every map not yet pinned under ``pin_dir``."""
+        d = Path(pin_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, m in self.maps.items():
+            p = d / name
+            if not p.exists():
+                m.pin(str(p))
+        self.pin_dir = d
+
+    def unpin(self) -> None:
+        if self.pin_dir is None:
+            return
+        for name in MAP_NAMES:
+            try:
+                os.unlink(self.pin_dir / name)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        self.obj.close()
+
+    def __enter__(self) -> "Balancer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ VIPs
+    def add_vip(self, addr, port: int, proto="tcp", mode: str = "dr", *, vip_id: int,
+                ring_size: int = L.MLB_DEFAULT_RING, flags: int = 0) -> VipKey:
+        """Add or update a VIP. Install its table (set_vip_table) before traffic
+        arrives: a VIP without a table drops (counter DROP_NO_TABLE). Changing the
+        mode of an existing VIP makes its established flows start over."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+        if not 0 <= vip_id < L.MLB_MAX_VIPS:
+            raise ValueError(f"vip_id {vip_id} outside 0..{L.MLB_MAX_VIPS - 1}")
+        if not 1 <= ring_size <= 1 << 24:
+            raise ValueError(f"ring_size {ring_size} outside 1..{1 << 24}")
+        k = vip_key(addr, port, proto)
+        for other_k, other in self.vips():
+            if other.vip_id == vip_id and bytes(other_k) != bytes(k):
+                raise ValueError(f"vip_id {vip_id} already used by another VIP")
+        new_flags = MODES[mode] | flags | L.MLB_VIP_F_ACTIVE
+        old = self._vip_info(vip_id)
+        same = old.flags & L.MLB_VIP_F_ACTIVE and old.flags == new_flags
+        gen = old.gen if same else (old.gen + 1) & 0xFFFFFFFF
+        m = VipMeta(vip_id=vip_id, flags=new_flags, ring_size=ring_size, gen=gen)
+        # by id first (the conntrack hit path), then the filter, then by address:
+        # a packet that finds the VIP by address finds everything else too
+        self.maps["vip_info"].update(_U32.pack(vip_id), bytes(m))
+        self._sync_filter(extra=[k])
+        self.maps["vips"].update(bytes(k), bytes(m))
+        return k
+
+    def _vip_info(self, vip_id: int) -> VipMeta:
+        return VipMeta.from_bytes(self.maps["vip_info"].lookup(_U32.pack(vip_id)))
+
+    def _sync_filter(self, extra: Sequence[VipKey] = ()) -> None:
+        """Make vip_filter count exactly the VIPs (plus ``extra``) per slot."""
+        want = [0] * L.MLB_VIP_FILTER_SLOTS
+        keys = {bytes(k): k for k, _ in self.vips()}
+        for k in extra:
+            keys[bytes(k)] = k
+        for k in keys.values():
+            want[L.vip_filter_slot(L.words_addr(k.addr, k.family))] += 1
+        m = self.maps["vip_filter"]
+        have = {_U32.unpack(k)[0]: _U32.unpack(v)[0] for k, v in m.lookup_batch()}
+        changed = [(_U32.pack(i), _U32.pack(n)) for i, n in enumerate(want)
+                   if have.get(i, 0) != n]
+        if changed:
+            m.update_batch(changed)
+
+    def remove_vip(self, addr, port: int, proto="tcp") -> bool:
+        """Remove a VIP and its table. Its packets, established flows included,
+        become "not a VIP" (PASS)."""
+        k = vip_key(addr, port, proto)
+        raw = self.maps["vips"].lookup(bytes(k))
+        if raw is None:
+            return False
+        meta = VipMeta.from_bytes(raw)
+        self.maps["vips"].delete(bytes(k))
+        old = self._vip_info(meta.vip_id)
+        gone = VipMeta(vip_id=meta.vip_id, flags=0, ring_size=0, gen=(old.gen + 1) & 0xFFFFFFFF)
+        self.maps["vip_info"].update(_U32.pack(meta.vip_id), bytes(gone))
+        self._sync_filter()
+        # after the VIP entry, so no packet finds the VIP without its table
+        self.maps["vip_tables"].delete(_U32.pack(meta.vip_id))
+        return True
+
+    def vips(self) -> list[tuple[VipKey, VipMeta]]:
+        return [(VipKey.from_bytes(k), VipMeta.from_bytes(v))
+                for k, v in self.maps["vips"].items()]
+
+    def vip_meta(self, vip_id: int) -> VipMeta | None:
+        for _, m in self.vips():
+            if m.vip_id == vip_id:
+                return m
+        return None
+
+    # -------------------------------------------------------------- backends
+    def set_backend(self, backend_id: int, addr, port: int = 0, *, local: bool = False,
+                    down: bool = False) -> None:
+        """``port`` is the nat target port (0: keep the VIP's port); dr ignores it."""
+        if not 0 <= backend_id < L.MLB_MAX_BACKENDS:
+            raise ValueError(f"backend_id {backend_id} outside 0..{L.MLB_MAX_BACKENDS - 1}")
+        fam, words = L.addr_words(addr)
+        old = self.backend(backend_id)
+        b = Backend(family=fam, port=L.port_be(port),
+                    flags=L.MLB_BE_F_VALID | (L.MLB_BE_F_LOCAL if local else 0)
+                    | (L.MLB_BE_F_DOWN if down else 0))
+        b.addr[:] = words
+        self.maps["backends"].update(_U32.pack(backend_id), bytes(b))
+        # a re-used address may now have another next hop (the agent also calls
+        # flush_fib_cache on neighbour changes); entries expire on their own anyway
+        self.forget_next_hop(addr)
+        if old is not None:
+            self.forget_next_hop(L.words_addr(old.addr, old.family))
+
+    def forget_next_hop(self, addr) -> None:
+        """Drop the cached bpf_fib_lookup result for ``addr`` on every CPU."""
+        self.maps["fib_cache"].update(_U32.pack(L.fib_cache_slot(addr)), bytes(L.FibCache()))
+
+    def set_backend_down(self, backend_id: int, down: bool = True) -> None:
+        b = self.backend(backend_id)
+        if b is None:
+            raise KeyError(f"backend {backend_id} not set")
+        b.flags = (b.flags | L.MLB_BE_F_DOWN) if down else (b.flags & ~L.MLB_BE_F_DOWN)
+        self.maps["backends"].update(_U32.pack(backend_id), bytes(b))
+
+    def remove_backend(self, backend_id: int) -> None:
+        """Clear the slot: flows on it re-select from their VIP's table."""
+        old = self.backend(backend_id)
+        self.maps["backends"].update(_U32.pack(backend_id), bytes(Backend()))
+        if old is not None:
+            self.forget_next_hop(L.words_addr(old.addr, old.family))
+
+    def backend(self, backend_id: int) -> Backend | None:
+        raw = self.maps["backends"].lookup(_U32.pack(backend_id))
+        b = Backend.from_bytes(raw) if raw is not None else None
+        return b if b is not None and b.flags & L.MLB_BE_F_VALID else None
+
+    def flush_fib_cache(self) -> None:
+        """Forget every cached next hop (e.g. after the agent saw a neighbour or
+        route change); entries also expire by themselves (MLB_FIB_CACHE_NS)."""
+        m = self.maps["fib_cache"]
+        zero = bytes(L.FibCache())
+        m.update_batch([(_U32.pack(i), zero) for i in range(m.max_entries)])
+
+    # ---------------------------------------------------------------- tables
+    def set_vip_table(self, vip_id: int, backend_ids: Sequence[int]) -> None:
+        """Install a VIP's Maglev table atomically: a fresh inner array is filled
+        completely, then swapped in with one update of vip_tables."""
+        meta = self.vip_meta(vip_id)
+        if meta is None:
+            raise KeyError(f"no VIP with id {vip_id}")
+        ids = list(backend_ids)
+        if len(ids) != meta.ring_size:
+            raise ValueError(f"table has {len(ids)} entries, VIP {vip_id} ring_size is "
+                             f"{meta.ring_size}")
+        for b in set(ids):
+            if not 0 <= b < L.MLB_MAX_BACKENDS:
+                raise ValueError(f"backend id {b} outside 0..{L.MLB_MAX_BACKENDS - 1}")
+        inner = Map.create(BPF_MAP_TYPE_ARRAY, 4, 4, len(ids), name=f"mlb_tbl_{vip_id}",
+                           flags=BPF_F_INNER_MAP)
+        try:
+            inner.update_batch([(_U32.pack(i), _U32.pack(b)) for i, b in enumerate(ids)])
+            self.maps["vip_tables"].set_inner(_U32.pack(vip_id), inner, BPF_ANY)
+        finally:
+            inner.close()  # the outer map holds its own reference
+
+    def vip_table(self, vip_id: int) -> list[int] | None:
+        mid = self.maps["vip_tables"].inner_id(_U32.pack(vip_id))
+        if not mid:
+            return None
+        with Map.from_id(mid) as inner:
+            raw = inner.lookup_batch()
+            out = [0] * inner.max_entries
+            for k, v in raw:
+                out[_U32.unpack(k)[0]] = _U32.unpack(v)[0]
+            return out
+
+    # ------------------------------------------------------------------ SNAT
+    def set_snat(self, family: int, addr, port_lo: int, port_hi: int) -> None:
+        """Source address and port range of nat-mode flows for one family. Choose a
+        range disjoint from net.ipv4.ip_local_port_range: replies to it are taken
+        by the balancer when they match a nat flow."""
+        fam, words = L.addr_words(addr)
+        if fam != family:
+            raise ValueError(f"address {addr} is not of family {family}")
+        if not 1 <= port_lo <= port_hi <= 65535:
+            raise ValueError(f"bad port range {port_lo}..{port_hi}")
+        c = SnatConfig(port_lo=port_lo, port_hi=port_hi, flags=L.MLB_SNAT_F_VALID)
+        c.addr[:] = words
+        self.maps["snat_cfg"].update(_U32.pack(0 if family == AF_INET else 1), bytes(c))
+
+    def clear_snat(self, family: int) -> None:
+        self.maps["snat_cfg"].update(_U32.pack(0 if family == AF_INET else 1),
+                                     bytes(SnatConfig()))
+
+    # -------------------------------------------------------------- counters
+    def counters(self) -> dict[str, int]:
+        """Sum over CPUs of every reason counter, by lowercase name; the
+        bpf_fib_lookup failure slots are named fib_<code name>."""
+        m = self.maps["counters"]
+        out: dict[str, int] = {}
+        totals = [0] * L.MLB_CNT_MAX
+        for k, vals in m.lookup_batch_percpu():
+            idx = _U32.unpack(k)[0]
+            if idx < len(totals):
+                totals[idx] = sum(struct.unpack("=Q", v)[0] for v in vals)
+        for c in Counter:
+            if c is not Counter.FIB_RC:
+                out[c.name.lower()] = totals[c]
+        for rc in range(L.MLB_FIB_RC_SLOTS):
+            name = L.FIB_RC_NAMES.get(rc, f"rc{rc}")
+            out[f"fib_{name}"] = totals[Counter.FIB_RC + rc]
+        return out
+
+    def _stats(self, map_name: str, idx: int) -> LbStats:
+        vals = self.maps[map_name].lookup_percpu(_U32.pack(idx)) or []
+        s = LbStats()
+        for v in vals:
+            x = LbStats.from_bytes(v)
+            s.packets += x.packets
+            s.bytes += x.bytes
+        return s
+
+    def vip_stats(self, vip_id: int) -> LbStats:
+        return self._stats("vip_stats", vip_id)
+
+    def backend_stats(self, backend_id: int) -> LbStats:
+        return self._stats("backend_stats", backend_id)
+
+    def reset_counters(self) -> None:
+        for name in ("counters", "vip_stats", "backend_stats"):
+            m = self.maps[name]
+            zero = b"\0" * m.value_size
+            m.update_batch([(_U32.pack(i), zero) for i in range(m.max_entries)])
+
+    # ------------------------------------------------------------- conntrack
+    def conntrack_entries(self) -> list[tuple[FlowKey, CtValue]]:
+        return [(FlowKey.from_bytes(k), CtValue.from_bytes(v))
+                for k, v in self.maps["conntrack"].lookup_batch()]
+
+    def conntrack_count(self) -> int:
+        # batched: one syscall per few thousand entries instead of one per entry
+        return len(self.maps["conntrack"].lookup_batch())
+
+    def conntrack_lookup(self, key: FlowKey) -> CtValue | None:
+        raw = self.maps["conntrack"].lookup(bytes(key))
+        return CtValue.from_bytes(raw) if raw is not None else None
+
+    def conntrack_delete(self, key: FlowKey) -> bool:
+        """Forget a flow (and its nat reverse entry): its next packet re-selects."""
+        raw = self.maps["conntrack"].lookup(bytes(key))
+        if raw is None:
+            return False
+        ct = CtValue.from_bytes(raw)
+        if ct.flags & L.MLB_CT_F_NAT:
+            self._delete_reverse_of(key, ct)
+        return self.maps["conntrack"].delete(bytes(key))
+
+    def _delete_reverse_of(self, key: FlowKey, ct: CtValue) -> None:
+        rk = self.nat_reverse_key(key, ct)
+        if rk is None:
+            return
+        raw = self.maps["nat_reverse"].lookup(bytes(rk))
+        if raw is not None and NatRevValue.from_bytes(raw).orig == key:
+            self.maps["nat_reverse"].delete(bytes(rk))
+
+    def nat_reverse_key(self, key: FlowKey, ct: CtValue) -> FlowKey | None:
+        """The reply tuple (backend -> SNAT addr:port) of a nat flow, as the
+        balancer keyed its nat_reverse entry; None if backend/SNAT are gone."""
+        raw = self.maps["backends"].lookup(_U32.pack(ct.backend_id))
+        sraw = self.maps["snat_cfg"].lookup(_U32.pack(0 if key.family == AF_INET else 1))
+        if raw is None or sraw is None:
+            return None
+        be, sc = Backend.from_bytes(raw), SnatConfig.from_bytes(sraw)
+        if not be.flags & L.MLB_BE_F_VALID or not sc.flags & L.MLB_SNAT_F_VALID:
+            return None
+        rk = FlowKey(sport=be.port or key.dport, dport=ct.snat_port, proto=key.proto,
+                     family=key.family)
+        rk.src[:] = list(be.addr)
+        rk.dst[:] = list(sc.addr)
+        return rk
+
+    def conntrack_delete_many(self, keys: Iterable[FlowKey]) -> int:
+        return self.maps["conntrack"].delete_batch([bytes(k) for k in keys])
+
+    def conntrack_flush(self) -> int:
+        """Delete every conntrack and nat reverse entry; returns conntrack count."""
+        n = 0
+        for name in ("conntrack", "nat_reverse"):
+            keys = [k for k, _ in self.maps[name].lookup_batch()]
+            d = self.maps[name].delete_batch(keys) if keys else 0
+            if name == "conntrack":
+                n = d
+        return n
+
+    def nat_entries(self) -> list[tuple[FlowKey, NatRevValue]]:
+        return [(FlowKey.from_bytes(k), NatRevValue.from_bytes(v))
+                for k, v in self.maps["nat_reverse"].lookup_batch()]
+
+
+__all__ = ["Balancer", "BpfError", "OBJECT_PATH", "flow_hash", "table_slot", "vip_key"]

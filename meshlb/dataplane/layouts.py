@@ -1,0 +1,328 @@
+"""ctypes mirror of bpf/meshlb.h: every key/value the data plane shares with Python.
+
+Field names, order and sizes follow the C header exactly; tests/bpf/test_layouts_btf.py
+compares each structure's size and field offsets with the compiled objects' BTF, and
+each constant with the value the C compiler sees. Addresses and ports are stored in
+network byte order (as raw bytes in the packet), everything else in host order.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+import socket
+from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64
+
+AF_INET = socket.AF_INET    # 2
+AF_INET6 = socket.AF_INET6  # 10
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+# ---------------------------------------------------------------- constants
+MLB_MAX_VIPS = 1024
+MLB_MAX_BACKENDS = 4096
+MLB_DEFAULT_RING = 65537
+MLB_CT_DEFAULT_SIZE = 262144
+MLB_FIB_RC_SLOTS = 16
+MLB_SNAT_PROBES = 4
+MLB_HASH_SEED = 0x6D6C6221
+MLB_V4_MARK = 0x8000
+MLB_V6_MARK = 0x6D1B5
+
+MLB_VIP_F_NAT = 1 << 0
+MLB_VIP_F_ACTIVE = 1 << 1
+MLB_VIP_FILTER_SLOTS = 4096
+MLB_VIP_FILTER_MULT = 0x9E3779B1
+MLB_VIP_FILTER_SHIFT = 20
+MLB_FIB_CACHE_NS = 200_000_000
+MLB_FIB_CACHE_SLOTS = 4096
+
+MLB_BE_F_VALID = 1 << 0
+MLB_BE_F_LOCAL = 1 << 1
+MLB_BE_F_DOWN = 1 << 2
+
+MLB_CT_F_NAT = 1 << 0
+
+MLB_SNAT_F_VALID = 1 << 0
+
+
+class Counter(enum.IntEnum):
+    """enum mlb_counter: index into the per-CPU "counters" array."""
+
+    RX = 0
+    PASS_NOT_IP = 1
+    PASS_MALFORMED = 2
+    PASS_BAD_IHL = 3
+    PASS_FRAGMENT = 4
+    PASS_V6_EXT = 5
+    PASS_UNKNOWN_L4 = 6
+    PASS_NOT_VIP = 7
+    PASS_LOCAL = 8
+    PASS_FROM_PEER = 9
+    PASS_NO_NEIGH = 10
+    PASS_FIB_OTHER = 11
+    DROP_FIB = 12
+    DROP_NO_TABLE = 13
+    DROP_NO_BACKEND = 14
+    DROP_NO_SNAT = 15
+    DROP_SNAT_EXHAUSTED = 16
+    DROP_UDP6_ZERO_CSUM = 17
+    CT_HIT = 18
+    CT_MISS = 19
+    CT_RESELECT = 20
+    CT_INSERT = 21
+    CT_INSERT_FAIL = 22
+    NAT_REPLY = 23
+    NAT_REPLY_MISS = 24
+    TX = 25
+    REDIRECT = 26
+    FIB_CACHED = 27
+    FIB_RC = 28  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
+
+
+MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS
+
+# bpf_fib_lookup return codes (include/uapi/linux/bpf.h), to name the FIB_RC slots.
+FIB_RC_NAMES = {
+    1: "blackhole", 2: "unreachable", 3: "prohibit", 4: "not_fwded", 5: "fwd_disabled",
+    6: "unsupp_lwt", 7: "no_neigh", 8: "frag_needed", 9: "no_src_addr",
+}
+
+
+class _Struct(ctypes.Structure):
+    """Native-aligned like the BPF target (x86-64 and arm64 BPF are little endian,
+    natural alignment), which is what the BTF test checks."""
+
+    def __bytes__(self) -> bytes:  # pragma: no cover - trivial
+        return ctypes.string_at(ctypes.addressof(self), ctypes.sizeof(self))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes):
+        if len(raw) < ctypes.sizeof(cls):
+            raise ValueError(f"{cls.__name__}: {len(raw)} bytes, need {ctypes.sizeof(cls)}")
+        return cls.from_buffer_copy(bytes(raw[:ctypes.sizeof(cls)]))
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and bytes(self) == bytes(other)
+
+    def __hash__(self) -> int:
+        return hash(bytes(self))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={_show(getattr(self, n))}" for n, *_ in self._fields_)
+        return f"{type(self).__name__}({fields})"
+
+
+def _show(v):
+    if isinstance(v, ctypes.Array):
+        return list(v)
+    return v
+
+
+# ------------------------------------------------------ lead-owned (tracer uses)
+class FlowKey(_Struct):
+    _fields_ = [
+        ("src", u32 * 4),
+        ("dst", u32 * 4),
+        ("sport", u16),
+        ("dport", u16),
+        ("proto", u8),
+        ("family", u8),
+        ("pad", u8 * 2),
+    ]
+
+
+class EndpointKey(_Struct):
+    _fields_ = [
+        ("addr", u32 * 4),
+        ("port", u16),
+        ("proto", u8),
+        ("family", u8),
+    ]
+
+
+class SockEvent(_Struct):
+    _fields_ = [
+        ("key", FlowKey),
+        ("netns_cookie", u64),
+        ("timestamp_ns", u64),
+        ("oldstate", u32),
+        ("pad", u32),
+    ]
+
+
+class TracerConfig(_Struct):
+    _fields_ = [("netns_cookie", u64)]
+
+
+# ------------------------------------------------------------------ balancer
+class VipKey(_Struct):
+    _fields_ = [
+        ("addr", u32 * 4),
+        ("port", u16),
+        ("proto", u8),
+        ("family", u8),
+    ]
+
+
+class VipMeta(_Struct):
+    _fields_ = [
+        ("vip_id", u32),
+        ("flags", u32),
+        ("ring_size", u32),
+        ("gen", u32),
+    ]
+
+
+class Backend(_Struct):
+    _fields_ = [
+        ("addr", u32 * 4),
+        ("port", u16),
+        ("family", u8),
+        ("pad", u8),
+        ("flags", u32),
+    ]
+
+
+class CtValue(_Struct):
+    _fields_ = [
+        ("last_seen_ns", u64),
+        ("backend_id", u32),
+        ("flags", u32),
+        ("vip_id", u32),
+        ("vip_gen", u32),
+        ("snat_port", u16),
+        ("pad", u16),
+        ("pad2", u32),
+    ]
+
+
+class FibCache(_Struct):
+    _fields_ = [
+        ("addr", u32 * 4),
+        ("dmac", u8 * 6),
+        ("smac", u8 * 6),
+        ("ifindex", u32),
+        ("ingress_ifindex", u32),
+        ("mtu", u32),
+        ("family", u8),
+        ("pad", u8 * 3),
+        ("expires_ns", u64),
+    ]
+
+
+class NatRevValue(_Struct):
+    _fields_ = [
+        ("orig", FlowKey),
+        ("last_seen_ns", u64),
+        ("backend_id", u32),
+        ("pad", u32),
+    ]
+
+
+class SnatConfig(_Struct):
+    _fields_ = [
+        ("addr", u32 * 4),
+        ("port_lo", u16),
+        ("port_hi", u16),
+        ("flags", u32),
+    ]
+
+
+class LbStats(_Struct):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+# ------------------------------------------------------ kernel UAPI, for tests
+class XdpMd(_Struct):
+    """struct xdp_md: the ctx of BPF_PROG_TEST_RUN for XDP (ingress_ifindex makes
+    bpf_fib_lookup work inside test runs)."""
+
+    _fields_ = [
+        ("data", u32),
+        ("data_end", u32),
+        ("data_meta", u32),
+        ("ingress_ifindex", u32),
+        ("rx_queue_index", u32),
+        ("egress_ifindex", u32),
+    ]
+
+
+# Python class -> C struct name, for the BTF check.
+C_NAMES: dict[type, str] = {
+    FlowKey: "flow_key",
+    EndpointKey: "endpoint_key",
+    SockEvent: "sock_event",
+    TracerConfig: "tracer_config",
+    VipKey: "vip_key",
+    VipMeta: "vip_meta",
+    Backend: "backend",
+    CtValue: "ct_value",
+    FibCache: "fib_cache",
+    NatRevValue: "nat_rev_value",
+    SnatConfig: "snat_config",
+    LbStats: "lb_stats",
+    XdpMd: "xdp_md",
+}
+
+
+# ------------------------------------------------------------------ helpers
+def addr_words(addr) -> tuple[int, tuple[int, int, int, int]]:
+    """(family, 4 u32 words as stored in a C __u32[4]) of an IP address."""
+    ip = ipaddress.ip_address(addr)
+    raw = ip.packed + b"\0" * (16 - len(ip.packed))
+    words = tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))
+    return (AF_INET if ip.version == 4 else AF_INET6), words  # type: ignore[return-value]
+
+
+def words_addr(words, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    return ipaddress.ip_address(raw[:4] if family == AF_INET else raw)
+
+
+def addr_slot(addr) -> int:
+    """addr_slot() of the C: slot of vip_filter; masked, of fib_cache."""
+    fam, w = addr_words(addr)
+    x = w[0]
+    if fam == AF_INET6:
+        x ^= w[1] ^ w[2] ^ w[3]
+    return ((x * MLB_VIP_FILTER_MULT) & 0xFFFFFFFF) >> MLB_VIP_FILTER_SHIFT
+
+
+vip_filter_slot = addr_slot
+
+
+def fib_cache_slot(addr) -> int:
+    return addr_slot(addr) & (MLB_FIB_CACHE_SLOTS - 1)
+
+
+def port_be(port: int) -> int:
+    """A port as the u16 the C side stores (network order, read natively)."""
+    return socket.htons(port)
+
+
+def port_host(raw: int) -> int:
+    return socket.ntohs(raw)
+
+
+def flow_key(src, sport: int, dst, dport: int, proto: int) -> FlowKey:
+    fam, s = addr_words(src)
+    fam2, d = addr_words(dst)
+    if fam != fam2:
+        raise ValueError("src and dst of a flow must be the same family")
+    k = FlowKey()
+    k.src[:] = s
+    k.dst[:] = d
+    k.sport = port_be(sport)
+    k.dport = port_be(dport)
+    k.proto = proto
+    k.family = fam
+    return k
+
+
+def describe_flow(k: FlowKey) -> dict:
+    return {
+        "src": str(words_addr(k.src, k.family)), "sport": port_host(k.sport),
+        "dst": str(words_addr(k.dst, k.family)), "dport": port_host(k.dport),
+        "proto": k.proto, "family": k.family,
+    }

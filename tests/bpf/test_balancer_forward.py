@@ -1,0 +1,392 @@
+"""Forwarding paths of the balancer, exact bytes: dr and nat, IPv4 and IPv6,
+conntrack stickiness, SYN re-selection, nat replies, anti ping-pong, fib failures."""
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Dot1Q, Ether
+
+from meshlb.dataplane import layouts as L
+from meshlb.dataplane.balancer import flow_hash
+from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
+
+from .test_balancer_helpers import (  # noqa: F401 - fixtures
+    BE_BLACKHOLE4, BE_NONEIGH4, BE_NONEIGH6, BE_REDIR4, BE_REDIR6, BE_TX4, BE_TX6, CLIENT4,
+    CLIENT6, MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW, SNAT4, SNAT6, VIP4, VIP6,
+    checksums_valid, key_of, lb, netns, tcp4, tcp6, udp4, udp6,
+)
+
+pytestmark = pytest.mark.privileged
+
+RING = 13
+FAMILIES = {
+    "v4": dict(vip=VIP4, tx=BE_TX4, redir=BE_REDIR4, noneigh=BE_NONEIGH4, snat=SNAT4,
+               client=CLIENT4, tcp=tcp4, udp=udp4, af=L.AF_INET),
+    "v6": dict(vip=VIP6, tx=BE_TX6, redir=BE_REDIR6, noneigh=BE_NONEIGH6, snat=SNAT6,
+               client=CLIENT6, tcp=tcp6, udp=udp6, af=L.AF_INET6),
+}
+
+
+def setup_vip(lb, fam, mode, table_backend=1, proto="tcp", port=80, nat_port=0):
+    f = FAMILIES[fam]
+    lb.lb.add_vip(f["vip"], port, proto, mode, vip_id=5, ring_size=RING)
+    lb.lb.set_backend(1, f["tx"], nat_port)
+    lb.lb.set_backend(2, f["redir"], nat_port)
+    lb.lb.set_backend(3, f["vip"], local=True)
+    lb.lb.set_backend(4, f["noneigh"], nat_port)
+    lb.lb.set_vip_table(5, [table_backend] * RING)
+    if mode == "nat":
+        lb.lb.set_snat(f["af"], f["snat"], 20000, 20999)
+    return f
+
+
+def l3(pkt):
+    return pkt[IP] if pkt.haslayer(IP) else pkt[IPv6]
+
+
+def marked(pkt):
+    """The packet as the balancer forwards it to a peer: peer mark set."""
+    q = pkt.copy()
+    if q.haslayer(IP):
+        q[IP].flags = int(q[IP].flags) | 0x4  # reserved bit of frag_off
+        del q[IP].chksum
+    else:
+        q[IPv6].fl = L.MLB_V6_MARK
+    return q
+
+
+def rebuilt(pkt) -> bytes:
+    return bytes(pkt.__class__(bytes(pkt)))
+
+
+# ----------------------------------------------------------------------- dr
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+@pytest.mark.parametrize("backend,action,mac,src_mac", [
+    (1, XDP_TX, MAC_BE_TX, MAC_A), (2, XDP_REDIRECT, MAC_BE_REDIR, MAC_B)])
+def test_dr_forward_exact_bytes(lb, fam, backend, action, mac, src_mac):
+    f = setup_vip(lb, fam, "dr", table_backend=backend)
+    pkt = f["tcp"](flags="S")
+    before = lb.counters()
+    r = lb.run(pkt)
+    assert r.retval == action
+    exp = marked(pkt)
+    exp[Ether].dst, exp[Ether].src = mac, src_mac
+    assert r.data == rebuilt(exp)
+    assert checksums_valid(r.data)
+    d = lb.delta(before)
+    assert d == {"rx": 1, "ct_miss": 1, "ct_insert": 1,
+                 ("tx" if action == XDP_TX else "redirect"): 1}
+    assert lb.lb.vip_stats(5).packets == 1 and lb.lb.vip_stats(5).bytes == len(bytes(pkt))
+    assert lb.lb.backend_stats(backend).packets == 1
+    ct = lb.lb.conntrack_lookup(key_of(pkt))
+    assert ct is not None and ct.backend_id == backend and ct.vip_id == 5 and ct.flags == 0
+
+
+def test_dr_udp_and_vlan(lb):
+    f = setup_vip(lb, "v4", "dr", proto="udp", port=53)
+    pkt = f["udp"]()
+    r = lb.run(pkt)
+    assert r.retval == XDP_TX
+    exp = marked(pkt)
+    exp[Ether].dst, exp[Ether].src = MAC_BE_TX, MAC_A
+    assert r.data == rebuilt(exp)
+    # one 802.1Q tag: balanced the same way, the tag is kept
+    v = Ether(src=pkt[Ether].src, dst=MAC_A) / Dot1Q(vlan=42) / pkt[IP].copy()
+    v[UDP].sport = 40001
+    r = lb.run(v)
+    assert r.retval == XDP_TX
+    exp = marked(v)
+    exp[Ether].dst, exp[Ether].src = MAC_BE_TX, MAC_A
+    assert r.data == rebuilt(exp)
+    assert checksums_valid(r.data)
+
+
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_local_backend_passes_unmodified(lb, fam):
+    for mode in ("dr", "nat"):
+        f = setup_vip(lb, fam, mode, table_backend=3)
+        pkt = f["tcp"](flags="S", sport=41000 + (mode == "nat"))
+        before = lb.counters()
+        r = lb.run(pkt)
+        assert r.retval == XDP_PASS and r.data == bytes(pkt)
+        assert lb.delta(before) == {"rx": 1, "ct_miss": 1, "ct_insert": 1, "pass_local": 1}
+        lb.lb.remove_vip(f["vip"], 80, "tcp")
+
+
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_no_neigh_passes_and_counts(lb, fam):
+    f = setup_vip(lb, fam, "dr", table_backend=4)
+    pkt = f["tcp"](flags="S")
+    before = lb.counters()
+    r = lb.run(pkt)
+    assert r.retval == XDP_PASS
+    assert r.data == bytes(pkt)  # unmarked, unmodified: the local stack gets it as sent
+    d = lb.delta(before)
+    assert d["pass_no_neigh"] == 1 and d["fib_no_neigh"] == 1 and "tx" not in d
+
+
+def test_blackhole_drops_and_counts(lb):
+    setup_vip(lb, "v4", "dr")
+    lb.lb.set_backend(1, BE_BLACKHOLE4)
+    before = lb.counters()
+    r = lb.run(tcp4(flags="S"))
+    assert r.retval == XDP_DROP
+    d = lb.delta(before)
+    assert d["drop_fib"] == 1 and d["fib_blackhole"] == 1
+
+
+# ---------------------------------------------------------- anti ping-pong
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_marked_packet_is_unmarked_and_passed_never_forwarded(lb, fam):
+    f = setup_vip(lb, fam, "dr", table_backend=1)
+    pkt = f["tcp"](flags="A")
+    m = marked(pkt)
+    before = lb.counters()
+    r = lb.run(m)
+    assert r.retval == XDP_PASS
+    exp = pkt.copy()
+    if fam == "v6":
+        exp[IPv6].fl = 0
+    assert r.data == rebuilt(exp)
+    assert checksums_valid(r.data)
+    assert lb.delta(before) == {"rx": 1, "pass_from_peer": 1}
+    assert lb.lb.conntrack_count() == 0
+    # the same packet forwarded by us leaves marked, so the peer will not bounce it
+    r = lb.run(pkt)
+    assert r.retval == XDP_TX and r.data[:len(r.data)] != bytes(pkt)
+    assert rebuilt(marked(pkt).__class__(r.data)) == r.data
+
+
+def test_marked_non_vip_untouched(lb):
+    setup_vip(lb, "v4", "dr")
+    m = marked(tcp4(dst="192.0.2.99"))
+    raw = rebuilt(m)
+    r = lb.run(raw)
+    assert r.retval == XDP_PASS and r.data == raw
+
+
+# ------------------------------------------------------- conntrack behaviour
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_established_flow_sticks_when_table_changes(lb, fam):
+    f = setup_vip(lb, fam, "dr", table_backend=1)
+    syn = f["tcp"](flags="S")
+    assert lb.run(syn).retval == XDP_TX
+    lb.lb.set_vip_table(5, [2] * RING)
+    before = lb.counters()
+    r = lb.run(f["tcp"](flags="A"))
+    assert r.retval == XDP_TX and Ether(r.data).dst == MAC_BE_TX
+    assert lb.delta(before) == {"rx": 1, "ct_hit": 1, "tx": 1, "fib_cached": 1}
+    # a new flow follows the new table
+    r = lb.run(f["tcp"](flags="A", sport=40999))
+    assert r.retval == XDP_REDIRECT and Ether(r.data).dst == MAC_BE_REDIR
+
+
+def test_syn_reselects_reused_tuple(lb):
+    setup_vip(lb, "v4", "dr", table_backend=1)
+    assert lb.run(tcp4(flags="S")).retval == XDP_TX
+    lb.lb.set_vip_table(5, [2] * RING)
+    before = lb.counters()
+    r = lb.run(tcp4(flags="S"))
+    assert r.retval == XDP_REDIRECT and Ether(r.data).dst == MAC_BE_REDIR
+    assert lb.delta(before) == {"rx": 1, "ct_reselect": 1, "ct_insert": 1, "redirect": 1}
+    # (first packet to backend 2: a real fib lookup, not the cache)
+    assert lb.lb.conntrack_lookup(key_of(tcp4())).backend_id == 2
+    # SYN-ACK is not a new connection: it keeps the entry
+    before = lb.counters()
+    assert lb.run(tcp4(flags="SA")).retval == XDP_REDIRECT
+    assert lb.delta(before)["ct_hit"] == 1
+
+
+def test_removed_or_down_backend_reselects(lb):
+    setup_vip(lb, "v4", "dr", table_backend=1)
+    assert lb.run(tcp4(flags="S")).retval == XDP_TX
+    lb.lb.set_vip_table(5, [2] * RING)
+    lb.lb.set_backend_down(1)
+    before = lb.counters()
+    r = lb.run(tcp4())
+    assert r.retval == XDP_REDIRECT
+    assert lb.delta(before)["ct_reselect"] == 1
+    lb.lb.remove_backend(2)
+    before = lb.counters()
+    assert lb.run(tcp4()).retval == XDP_DROP
+    assert lb.delta(before)["drop_no_backend"] == 1
+
+
+def test_table_slot_is_flow_hash_mod_ring(lb):
+    setup_vip(lb, "v4", "dr")
+    table = [1 if i % 2 else 2 for i in range(RING)]
+    lb.lb.set_vip_table(5, table)
+    for sport in range(41000, 41040):
+        pkt = tcp4(sport=sport, flags="S")
+        want = table[flow_hash(key_of(pkt)) % RING]
+        r = lb.run(pkt)
+        assert Ether(r.data).dst == (MAC_BE_TX if want == 1 else MAC_BE_REDIR)
+
+
+def test_no_table_and_conntrack_api(lb):
+    lb.lb.add_vip(VIP4, 80, "tcp", "dr", vip_id=9, ring_size=RING)
+    before = lb.counters()
+    assert lb.run(tcp4()).retval == XDP_DROP
+    assert lb.delta(before)["drop_no_table"] == 1
+    lb.lb.set_backend(1, BE_TX4)
+    lb.lb.set_vip_table(9, [1] * RING)
+    assert lb.lb.vip_table(9) == [1] * RING
+    for sport in range(42000, 42010):
+        assert lb.run(tcp4(sport=sport)).retval == XDP_TX
+    assert lb.lb.conntrack_count() == 10
+    keys = [k for k, _ in lb.lb.conntrack_entries()]
+    assert {L.port_host(k.sport) for k in keys} == set(range(42000, 42010))
+    assert lb.lb.conntrack_delete(keys[0]) and not lb.lb.conntrack_delete(keys[0])
+    assert lb.lb.conntrack_count() == 9
+    assert lb.lb.conntrack_flush() == 9 and lb.lb.conntrack_count() == 0
+    assert lb.lb.remove_vip(VIP4, 80, "tcp")
+    assert lb.run(tcp4()).retval == XDP_PASS
+
+
+# ---------------------------------------------------------------------- nat
+def snat_port_of(lb, pkt) -> int:
+    ct = lb.lb.conntrack_lookup(key_of(pkt))
+    assert ct is not None and ct.flags & L.MLB_CT_F_NAT
+    return L.port_host(ct.snat_port)
+
+
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_nat_forward_and_reply_exact_bytes(lb, fam, proto):
+    port = 80 if proto == "tcp" else 53
+    f = setup_vip(lb, fam, "nat", proto=proto, port=port, nat_port=8080)
+    pkt = f[proto](flags="S") if proto == "tcp" else f[proto]()
+    before = lb.counters()
+    r = lb.run(pkt)
+    assert r.retval == XDP_TX
+    sp = snat_port_of(lb, pkt)
+    assert 20000 <= sp <= 20999
+    exp = pkt.copy()
+    exp[Ether].dst, exp[Ether].src = MAC_BE_TX, MAC_A
+    l3(exp).src, l3(exp).dst = f["snat"], f["tx"]
+    l4 = exp[TCP] if proto == "tcp" else exp[UDP]
+    l4.sport, l4.dport = sp, 8080
+    del l4.chksum
+    if fam == "v4":
+        del exp[IP].chksum
+    assert r.data == rebuilt(exp)
+    assert checksums_valid(r.data)
+    assert lb.delta(before) == {"rx": 1, "ct_miss": 1, "ct_insert": 1, "tx": 1}
+    # the reply from the backend goes back to the client from the VIP
+    ip_cls = IP if fam == "v4" else IPv6
+    l4_rep = (TCP(sport=8080, dport=sp, flags="SA", seq=5, ack=1001) if proto == "tcp"
+              else UDP(sport=8080, dport=sp))
+    rep = Ether(src=MAC_BE_TX, dst=MAC_A) / ip_cls(src=f["tx"], dst=f["snat"]) / l4_rep / b"answer"
+    before = lb.counters()
+    r = lb.run(rep)
+    assert r.retval == XDP_TX
+    exp = rep.copy()
+    exp[Ether].dst, exp[Ether].src = MAC_GW, MAC_A
+    l3(exp).src, l3(exp).dst = f["vip"], f["client"]
+    l4 = exp[TCP] if proto == "tcp" else exp[UDP]
+    l4.sport, l4.dport = port, 40000
+    del l4.chksum
+    if fam == "v4":
+        del exp[IP].chksum
+    assert r.data == rebuilt(exp)
+    assert checksums_valid(r.data)
+    assert lb.delta(before) == {"rx": 1, "nat_reply": 1, "tx": 1}
+    # second packet of the flow: conntrack hit, same SNAT port
+    r = lb.run(f[proto]())
+    assert r.retval == XDP_TX and snat_port_of(lb, pkt) == sp
+    assert (r.data[-5:] == bytes(pkt)[-5:])
+
+
+def test_nat_reply_miss_and_non_vip_pass(lb):
+    setup_vip(lb, "v4", "nat", nat_port=8080)
+    rep = Ether(src=MAC_BE_TX, dst=MAC_A) / IP(src=BE_TX4, dst=SNAT4) / TCP(sport=8080, dport=20001)
+    before = lb.counters()
+    r = lb.run(rep)
+    assert r.retval == XDP_PASS and r.data == bytes(rep)
+    assert lb.delta(before) == {"rx": 1, "nat_reply_miss": 1}
+    other = tcp4(dst="192.0.2.1")
+    before = lb.counters()
+    r = lb.run(other)
+    assert r.retval == XDP_PASS and r.data == bytes(other)
+    assert lb.delta(before) == {"rx": 1, "pass_not_vip": 1}
+
+
+def test_nat_udp_zero_checksum_rules(lb):
+    f = setup_vip(lb, "v4", "nat", proto="udp", port=53, nat_port=5353)
+    pkt = udp4()
+    pkt[UDP].chksum = 0
+    raw = bytes(pkt)
+    r = lb.run(raw)
+    assert r.retval == XDP_TX
+    assert Ether(r.data)[UDP].chksum == 0  # IPv4 UDP without checksum stays without
+    assert Ether(r.data)[IP].dst == BE_TX4 and checksums_valid(r.data)
+    lb.lb.remove_vip(f["vip"], 53, "udp")
+    setup_vip(lb, "v6", "nat", proto="udp", port=53, nat_port=5353)
+    p6 = udp6()
+    p6[UDP].chksum = 0
+    before = lb.counters()
+    assert lb.run(bytes(p6)).retval == XDP_DROP
+    assert lb.delta(before)["drop_udp6_zero_csum"] == 1
+
+
+def test_nat_udp_computed_zero_becomes_ffff(lb):
+    """Engineer a payload so that the translated UDP checksum sums to zero."""
+    setup_vip(lb, "v4", "nat", proto="udp", port=53, nat_port=5353)
+    base = udp4(payload=b"\0\0")
+    sp = 20000 + flow_hash(key_of(base)) % 1000  # first probe of snat_claim
+    out = (IP(src=SNAT4, dst=BE_TX4, ttl=61, id=7) / UDP(sport=sp, dport=5353) / b"\0\0")
+    c0 = IP(bytes(out))[UDP].chksum
+    s0 = (~c0) & 0xFFFF  # ones' complement sum without the payload word
+    word = (0xFFFF - s0) & 0xFFFF
+    pkt = udp4(payload=word.to_bytes(2, "big"))
+    r = lb.run(pkt)
+    assert r.retval == XDP_TX
+    assert snat_port_of(lb, pkt) == sp
+    assert Ether(r.data)[UDP].chksum == 0xFFFF
+    assert checksums_valid(r.data)
+
+
+def test_nat_snat_port_exhaustion(lb):
+    setup_vip(lb, "v4", "nat", nat_port=8080)
+    lb.lb.set_snat(L.AF_INET, SNAT4, 20000, 20000)  # one port
+    assert lb.run(tcp4(flags="S", sport=40000)).retval == XDP_TX
+    before = lb.counters()
+    assert lb.run(tcp4(flags="S", sport=40001)).retval == XDP_DROP
+    assert lb.delta(before)["drop_snat_exhausted"] == 1
+    # the first flow keeps its port, also across a SYN re-selection to the same backend
+    assert lb.run(tcp4(flags="S", sport=40000)).retval == XDP_TX
+
+
+def test_nat_without_snat_drops(lb):
+    setup_vip(lb, "v4", "nat")
+    lb.lb.clear_snat(L.AF_INET)
+    before = lb.counters()
+    assert lb.run(tcp4(flags="S")).retval == XDP_DROP
+    assert lb.delta(before)["drop_no_snat"] == 1
+
+
+def test_nat_no_neigh_passes_rewritten_for_the_kernel_to_route(lb):
+    setup_vip(lb, "v4", "nat", table_backend=4, nat_port=8080)
+    before = lb.counters()
+    r = lb.run(tcp4(flags="S"))
+    assert r.retval == XDP_PASS
+    out = Ether(r.data)
+    assert out[IP].dst == BE_NONEIGH4 and out[IP].src == SNAT4 and checksums_valid(r.data)
+    assert lb.delta(before)["pass_no_neigh"] == 1
+
+
+def test_nat_conntrack_delete_removes_reverse_entry(lb):
+    setup_vip(lb, "v4", "nat", nat_port=8080)
+    pkt = tcp4(flags="S")
+    assert lb.run(pkt).retval == XDP_TX
+    sp = snat_port_of(lb, pkt)
+    (rk, rv), = lb.lb.nat_entries()
+    assert rv.orig == key_of(pkt) and L.port_host(rk.dport) == sp
+    assert lb.lb.nat_reverse_key(key_of(pkt), lb.lb.conntrack_lookup(key_of(pkt))) == rk
+    assert lb.lb.conntrack_delete(key_of(pkt))
+    assert lb.lb.nat_entries() == [] and lb.lb.conntrack_count() == 0
+    rep = Ether(dst=MAC_A) / IP(src=BE_TX4, dst=SNAT4) / TCP(sport=8080, dport=sp)
+    before = lb.counters()
+    assert lb.run(rep).retval == XDP_PASS
+    assert lb.delta(before) == {"rx": 1, "nat_reply_miss": 1}
