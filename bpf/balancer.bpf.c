@@ -528,7 +528,13 @@ int meshlb_balancer(struct xdp_md *ctx)
 			nv.flags = MLB_CT_F_NAT;
 			nv.snat_port = snat_port;
 		}
-		if (bpf_map_update_elem(&conntrack, &p.key, &nv, BPF_ANY) == 0)
+		if (!nat && p.key.proto == MLB_IPPROTO_TCP &&
+		    (p.tcp_flags & (MLB_TCP_FIN | MLB_TCP_RST))) {
+			/* The last packets of a flow whose entry was already evicted (its
+			 * socket closed): route them by the table, but do not bring the
+			 * entry back to sit in the map until the LRU pushes it out. */
+			count(MLB_CNT_CT_SKIP_CLOSING);
+		} else if (bpf_map_update_elem(&conntrack, &p.key, &nv, BPF_ANY) == 0)
 			count(MLB_CNT_CT_INSERT);
 		else
 			count(MLB_CNT_CT_INSERT_FAIL);

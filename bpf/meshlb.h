@@ -210,6 +210,7 @@ enum mlb_counter {
 	MLB_CNT_TX,
 	MLB_CNT_REDIRECT,
 	MLB_CNT_FIB_CACHED,        /* forwarded with a cached fib result */
+	MLB_CNT_CT_SKIP_CLOSING,   /* dr miss on FIN/RST: forwarded, not remembered */
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };

@@ -28,7 +28,7 @@ from typing import Any
 from meshlb import control, forwarding, metrics, vipnet
 from meshlb import config as config_mod
 from meshlb.dataplane import layouts as L
-from meshlb.dataplane.balancer import Balancer, vip_key
+from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
 from meshlb.dataplane.libbpf import BpfError, Link
 from meshlb.dataplane.tracer import SockEvent, Tracer
 from meshlb.forwarding import VipSpec
@@ -84,6 +84,8 @@ class Agent:
         self.added_vips: list[str] = []
         self.draining = False
         self.adopted = False
+        self._snat_ports = DEFAULT_SNAT_PORTS
+        self.changed_sysctls: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._leave_requested = False
         self._rebuild_handle: asyncio.TimerHandle | None = None
@@ -213,21 +215,32 @@ class Agent:
 
     def _configure_snat(self) -> None:
         """One SNAT source per family for every nat VIP: the first nat VIP of that
-        family that names an address or port range sets it, else the interface's."""
-        lo, hi = DEFAULT_SNAT_PORTS
+        family that names an address or port range sets it, else the interface's
+        address and the default range."""
         addrs = vipnet.interface_addresses(self.cfg.node.iface)
+        ranges = []
         for fam in (socket.AF_INET, socket.AF_INET6):
             v6 = fam == socket.AF_INET6
-            fam_addrs = [a for a in addrs if (":" in a) == v6]
             nat = [v for v in self.cfg.vips if v.mode == "nat" and (v.address.version == 6) == v6]
+            if not nat:
+                continue
+            fam_addrs = [a for a in addrs if (":" in a) == v6]
             addr = next((str(v.snat_address) for v in nat if v.snat_address), fam_addrs[0] if fam_addrs else None)
             lo, hi = next((v.snat_ports for v in nat if v.snat_ports), DEFAULT_SNAT_PORTS)
-            if addr:
-                self.balancer.set_snat(fam, addr, lo, hi)
-        # the kernel must never pick a SNAT port for the node's own connections, or a
-        # reply to one of them would be taken for a NAT flow
-        with contextlib.suppress(OSError):
-            Path("/proc/sys/net/ipv4/ip_local_reserved_ports").write_text(f"{lo}-{hi}")
+            if addr is None:
+                log.warning("nat VIPs of IPv%d but no IPv%d address on %s: they cannot forward",
+                            6 if v6 else 4, 6 if v6 else 4, self.cfg.node.iface)
+                continue
+            self.balancer.set_snat(fam, addr, lo, hi)
+            ranges.append((lo, hi))
+        if ranges:
+            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+            self._snat_ports = (lo, hi)
+            # the kernel must never pick a SNAT port for this node's own connections,
+            # or the reply to one of them would be taken for a NAT flow
+            with contextlib.suppress(OSError):
+                Path("/proc/sys/net/ipv4/ip_local_reserved_ports").write_text(
+                    ",".join(f"{a}-{b}" for a, b in sorted(set(ranges))))
 
     def _setup_vips(self) -> None:
         ids_in_use = {m.vip_id: bytes(k) for k, m in self.balancer.vips()}
@@ -242,6 +255,10 @@ class Agent:
             # backend is this node is passed up unchanged, so it needs the same
             self._watch(spec)
         vipnet.set_arp_sysctls(self.cfg.node.iface)
+        self.changed_sysctls = vipnet.enable_forwarding(self.cfg.node.iface)
+        if self.changed_sysctls:
+            log.info("for bpf_fib_lookup: %s", ", ".join(f"{k.replace('/', '.')}=1" for k in self.changed_sysctls
+                                                         if k.endswith("forwarding")))
         self.added_vips = vipnet.add_loopback_vips([s.address for s in self.vips])
 
     def _watch(self, spec: VipSpec) -> None:
@@ -255,6 +272,7 @@ class Agent:
         pin = Path(self.cfg.node.pin_dir)
         with contextlib.suppress(Exception):
             vipnet.remove_loopback_vips(self.added_vips)
+        vipnet.restore_sysctls(self.changed_sysctls)
         if self.xdp_link is not None:
             with contextlib.suppress(Exception):
                 self.xdp_link.detach()
@@ -318,7 +336,7 @@ class Agent:
             host = members[name].address[0]
             self.balancer.set_backend(bid, host, port, local=(name == self.name))
             ids.append(bid)
-        table = [ids[i] if i != 0xFFFFFFFF else L.MLB_NO_BACKEND for i in plan.table] if ids else [L.MLB_NO_BACKEND] * spec.ring_size
+        table = [ids[i] for i in plan.table] if ids else [NO_BACKEND] * spec.ring_size
         self.balancer.set_vip_table(self.vip_ids[spec.key], table)
 
     def _backend_id(self, name: str, port: int) -> int:
@@ -389,11 +407,27 @@ class Agent:
         from meshlb.cluster.node import FlowTuple  # noqa: PLC0415
 
         f = ev.flow
+        if not self._is_balanced_flow(f):
+            # e.g. a peer's health check of this node's app: not a balanced flow, and
+            # gossiping it would only cost every member a useless eviction
+            self.evictions["socket_closed_unbalanced"] += 1
+            return
         self.evictions["socket_closed"] += 1
         if self._evict_key(f.key()):
             self.evictions["applied_local"] += 1
         self.driver.publish_eviction(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
         self.evictions["sent"] += 1
+
+    def _is_balanced_flow(self, f: Any) -> bool:
+        """A closed socket whose local end is a VIP is a balanced flow. One whose local
+        end is this node's nat backend endpoint is one only if its remote end is a SNAT
+        source: a member's address and a port in the (cluster-wide) SNAT range."""
+        if any(f.dst == s.address and f.dport == s.port for s in self.vips):
+            return True
+        lo, hi = self._snat_ports
+        if not lo <= f.sport <= hi:
+            return False
+        return any(m.address[0] == f.src for m in self.driver.members())
 
     def _evict(self, t: Any) -> bool:
         try:
@@ -409,7 +443,7 @@ class Agent:
         fk = L.FlowKey.from_bytes(key)
         if self.balancer.conntrack_delete(fk):
             return True
-        return _nat_evict_backend_side(self.balancer, fk)
+        return self.balancer.nat_delete_backend_side(fk)
 
     async def _sweep_loop(self) -> None:
         idle_ns = int(self.cfg.conntrack.idle_timeout_s * 1e9)
@@ -671,21 +705,6 @@ class Agent:
             health=health,
             health_checks=dict(self.health_checks),
         )
-
-
-def _nat_evict_backend_side(balancer: Balancer, fk: L.FlowKey) -> bool:
-    """A nat flow closed on its backend: the backend saw (SNAT addr:port -> backend),
-    so the reply tuple, which keys the reverse map, is that with the ends swapped."""
-    rk = L.FlowKey(sport=fk.dport, dport=fk.sport, proto=fk.proto, family=fk.family)
-    rk.src[:] = list(fk.dst)
-    rk.dst[:] = list(fk.src)
-    raw = balancer.maps["nat_reverse"].lookup(bytes(rk))
-    if raw is None:
-        return False
-    rev = L.NatRevValue.from_bytes(raw)
-    balancer.maps["conntrack"].delete(bytes(rev.orig))
-    balancer.maps["nat_reverse"].delete(bytes(rk))
-    return True
 
 
 def _ensure_bpffs(pin_dir: Path) -> None:

@@ -73,8 +73,9 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_mod.load(args.config) if args.config else config_mod.default_config()
+        peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None
         cfg = config_mod.merge_cli(
-            cfg, peers=args.peers, iface=args.iface, name=args.name, bind=args.bind, control=args.control
+            cfg, peers=peers, iface=args.iface, name=args.name, bind=args.bind, control=args.control
         )
         keys = config_mod.validate_host(cfg)
     except config_mod.ConfigError as exc:

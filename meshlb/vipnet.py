@@ -72,6 +72,39 @@ def set_arp_sysctls(iface: str | None = None) -> dict[str, str]:
     return old
 
 
+def enable_forwarding(iface: str) -> dict[str, str]:
+    """bpf_fib_lookup refuses to route packets that arrived on a device without
+    forwarding (the check is unconditional, output lookups included), so the balancer's
+    interface needs it, as in every XDP balancer that forwards. Only that device is
+    changed. IPv6 forwarding on one device does not make the host route (that needs
+    "all"), but would make it ignore router advertisements there, so accept_ra=1 is
+    raised to 2 to keep SLAAC working. Returns the old values for restore_sysctls."""
+    wanted = {f"net/ipv4/conf/{iface}/forwarding": "1", f"net/ipv6/conf/{iface}/forwarding": "1"}
+    try:
+        if _sysctl(f"net/ipv6/conf/{iface}/accept_ra") == "1":
+            wanted[f"net/ipv6/conf/{iface}/accept_ra"] = "2"
+    except OSError:
+        pass
+    old = {}
+    for key, value in wanted.items():
+        try:
+            current = _sysctl(key)
+            if current != value:
+                old[key] = current
+                _sysctl(key, value)
+        except OSError as exc:
+            log.warning("cannot set %s=%s: %s", key, value, exc)
+    return old
+
+
+def restore_sysctls(old: dict[str, str]) -> None:
+    for key, value in old.items():
+        try:
+            _sysctl(key, value)
+        except OSError as exc:
+            log.warning("cannot restore %s=%s: %s", key, value, exc)
+
+
 def _prefix(vip: str) -> tuple[int, str, int]:
     addr = ipaddress.ip_address(vip)
     return (2 if addr.version == 4 else 10), str(addr), (32 if addr.version == 4 else 128)

@@ -35,6 +35,9 @@ PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
           L.IPPROTO_TCP: L.IPPROTO_TCP, L.IPPROTO_UDP: L.IPPROTO_UDP}
 
 _U32 = struct.Struct("=I")
+# A table slot with no backend (a VIP whose backends are all gone): outside the
+# backends array, so the data plane finds nothing there and counts DROP_NO_BACKEND.
+NO_BACKEND = 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------ flow hash
@@ -292,7 +295,7 @@ class Balancer:
             raise ValueError(f"table has {len(ids)} entries, VIP {vip_id} ring_size is "
                              f"{meta.ring_size}")
         for b in set(ids):
-            if not 0 <= b < L.MLB_MAX_BACKENDS:
+            if not 0 <= b < L.MLB_MAX_BACKENDS and b != NO_BACKEND:
                 raise ValueError(f"backend id {b} outside 0..{L.MLB_MAX_BACKENDS - 1}")
         inner = Map.create(BPF_MAP_TYPE_ARRAY, 4, 4, len(ids), name=f"mlb_tbl_{vip_id}",
                            flags=BPF_F_INNER_MAP)
@@ -418,6 +421,20 @@ class Balancer:
         rk.dst[:] = list(sc.addr)
         return rk
 
+    def nat_delete_backend_side(self, key: FlowKey) -> bool:
+        """Forget a nat flow named as its backend saw it: ``key`` is (SNAT addr:port ->
+        backend addr:port), what the backend's socket-release tracer reports. The
+        reverse map is keyed by the reply, which is that tuple with its ends swapped."""
+        rk = FlowKey(sport=key.dport, dport=key.sport, proto=key.proto, family=key.family)
+        rk.src[:] = list(key.dst)
+        rk.dst[:] = list(key.src)
+        raw = self.maps["nat_reverse"].lookup(bytes(rk))
+        if raw is None:
+            return False
+        orig = NatRevValue.from_bytes(raw).orig
+        self.maps["conntrack"].delete(bytes(orig))
+        return self.maps["nat_reverse"].delete(bytes(rk))
+
     def conntrack_delete_many(self, keys: Iterable[FlowKey]) -> int:
         return self.maps["conntrack"].delete_batch([bytes(k) for k in keys])
 
@@ -436,4 +453,4 @@ class Balancer:
                 for k, v in self.maps["nat_reverse"].lookup_batch()]
 
 
-__all__ = ["Balancer", "BpfError", "OBJECT_PATH", "flow_hash", "table_slot", "vip_key"]
+__all__ = ["Balancer", "BpfError", "NO_BACKEND", "OBJECT_PATH", "flow_hash", "table_slot", "vip_key"]

@@ -77,7 +77,8 @@ class Counter(enum.IntEnum):
     TX = 25
     REDIRECT = 26
     FIB_CACHED = 27
-    FIB_RC = 28  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
+    CT_SKIP_CLOSING = 28
+    FIB_RC = 29  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
 
 
 MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS

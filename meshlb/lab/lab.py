@@ -28,7 +28,7 @@ from typing import Any
 from pyroute2 import netns as pr_netns
 
 from meshlb import control
-from meshlb.lab.netns import Namespace, Topology, _setns, netns_path
+from meshlb.lab.netns import Namespace, Topology, enter_netns, netns_path
 
 LAB_ROOT = Path("/run/meshlb/lab")
 PIN_ROOT = Path("/sys/fs/bpf/meshlb")
@@ -115,6 +115,7 @@ def mix_config(opts: LabOptions, i: int, sdir: Path) -> str:
         "",
         "[health]",
         f"interval = {opts.health_interval_s}",
+        f"timeout = {min(1.0, opts.health_interval_s)}",
         f"app_port = {APP_PORT}",
         "",
         "[conntrack]",
@@ -167,6 +168,9 @@ class Lab:
             mixes: list[Namespace] = []
             for i in range(1, opts.nodes + 1):
                 ns = topo.add_namespace(f"mix{i}")
+                # an application host, not a router: the agent must turn on what it needs
+                ns.sysctl("net.ipv4.conf.all.forwarding", 0)
+                ns.sysctl("net.ipv6.conf.all.forwarding", 0)
                 topo.connect(ns, "br", addresses=[f"{mix_addr4(i)}/24", f"{mix_addr6(i)}/64"],
                              peer_xdp_pass=True, tx_checksum=False)
                 mixes.append(ns)
@@ -390,11 +394,7 @@ def exec_in(prefix: str, node: str, argv: list[str]) -> None:
     if node not in state["nodes"]:
         raise LabError(f"no node {node!r} in lab {prefix!r} (nodes: {', '.join(state['nodes'])})")
     info = state["nodes"][node]
-    fd = os.open(netns_path(info["netns"]), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(fd)  # single-threaded here, so the whole process moves
-    finally:
-        os.close(fd)
+    enter_netns(info["netns"])  # single-threaded here, so the whole process moves
     if "control" in info:
         os.environ["MESHLB_CONTROL"] = info["control"]
     if not argv:

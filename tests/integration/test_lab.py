@@ -1,0 +1,227 @@
+"""End to end on the netns lab: real agents, real XDP on veth, real TCP clients.
+
+Three mixes, both forwarding modes, the periodic conntrack sweep switched off so that
+only socket-release events and gossip can empty the conntrack maps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meshlb.lab.lab import APP_PORT, VIP_DR, VIP_NAT, mix_addr4
+from tests.integration.lab_helpers import (
+    VIPS, ab, call, client_run, conntrack_counts, curl_many, digests, members_view, mixes,
+    parse_wrk, running_lab, wait_for,
+)
+
+pytestmark = [pytest.mark.privileged, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab("e", nodes=3, idle_timeout_s=0, health_interval_s=0.5) as lab:
+        yield lab
+
+
+def _counters(lab, node):
+    return call(lab, node, "stats")["dataplane"]
+
+
+@pytest.mark.parametrize("mode", ["dr", "nat"])
+def test_requests_reach_every_backend(lab, mode):
+    before = {m: _counters(lab, m) for m in mixes(lab)}
+    answers = curl_many(lab, VIPS[mode], 30)
+    assert answers.get("FAIL", 0) == 0, answers
+    assert set(answers) == set(mixes(lab)), answers
+    after = {m: _counters(lab, m) for m in mixes(lab)}
+    # some flows were forwarded to another mix by XDP, not all served where they landed
+    forwarded = sum(after[m]["tx"] + after[m]["redirect"] - before[m]["tx"] - before[m]["redirect"] for m in mixes(lab))
+    assert forwarded > 0
+
+
+def test_ipv6_dr_vip(lab):
+    vip6 = next(v["address"] for v in lab.state["vips"] if ":" in v["address"])
+    answers = curl_many(lab, f"[{vip6}]", 24)
+    assert answers.get("FAIL", 0) == 0, answers
+    assert set(answers) == set(mixes(lab)), answers
+
+
+def test_socket_events_reach_only_the_agent_of_their_namespace(lab):
+    """Every mix is an agent on this host in its own namespace: a connection that one
+    mix's application closes is reported to that agent alone."""
+    before = {m: call(lab, m, "stats")["evictions"].get("socket_closed", 0) for m in mixes(lab)}
+    answers = curl_many(lab, VIP_DR, 1)
+    (backend,) = answers
+    assert backend in mixes(lab)
+
+    def deltas():
+        now = {m: call(lab, m, "stats")["evictions"].get("socket_closed", 0) for m in mixes(lab)}
+        return {m: now[m] - before[m] for m in mixes(lab)}
+
+    wait_for(lambda: deltas()[backend] >= 1, 5, what="close reported to the backend's agent")
+    time.sleep(0.3)
+    d = deltas()
+    assert d[backend] == 1, d
+    assert all(v == 0 for m, v in d.items() if m != backend), d
+
+
+@pytest.mark.parametrize("mode", ["dr", "nat"])
+def test_ab_load_then_conntrack_empties_within_a_second(lab, mode):
+    result = ab(lab, f"http://{VIPS[mode]}/", concurrency=500, requests=8000)
+    ended = time.monotonic()
+    assert result["complete"] == 8000, result
+    assert result["failed"] == 0, result
+    assert result["non2xx"] == 0, result
+    took = wait_for(lambda: all(v == 0 for v in conntrack_counts(lab).values()), 10,
+                    what="every mix's conntrack at 0")
+    took_since_end = time.monotonic() - ended
+    print(f"conntrack empty {took:.3f} s after the check began, {took_since_end:.3f} s after ab ended")
+    assert took_since_end <= 1.0 + 0.5, (
+        f"conntrack took {took_since_end:.2f} s to empty (goal 1 s); counts now {conntrack_counts(lab)}")
+    for m in mixes(lab):
+        ev = call(lab, m, "stats")["evictions"]
+        assert ev.get("received", 0) > 0, ev
+
+
+def test_backend_app_down_is_removed_and_returns(lab):
+    victim = "mix3"
+    others = [m for m in mixes(lab) if m != victim]
+    info = lab.state["nodes"][victim]
+    os.kill(info["app_pid"], signal.SIGTERM)
+
+    def excluded_everywhere():
+        return all(victim not in v["backends"] for m in mixes(lab) for v in call(lab, m, "vips")["vips"])
+
+    try:
+        took = wait_for(excluded_everywhere, 20, 0.1, what=f"{victim} removed from every table")
+        print(f"{victim} removed from every table {took:.2f} s after its app stopped")
+        assert len(digests(lab, mixes(lab))) == 1
+        answers = curl_many(lab, VIP_DR, 20)
+        assert answers.get("FAIL", 0) == 0, answers
+        assert victim not in answers and set(answers) <= set(others), answers
+    finally:
+        ns = lab.namespace(victim)
+        app = ns.popen([sys.executable, "-m", "meshlb.lab.app", victim, str(APP_PORT)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        info["app_pid"] = app.pid
+        lab._save()
+
+    def back_everywhere():
+        return all(victim in v["backends"] for m in mixes(lab) for v in call(lab, m, "vips")["vips"])
+
+    took = wait_for(back_everywhere, 20, 0.1, what=f"{victim} back in every table")
+    print(f"{victim} back in every table {took:.2f} s after its app restarted")
+    wait_for(lambda: len(digests(lab, mixes(lab))) == 1, 5, what="one digest on all nodes")
+    answers = curl_many(lab, VIP_DR, 30)
+    assert answers.get("FAIL", 0) == 0 and victim in answers, answers
+
+
+@pytest.mark.parametrize("mode", ["dr", "nat"])
+def test_agent_kill_and_restart_under_wrk_has_no_socket_errors(lab, mode):
+    wrk = lab.namespace("client").popen(
+        ["wrk", "-t2", "-c50", "-d8s", "--timeout", "5s", f"http://{VIPS[mode]}/"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        time.sleep(2)
+        old = lab.state["nodes"]["mix2"]["agent_pid"]
+        new = lab.restart_agent("mix2", signal.SIGKILL)
+        assert new != old
+        out, _ = wrk.communicate(timeout=30)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+            wrk.wait()
+    r = parse_wrk(out)
+    assert r["requests"] > 1000, out
+    assert (r["connect"], r["read"], r["write"], r["timeout"]) == (0, 0, 0, 0), out
+    assert r["non2xx"] == 0, out
+    lab.wait_converged(30)
+    stats = call(lab, "mix2", "stats")
+    assert stats["xdp_mode"] == "adopted", stats["xdp_mode"]
+
+
+def _persistent_client_script(vip: str, n: int) -> str:
+    """A client holding n keep-alive connections; on each line of stdin ("round") it
+    sends one request per open connection and prints {index: backend or error}."""
+    return f"""
+import http.client, json, sys
+conns = [http.client.HTTPConnection("{vip}", {APP_PORT}, timeout=2) for _ in range({n})]
+def round_():
+    out = {{}}
+    for i, c in enumerate(conns):
+        try:
+            c.request("GET", "/")
+            out[i] = c.getresponse().read().decode().strip()
+        except Exception as exc:
+            out[i] = "ERROR " + type(exc).__name__
+            c.close()
+    print(json.dumps(out), flush=True)
+for line in sys.stdin:
+    round_()
+"""
+
+
+def test_crashed_mix_is_detected_and_flows_to_survivors_carry_on():
+    with running_lab("c", nodes=3, idle_timeout_s=0, health_interval_s=0.5) as lab:
+        victim = "mix3"
+        survivors = ["mix1", "mix2"]
+        client = lab.namespace("client")
+        proc = client.popen([sys.executable, "-c", _persistent_client_script(VIP_DR, 40)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def round_():
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                return {int(k): v for k, v in json.loads(proc.stdout.readline()).items()}
+
+            first = round_()
+            assert not [v for v in first.values() if v.startswith("ERROR")], first
+            assert set(first.values()) == set(mixes(lab)), first
+
+            # the crash: agent killed, namespace gone; the client's router withdraws
+            # the dead next hop, as a router's own health check would
+            crashed_at = time.monotonic()
+            info = lab.state["nodes"][victim]
+            for pid in (info["agent_pid"], info["app_pid"]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            from pyroute2 import netns as pr_netns
+
+            pr_netns.remove(info["netns"])
+            with client.ipr() as ipr:
+                ipr.route("replace", dst=f"{VIP_DR}/32", multipath=[{"gateway": mix_addr4(i)} for i in (1, 2)])
+
+            second = round_()
+            for i, backend in first.items():
+                if backend != victim:
+                    assert second[i] == backend, (i, backend, second[i])
+
+            def status_of_victim():
+                return {m: members_view(lab, m).get(victim, {}).get("status") for m in survivors}
+
+            t_suspect = wait_for(lambda: all(s in ("suspect", "dead") for s in status_of_victim().values()), 30,
+                                 0.05, what="victim suspect on survivors")
+            t_dead = wait_for(lambda: all(s == "dead" for s in status_of_victim().values()), 60,
+                              0.1, what="victim dead on survivors")
+            print(f"crash -> suspect on all survivors {t_suspect:.2f} s, -> dead {time.monotonic() - crashed_at:.2f} s")
+            assert t_dead >= 0
+
+            third = round_()
+            for i, backend in first.items():
+                if backend != victim:
+                    assert third[i] == backend, (i, backend, third[i])
+            answers = curl_many(lab, VIP_DR, 30)
+            assert answers.get("FAIL", 0) == 0, answers
+            assert set(answers) == set(survivors), answers
+            assert len(digests(lab, survivors)) == 1
+        finally:
+            proc.kill()
+            proc.communicate()
