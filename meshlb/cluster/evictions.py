@@ -1,0 +1,212 @@
+"""Conntrack eviction records: numbering, dedupe, a recent-event buffer, and repair.
+
+An eviction is identified by (origin, epoch, seq): seq counts 1, 2, 3... per origin and
+restarts after the origin restarts, which is why the origin's start incarnation (its
+epoch) is part of the id. Receipt is idempotent: each id is delivered once.
+
+Dedupe memory is bounded per origin: a contiguous mark (every seq <= mark was seen)
+plus the few seqs seen above it. A hole below a seen seq is a missed event; push-pull
+carries a digest of (origin, epoch, mark, some seqs above) and the peer answers with the
+events it still holds in its recent buffer. A hole nobody can fill (older than
+``gap_timeout``) is given up, so the mark keeps moving and memory stays bounded.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from .messages import DigestEntry, Eviction
+
+__all__ = ["EvictionTracker", "Receipt"]
+
+
+class Receipt:
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    STALE = "stale"  # from an older epoch of its origin
+
+
+@dataclass(slots=True)
+class _Origin:
+    epoch: int
+    mark: int
+    above: dict[int, float] = field(default_factory=dict)  # seq -> when seen
+    gap_since: float = 0.0
+    last_seen: float = 0.0
+
+
+class EvictionTracker:
+    # Seqs remembered above the mark per origin before the lowest hole is given up.
+    MAX_ABOVE = 4096
+
+    def __init__(self, *, buffer_max: int, buffer_ttl: float, gap_timeout: float, digest_recent: int,
+                 repair_max: int, origins_max: int) -> None:
+        self.buffer_max = buffer_max
+        self.buffer_ttl = buffer_ttl
+        self.gap_timeout = gap_timeout
+        self.digest_recent = digest_recent
+        self.repair_max = repair_max
+        self.origins_max = origins_max
+        self._origins: OrderedDict[str, _Origin] = OrderedDict()
+        self._gappy: set[str] = set()
+        # origin -> {(epoch, seq): event}; _order is the global age order for expiry.
+        self._buffer: dict[str, dict[tuple[int, int], Eviction]] = {}
+        self._order: deque[tuple[float, str, tuple[int, int]]] = deque()
+        self._buffered = 0
+        self.abandoned = 0  # seqs given up as unrepairable
+
+    # ---- receipt ---------------------------------------------------------------------
+
+    def receive(self, ev: Eviction, now: float) -> str:
+        o = self._origins.get(ev.origin)
+        if o is None or ev.epoch > o.epoch:
+            o = _Origin(ev.epoch, 0, last_seen=now)
+            self._origins[ev.origin] = o
+            self._gappy.discard(ev.origin)
+            self._drop_origin_buffer_older(ev.origin, ev.epoch)
+            while len(self._origins) > self.origins_max:
+                old, _ = self._origins.popitem(last=False)
+                self._gappy.discard(old)
+        elif ev.epoch < o.epoch:
+            return Receipt.STALE
+        else:
+            self._origins.move_to_end(ev.origin)
+        if ev.seq <= o.mark or ev.seq in o.above:
+            return Receipt.DUPLICATE
+        o.last_seen = now
+        if ev.seq == o.mark + 1:
+            o.mark = ev.seq
+            self._compact(o)
+        else:
+            if not o.above:
+                o.gap_since = now
+            o.above[ev.seq] = now
+            if len(o.above) > self.MAX_ABOVE:
+                self._give_up_lowest_hole(o, now)
+        if o.above:
+            self._gappy.add(ev.origin)
+        else:
+            self._gappy.discard(ev.origin)
+        self._remember(ev, now)
+        return Receipt.NEW
+
+    def _compact(self, o: _Origin) -> None:
+        above = o.above
+        while above and (o.mark + 1) in above:
+            del above[o.mark + 1]
+            o.mark += 1
+
+    def _give_up_lowest_hole(self, o: _Origin, now: float) -> None:
+        lowest = min(o.above)
+        self.abandoned += lowest - o.mark - 1
+        o.mark = lowest - 1
+        self._compact(o)
+        o.gap_since = now
+
+    def expire(self, now: float) -> None:
+        """Give up old holes and age out the recent buffer. Cost: origins with holes
+        plus expired events, never all origins."""
+        for name in list(self._gappy):
+            o = self._origins.get(name)
+            if o is None or not o.above:
+                self._gappy.discard(name)
+                continue
+            if now - o.gap_since >= self.gap_timeout:
+                self._give_up_lowest_hole(o, now)
+                if not o.above:
+                    self._gappy.discard(name)
+        order = self._order
+        while order and (self._buffered > self.buffer_max or now - order[0][0] > self.buffer_ttl):
+            _, origin, key = order.popleft()
+            per = self._buffer.get(origin)
+            if per is not None and per.pop(key, None) is not None:
+                self._buffered -= 1
+                if not per:
+                    del self._buffer[origin]
+
+    def forget_origin(self, origin: str) -> None:
+        self._origins.pop(origin, None)
+        self._gappy.discard(origin)
+        per = self._buffer.pop(origin, None)
+        if per:
+            self._buffered -= len(per)
+
+    def _drop_origin_buffer_older(self, origin: str, epoch: int) -> None:
+        per = self._buffer.get(origin)
+        if not per:
+            return
+        for key in [k for k in per if k[0] < epoch]:
+            del per[key]
+            self._buffered -= 1
+
+    def _remember(self, ev: Eviction, now: float) -> None:
+        per = self._buffer.setdefault(ev.origin, {})
+        key = (ev.epoch, ev.seq)
+        if key not in per:
+            per[key] = ev
+            self._buffered += 1
+            self._order.append((now, ev.origin, key))
+            if self._buffered > self.buffer_max:
+                self.expire(now)
+
+    # ---- repair ----------------------------------------------------------------------
+
+    def digest(self, now: float) -> list[DigestEntry]:
+        """What we have, for origins active within the buffer's lifetime: a peer can hold
+        nothing older for us anyway, and an origin we leave out gets everything the
+        peer buffered for it."""
+        out = []
+        horizon = now - self.buffer_ttl
+        k = self.digest_recent
+        for name, o in self._origins.items():
+            if o.last_seen < horizon:
+                continue
+            recent = tuple(sorted(o.above)[:k]) if o.above else ()
+            out.append(DigestEntry(name, o.epoch, o.mark, recent))
+        return out
+
+    def missing(self, entries: list[DigestEntry] | tuple[DigestEntry, ...]) -> list[Eviction]:
+        """Buffered events the digest's owner lacks, oldest first, at most repair_max."""
+        have = {e.origin: e for e in entries}
+        out: list[Eviction] = []
+        for origin, per in self._buffer.items():
+            e = have.get(origin)
+            for (epoch, seq), ev in per.items():
+                if e is not None:
+                    if epoch < e.epoch:
+                        continue
+                    if epoch == e.epoch and (seq <= e.contiguous or seq in e.recent):
+                        continue
+                out.append(ev)
+                if len(out) >= self.repair_max:
+                    return out
+        return out
+
+    def adopt_baseline(self, entries: list[DigestEntry] | tuple[DigestEntry, ...], now: float) -> None:
+        """A member that just joined takes a peer's marks for origins it has never seen:
+        evictions from before it joined concern flows it never carried."""
+        for e in entries:
+            if e.origin not in self._origins:
+                self._origins[e.origin] = _Origin(e.epoch, e.contiguous, last_seen=now)
+
+    # ---- introspection ---------------------------------------------------------------
+
+    def seen(self, origin: str, epoch: int, seq: int) -> bool:
+        o = self._origins.get(origin)
+        if o is None or epoch < o.epoch:
+            return epoch < o.epoch if o is not None else False
+        if epoch > o.epoch:
+            return False
+        return seq <= o.mark or seq in o.above
+
+    def mark(self, origin: str) -> int | None:
+        o = self._origins.get(origin)
+        return None if o is None else o.mark
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    @property
+    def origins(self) -> int:
+        return len(self._origins)

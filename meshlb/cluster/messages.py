@@ -1,0 +1,424 @@
+"""Message schema of the membership protocol, and the value types it carries.
+
+Every message is a msgpack-able list whose first element is a small integer type code.
+Lists instead of maps because the field names would otherwise be repeated in every
+ping and ack, and idle traffic is a budget (<= 490 B/s per member at N=200).
+
+``decode()`` validates every field (type, range, length) and returns ``None`` for
+anything malformed; it never raises. The caller counts ``None`` as the drop reason
+"malformed" and changes no state. Strings are bounded so that a valid but hostile
+message cannot make us allocate much.
+
+Flow tuples travel with addresses packed to 4 or 16 bytes: an eviction is about 40 B
+instead of 60, and many fit in one datagram.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "PROTOCOL_VERSION", "Status", "MemberMeta", "FlowTuple", "MemberRecord",
+    "Ping", "PingReq", "Ack", "Nack", "Alive", "Suspect", "Dead", "Left",
+    "Eviction", "PushPull", "EvictionDigest", "DigestEntry", "Message",
+    "encode", "decode", "encode_meta", "decode_meta", "MAX_NAME", "MAX_U64",
+]
+
+PROTOCOL_VERSION = 1
+
+MAX_NAME = 128
+MAX_U64 = (1 << 64) - 1
+MAX_VIPS = 256
+MAX_DIGEST_TEXT = 128
+MAX_OBSERVATIONS = 8192
+MAX_RECORDS = 4096
+MAX_DIGEST_ORIGINS = 8192
+MAX_DIGEST_RECENT = 256
+MAX_HOST = 64
+
+
+class Status(str, Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+_STATUS_CODE = {Status.ALIVE: 0, Status.SUSPECT: 1, Status.DEAD: 2, Status.LEFT: 3}
+_CODE_STATUS = {v: k for k, v in _STATUS_CODE.items()}
+
+
+@dataclass
+class MemberMeta:
+    """What a member says about itself; gossiped with its alive state.
+
+    Treated as immutable once handed to a Node: a change is a new object passed to
+    ``Node.update_meta``.
+    """
+    vips: tuple[str, ...] = ()
+    weight: int = 100
+    app_healthy: bool = True
+    table_digest: str = ""
+    version: int = PROTOCOL_VERSION
+    # This member's health checks of other members' apps: name -> ok.
+    observations: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FlowTuple:
+    client: str
+    client_port: int
+    vip: str
+    vip_port: int
+    proto: int  # 6 (TCP) or 17 (UDP)
+
+
+# ---- messages -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ping:
+    seq: int
+    target: str  # the name the prober expects, so a new process on a reused address does not ack
+
+
+@dataclass(frozen=True)
+class PingReq:
+    seq: int
+    target: str  # the helper probes the address *it* knows for this name, never one we name
+    nack: bool
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Nack:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Alive:
+    name: str
+    address: tuple[str, int]
+    incarnation: int
+    meta_version: int
+    meta: MemberMeta
+
+
+@dataclass(frozen=True)
+class Suspect:
+    name: str
+    incarnation: int
+    origin: str  # who suspects; distinct origins are Lifeguard's independent confirmations
+
+
+@dataclass(frozen=True)
+class Dead:
+    name: str
+    incarnation: int
+    origin: str
+
+
+@dataclass(frozen=True)
+class Left:
+    # No origin field: only the member itself says it left (a receiver that hears it
+    # is said to have left while it has not refutes it, as for dead).
+    name: str
+    incarnation: int
+
+
+@dataclass(frozen=True)
+class Eviction:
+    origin: str
+    epoch: int  # the origin's start incarnation: seq restarts at 1 after a restart
+    seq: int
+    tuple: FlowTuple
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    name: str
+    address: tuple[str, int]
+    status: Status
+    incarnation: int
+    meta_version: int
+    meta: MemberMeta
+
+
+@dataclass(frozen=True)
+class PushPull:
+    """One chunk of a full-state exchange. Chunks are independent: each record merges
+    on its own, so a lost chunk costs only its records, never the whole exchange."""
+    nonce: int
+    reply: bool
+    join: bool
+    # Sent to the multicast group: every member hears it, so each answers only with
+    # probability ~c/N instead of all at once.
+    group: bool
+    index: int
+    count: int
+    records: tuple[MemberRecord, ...]
+
+
+@dataclass(frozen=True)
+class DigestEntry:
+    origin: str
+    epoch: int
+    contiguous: int  # every seq <= this was seen
+    recent: tuple[int, ...]  # some seqs above `contiguous` also seen
+
+
+@dataclass(frozen=True)
+class EvictionDigest:
+    reply: bool  # a reply digest is answered with events only, never with another digest
+    entries: tuple[DigestEntry, ...]
+
+
+Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | Eviction | PushPull | EvictionDigest
+
+T_PING, T_PINGREQ, T_ACK, T_NACK, T_ALIVE, T_SUSPECT, T_DEAD, T_LEFT, T_EVICT, T_PUSHPULL, T_DIGEST = range(1, 12)
+
+
+# ---- encoding -------------------------------------------------------------------------
+
+def encode_meta(m: MemberMeta) -> list[Any]:
+    return [list(m.vips), m.weight, m.app_healthy, m.table_digest, m.version, dict(m.observations)]
+
+
+def _pack_ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def _flow(t: FlowTuple) -> list[Any]:
+    return [_pack_ip(t.client), t.client_port, _pack_ip(t.vip), t.vip_port, t.proto]
+
+
+def _record(r: MemberRecord) -> list[Any]:
+    return [r.name, r.address[0], r.address[1], _STATUS_CODE[r.status], r.incarnation,
+            r.meta_version, encode_meta(r.meta)]
+
+
+def encode(msg: Message) -> list[Any]:
+    """Plain msgpack-able form of a message (Wire.encode packs it)."""
+    if isinstance(msg, Ping):
+        return [T_PING, msg.seq, msg.target]
+    if isinstance(msg, Ack):
+        return [T_ACK, msg.seq]
+    if isinstance(msg, PingReq):
+        return [T_PINGREQ, msg.seq, msg.target, msg.nack]
+    if isinstance(msg, Nack):
+        return [T_NACK, msg.seq]
+    if isinstance(msg, Alive):
+        return [T_ALIVE, msg.name, msg.address[0], msg.address[1], msg.incarnation,
+                msg.meta_version, encode_meta(msg.meta)]
+    if isinstance(msg, Suspect):
+        return [T_SUSPECT, msg.name, msg.incarnation, msg.origin]
+    if isinstance(msg, Dead):
+        return [T_DEAD, msg.name, msg.incarnation, msg.origin]
+    if isinstance(msg, Left):
+        return [T_LEFT, msg.name, msg.incarnation]
+    if isinstance(msg, Eviction):
+        return [T_EVICT, msg.origin, msg.epoch, msg.seq, *_flow(msg.tuple)]
+    if isinstance(msg, PushPull):
+        return [T_PUSHPULL, msg.nonce, msg.reply, msg.join, msg.group, msg.index, msg.count,
+                [_record(r) for r in msg.records]]
+    if isinstance(msg, EvictionDigest):
+        return [T_DIGEST, msg.reply,
+                [[e.origin, e.epoch, e.contiguous, list(e.recent)] for e in msg.entries]]
+    raise TypeError(f"not a protocol message: {type(msg).__name__}")
+
+
+# ---- decoding -------------------------------------------------------------------------
+
+class _Malformed(Exception):
+    pass
+
+
+def _u(v: Any, hi: int = MAX_U64) -> int:
+    if type(v) is not int or v < 0 or v > hi:
+        raise _Malformed
+    return v
+
+
+def _b(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _Malformed
+    return v
+
+
+def _s(v: Any, max_len: int = MAX_NAME, allow_empty: bool = False) -> str:
+    if type(v) is not str or len(v) > max_len or (not allow_empty and not v):
+        raise _Malformed
+    if not v.isprintable():
+        raise _Malformed
+    return v
+
+
+def _seq(v: Any, max_len: int) -> list[Any] | tuple[Any, ...]:
+    if type(v) not in (list, tuple) or len(v) > max_len:
+        raise _Malformed
+    return v
+
+
+# Gossip repeats the same few hosts and metas over and over (every member hears each
+# update ~log N times), and parsing them dominated the simulator's profile. These
+# caches hold only values that passed validation; a hit needs exact type checks first,
+# so a malformed field can never be answered from the cache. They are bounded, and
+# what they return is immutable by convention, so sharing it is harmless.
+_CACHE_MAX = 8192
+_HOST_CACHE: dict[str, str] = {}
+_META_CACHE: dict[tuple[Any, ...], "MemberMeta"] = {}
+
+
+def _host(v: Any) -> str:
+    if type(v) is str:
+        hit = _HOST_CACHE.get(v)
+        if hit is not None:
+            return hit
+    s = _s(v, MAX_HOST)
+    try:
+        canonical = str(ipaddress.ip_address(s))
+    except ValueError:
+        raise _Malformed from None
+    if len(_HOST_CACHE) >= _CACHE_MAX:
+        _HOST_CACHE.clear()
+    _HOST_CACHE[s] = canonical
+    return canonical
+
+
+def _port(v: Any) -> int:
+    p = _u(v, 65535)
+    if p == 0:
+        raise _Malformed
+    return p
+
+
+def _ip_bytes(v: Any) -> str:
+    if type(v) is not bytes or len(v) not in (4, 16):
+        raise _Malformed
+    return str(ipaddress.ip_address(v))
+
+
+def _meta_key(v: Any) -> tuple[Any, ...] | None:
+    # Exact types are checked so that equal-but-differently-typed input (1 vs True)
+    # cannot hit an entry validated for the other type.
+    if type(v) is not list or len(v) != 6:
+        return None
+    vips, weight, healthy, digest, version, obs = v
+    if (type(vips) is not list or type(weight) is not int or type(healthy) is not bool
+            or type(digest) is not str or type(version) is not int or type(obs) is not dict):
+        return None
+    for x in vips:
+        if type(x) is not str:
+            return None
+    for k, ok in obs.items():
+        if type(k) is not str or type(ok) is not bool:
+            return None
+    return (tuple(vips), weight, healthy, digest, version, tuple(obs.items()))
+
+
+def decode_meta(v: Any) -> MemberMeta:
+    key = _meta_key(v)
+    if key is not None:
+        hit = _META_CACHE.get(key)
+        if hit is not None:
+            return hit
+    meta = _decode_meta(v)
+    if key is not None:
+        if len(_META_CACHE) >= _CACHE_MAX:
+            _META_CACHE.clear()
+        _META_CACHE[key] = meta
+    return meta
+
+
+def _decode_meta(v: Any) -> MemberMeta:
+    f = _seq(v, 16)
+    if len(f) != 6:
+        raise _Malformed
+    vips = _seq(f[0], MAX_VIPS)
+    vips_t = tuple(_s(x, MAX_HOST) for x in vips)
+    obs = f[5]
+    if type(obs) is not dict or len(obs) > MAX_OBSERVATIONS:
+        raise _Malformed
+    observations = {_s(k): _b(ok) for k, ok in obs.items()}
+    return MemberMeta(
+        vips=vips_t,
+        weight=_u(f[1], 1 << 16),
+        app_healthy=_b(f[2]),
+        table_digest=_s(f[3], MAX_DIGEST_TEXT, allow_empty=True),
+        version=_u(f[4], 1 << 16),
+        observations=observations,
+    )
+
+
+def _decode_record(v: Any) -> MemberRecord:
+    f = _seq(v, 16)
+    if len(f) != 7:
+        raise _Malformed
+    code = _u(f[3], 3)
+    return MemberRecord(
+        name=_s(f[0]), address=(_host(f[1]), _port(f[2])), status=_CODE_STATUS[code],
+        incarnation=_u(f[4]), meta_version=_u(f[5]), meta=decode_meta(f[6]),
+    )
+
+
+def _decode(v: Any) -> Message:
+    f = _seq(v, 16)
+    if not f:
+        raise _Malformed
+    t = f[0]
+    n = len(f)
+    if t == T_PING and n == 3:
+        return Ping(_u(f[1]), _s(f[2]))
+    if t == T_ACK and n == 2:
+        return Ack(_u(f[1]))
+    if t == T_PINGREQ and n == 4:
+        return PingReq(_u(f[1]), _s(f[2]), _b(f[3]))
+    if t == T_NACK and n == 2:
+        return Nack(_u(f[1]))
+    if t == T_ALIVE and n == 7:
+        return Alive(_s(f[1]), (_host(f[2]), _port(f[3])), _u(f[4]), _u(f[5]), decode_meta(f[6]))
+    if t == T_SUSPECT and n == 4:
+        return Suspect(_s(f[1]), _u(f[2]), _s(f[3]))
+    if t == T_DEAD and n == 4:
+        return Dead(_s(f[1]), _u(f[2]), _s(f[3]))
+    if t == T_LEFT and n == 3:
+        return Left(_s(f[1]), _u(f[2]))
+    if t == T_EVICT and n == 9:
+        proto = _u(f[8], 255)
+        if proto not in (6, 17):
+            raise _Malformed
+        ft = FlowTuple(_ip_bytes(f[4]), _u(f[5], 65535), _ip_bytes(f[6]), _u(f[7], 65535), proto)
+        seq = _u(f[3])
+        if seq == 0:
+            raise _Malformed
+        return Eviction(_s(f[1]), _u(f[2]), seq, ft)
+    if t == T_PUSHPULL and n == 8:
+        count = _u(f[6], 1 << 16)
+        index = _u(f[5], 1 << 16)
+        if count == 0 or index >= count:
+            raise _Malformed
+        recs = tuple(_decode_record(r) for r in _seq(f[7], MAX_RECORDS))
+        return PushPull(_u(f[1]), _b(f[2]), _b(f[3]), _b(f[4]), index, count, recs)
+    if t == T_DIGEST and n == 3:
+        entries = []
+        for e in _seq(f[2], MAX_DIGEST_ORIGINS):
+            ef = _seq(e, 4)
+            if len(ef) != 4:
+                raise _Malformed
+            recent = tuple(_u(x) for x in _seq(ef[3], MAX_DIGEST_RECENT))
+            entries.append(DigestEntry(_s(ef[0]), _u(ef[1]), _u(ef[2]), recent))
+        return EvictionDigest(_b(f[1]), tuple(entries))
+    raise _Malformed
+
+
+def decode(v: Any) -> Message | None:
+    """The message, or None if anything about it is malformed. Never raises."""
+    try:
+        return _decode(v)
+    except (_Malformed, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
