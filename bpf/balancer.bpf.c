@@ -511,6 +511,15 @@ int meshlb_balancer(struct xdp_md *ctx)
 		nv.backend_id = bid;
 		nv.vip_id = vip_id;
 		nv.vip_gen = vip->gen;
+		if (nat && !(be->flags & MLB_BE_F_LOCAL) && p.key.proto == MLB_IPPROTO_TCP && !syn) {
+			/* A full-NAT TCP flow starts with a SYN; a later segment without its
+			 * entry (evicted at close, or an agent-less restart) would get a fresh
+			 * SNAT port the backend has never seen. The VIP is on lo, so the stack
+			 * answers with a RST and the client learns at once. */
+			count(MLB_CNT_PASS_NAT_NO_FLOW);
+			stats_add(&vip_stats, vip_id, bytes);
+			return XDP_PASS;
+		}
 		if (nat && !(be->flags & MLB_BE_F_LOCAL)) {
 			struct snat_config *sc = snat_for(p.key.family);
 			if (!sc || !(sc->flags & MLB_SNAT_F_VALID)) {
@@ -519,7 +528,12 @@ int meshlb_balancer(struct xdp_md *ctx)
 				return XDP_DROP;
 			}
 			__u16 bport = be->port ? be->port : p.key.dport;
-			snat_port = snat_claim(&p.key, hash, be, bport, sc, bid, now);
+			/* Salted with the SYN's sequence number: a client that reuses its
+			 * port gets another SNAT port than the connection before, whose
+			 * tuple the backend may still hold in TIME_WAIT and whose eviction
+			 * may still be on its way. */
+			snat_port = snat_claim(&p.key, hash ^ (p.tcp_seq * 0x9e3779b1u), be, bport,
+					       sc, bid, now);
 			if (!snat_port) {
 				count(MLB_CNT_DROP_SNAT_EXHAUSTED);
 				stats_add(&vip_stats, vip_id, bytes);
@@ -528,11 +542,12 @@ int meshlb_balancer(struct xdp_md *ctx)
 			nv.flags = MLB_CT_F_NAT;
 			nv.snat_port = snat_port;
 		}
-		if (!nat && p.key.proto == MLB_IPPROTO_TCP &&
+		if ((!nat || (be->flags & MLB_BE_F_LOCAL)) && p.key.proto == MLB_IPPROTO_TCP &&
 		    (p.tcp_flags & (MLB_TCP_FIN | MLB_TCP_RST))) {
 			/* The last packets of a flow whose entry was already evicted (its
 			 * socket closed): route them by the table, but do not bring the
-			 * entry back to sit in the map until the LRU pushes it out. */
+			 * entry back to sit in the map until the LRU pushes it out. (A nat
+			 * flow to a remote backend never gets here: see above.) */
 			count(MLB_CNT_CT_SKIP_CLOSING);
 		} else if (bpf_map_update_elem(&conntrack, &p.key, &nv, BPF_ANY) == 0)
 			count(MLB_CNT_CT_INSERT);

@@ -38,6 +38,15 @@ struct endpoint_key {
 	__u8 family;
 };
 
+/* What the tracer requires of a watched endpoint's remote end: its port within
+ * [rport_lo, rport_hi] (host order; 0/0: any). A nat backend endpoint is watched for
+ * SNAT source ports only, so the node's other clients of the same port (health checks,
+ * direct traffic) never cost a ring-buffer record. */
+struct endpoint_filter {
+	__u16 rport_lo;
+	__u16 rport_hi;
+};
+
 /* Ring-buffer record of the socket-release tracer: a TCP socket whose local end is
  * a watched endpoint entered CLOSE. key.src/sport is the remote peer, key.dst/dport
  * the local endpoint, so for a dr VIP it is exactly the balancer's conntrack key. */
@@ -210,7 +219,9 @@ enum mlb_counter {
 	MLB_CNT_TX,
 	MLB_CNT_REDIRECT,
 	MLB_CNT_FIB_CACHED,        /* forwarded with a cached fib result */
-	MLB_CNT_CT_SKIP_CLOSING,   /* dr miss on FIN/RST: forwarded, not remembered */
+	MLB_CNT_CT_SKIP_CLOSING,   /* dr/local miss on FIN/RST: forwarded, not remembered */
+	MLB_CNT_PASS_NAT_NO_FLOW,  /* nat miss on a non-SYN TCP packet: no translation
+	                            * can be right, the local stack answers with RST */
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };

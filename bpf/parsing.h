@@ -49,6 +49,7 @@ struct pkt {
 	__u16 l3_len;         /* IPv4 tot_len / IPv6 40 + payload_len, host order */
 	__u8 tcp_flags;
 	__u8 marked;          /* carries the peer-forwarded mark */
+	__u32 tcp_seq;        /* host order; salts the SNAT port of a new nat flow */
 };
 
 static __always_inline int parse_l4(void *l4, void *l3_end, void *end, struct pkt *p, __u8 proto)
@@ -62,6 +63,7 @@ static __always_inline int parse_l4(void *l4, void *l3_end, void *end, struct pk
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_seq = bpf_ntohl(th->seq);
 	} else if (proto == MLB_IPPROTO_UDP) {
 		struct udphdr *uh = l4;
 		if ((void *)(uh + 1) > end || (void *)(uh + 1) > l3_end)

@@ -39,12 +39,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, struct endpoint_key);
-	__type(value, __u8);
+	__type(value, struct endpoint_filter);
 } watched_endpoints SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
+	/* 4 MiB: ~58k records of 72 bytes, seconds of closes at any rate a host sees */
+	__uint(max_entries, 4 * 1024 * 1024);
 } sock_events SEC(".maps");
 
 /* Per-CPU so that the hot path never contends on a shared counter line. */
@@ -131,8 +132,14 @@ int BPF_PROG(meshlb_sock_close, const struct sock *sk, int oldstate, int newstat
 	if (!rport)
 		return 0;
 
-	if (!bpf_map_lookup_elem(&watched_endpoints, &local))
+	struct endpoint_filter *filter = bpf_map_lookup_elem(&watched_endpoints, &local);
+	if (!filter)
 		return 0;
+	if (filter->rport_hi) {
+		__u16 rp = bpf_ntohs(rport);
+		if (rp < filter->rport_lo || rp > filter->rport_hi)
+			return 0;
+	}
 
 	ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
 	if (!ev) {

@@ -86,9 +86,12 @@ class Agent:
         self.adopted = False
         self._snat_ports = DEFAULT_SNAT_PORTS
         self.changed_sysctls: dict[str, str] = {}
+        self._inherited: dict[tuple[str, int], int] = {}  # (addr, port) -> id, from pins
+        self.data_addresses: list[str] = []
         self._stop = asyncio.Event()
         self._leave_requested = False
         self._rebuild_handle: asyncio.TimerHandle | None = None
+        self._rebuild_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._started = time.time()
 
@@ -104,7 +107,7 @@ class Agent:
             await self._start_control()
             await self._start_metrics()
             self._start_tracer_reader()
-            self._rebuild_now()
+            await self.rebuild()
             if self.cfg.conntrack.idle_timeout_s > 0:
                 self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
             loop.add_signal_handler(signal.SIGTERM, self.request_leave)
@@ -165,7 +168,17 @@ class Agent:
         self.ifindex = vipnet.ifindex(cfg.node.iface)
         self.address = cfg.node.advertise.host if cfg.node.advertise else vipnet.interface_addresses(cfg.node.iface)[0]
         self.adopted = (pin / "conntrack").exists()
+        # every address of the interface: IPv6 VIPs are forwarded to a member's IPv6 one
+        self.data_addresses = vipnet.interface_addresses(cfg.node.iface)
         self.balancer = Balancer.load(pin_dir=pin, conntrack_size=cfg.conntrack.max_entries)
+        if self.adopted:
+            self._inherited = {
+                (str(L.words_addr(b.addr, b.family)), L.port_host(b.port)): bid
+                for bid, b in self.balancer.backends_in_use()
+            }
+        off = vipnet.disable_vlan_offload(cfg.node.iface)
+        if off:
+            log.info("turned off %s on %s so XDP sees VLAN tags", ", ".join(off), cfg.node.iface)
         self._attach_xdp(pin)
         tdir = pin / TRACER_SUBDIR
         if tdir.exists() and any(tdir.iterdir()):
@@ -266,7 +279,9 @@ class Agent:
             return
         self.tracer.watch(spec.address, spec.port)
         if spec.mode == "nat":
-            self.tracer.watch(self.address, spec.target_port)
+            # the backend side of nat flows: only connections from SNAT source ports
+            # (the range is cluster-wide) are balanced flows
+            self.tracer.watch(self.address, spec.target_port, remote_ports=self._snat_ports)
 
     def _teardown_dataplane(self) -> None:
         pin = Path(self.cfg.node.pin_dir)
@@ -301,54 +316,94 @@ class Agent:
         """Coalesce bursts of membership events into one rebuild."""
         if self._rebuild_handle is None:
             loop = asyncio.get_running_loop()
-            self._rebuild_handle = loop.call_later(REBUILD_DEBOUNCE_S, self._rebuild_now)
+            self._rebuild_handle = loop.call_later(REBUILD_DEBOUNCE_S, self._spawn_rebuild)
 
-    def _rebuild_now(self) -> None:
+    def _spawn_rebuild(self) -> None:
         self._rebuild_handle = None
-        members = {m.name: m for m in self.driver.members()}
-        usable = [] if self.draining else [n for n in self.driver.usable_backends() if not (n == self.name and self.draining)]
-        serving = {
-            name: (tuple(m.meta.vips), m.meta.weight)
-            for name, m in members.items()
-            if not (name == self.name and self.draining)
-        }
-        plans = forwarding.plan(self.vips, usable, serving)
-        changed = [k for k, p in plans.items() if self.plans.get(k) is None or self.plans[k].digest != p.digest]
+        task = asyncio.get_running_loop().create_task(self.rebuild(), name="rebuild")
+        self._tasks.append(task)
+        task.add_done_callback(self._rebuild_done)
+
+    def _rebuild_done(self, task: asyncio.Task) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("table rebuild failed: %r", task.exception())
+
+    async def rebuild(self) -> None:
+        """Make the data plane's tables equal to the cluster's view.
+
+        Planning and id assignment run on the loop; the kernel writes (tens of
+        milliseconds per distinct table) run in a worker thread so gossip and probes go
+        on meanwhile. One rebuild at a time; a view that changes during one is planned
+        again from scratch by the next."""
+        async with self._rebuild_lock:
+            members = {m.name: m for m in self.driver.members()}
+            usable = [] if self.draining else self.driver.usable_backends()
+            # a member backs a VIP only if it has an address of the VIP's family
+            serving = {
+                name: (tuple(v for v in m.meta.vips if _member_addr(m, ":" in v.split("]")[0]) is not None),
+                       m.meta.weight)
+                for name, m in members.items()
+            }
+            plans = forwarding.plan(self.vips, usable, serving)
+            changed = [k for k, p in plans.items() if self.plans.get(k) is None or self.plans[k].digest != p.digest]
+            tables = self._tables_for(plans, changed, members)
+            if tables:
+                await asyncio.to_thread(self.balancer.set_vip_tables, tables)
+            self._forget_unused_backends(members)
+            self.plans = plans
+            digest = forwarding.plans_digest(plans)
+            if changed:
+                self.table_changes += 1
+                log.info("tables: %s -> %s (%s)", self.digest or "-", digest,
+                         ", ".join(f"{k}: {','.join(plans[k].backends) or 'none'}" for k in changed))
+            if digest != self.digest:
+                self.digest = digest
+                self._publish_meta()
+
+    def _tables_for(self, plans: dict[str, forwarding.VipPlan], changed: list[str],
+                    members: dict[str, Any]) -> dict[int, list[int]]:
+        """Backend-id tables of the changed VIPs. VIPs whose plans share a table and map
+        to the same backend ids share one list object (the data plane then fills one
+        array for all of them)."""
+        out: dict[int, list[int]] = {}
+        translated: dict[tuple[int, tuple[int, ...]], list[int]] = {}
         for key in changed:
-            self._install(plans[key], members)
-        self._forget_unused_backends(plans, members)
-        self.plans = plans
-        digest = forwarding.plans_digest(plans)
-        if changed:
-            self.table_changes += 1
-            log.info("tables: %s -> %s (%s)", self.digest or "-", digest,
-                     ", ".join(f"{k}: {','.join(plans[k].backends) or 'none'}" for k in changed))
-        if digest != self.digest:
-            self.digest = digest
-            self._publish_meta()
+            plan = plans[key]
+            spec = plan.vip
+            port = spec.target_port if spec.mode == "nat" else 0
+            ids = []
+            for name in plan.backends:
+                addr = _member_addr(members[name], ":" in spec.address)
+                bid = self._backend_id(name, port, addr)
+                self.balancer.set_backend(bid, addr, port, local=(name == self.name))
+                ids.append(bid)
+            cache_key = (id(plan.table), tuple(ids))
+            table = translated.get(cache_key)
+            if table is None:
+                table = [ids[i] for i in plan.table] if ids else [NO_BACKEND] * spec.ring_size
+                translated[cache_key] = table
+            out[self.vip_ids[spec.key]] = table
+        return out
 
-    def _install(self, plan: forwarding.VipPlan, members: dict[str, Any]) -> None:
-        spec = plan.vip
-        port = spec.target_port if spec.mode == "nat" else 0
-        ids = []
-        for name in plan.backends:
-            bid = self._backend_id(name, port)
-            host = members[name].address[0]
-            self.balancer.set_backend(bid, host, port, local=(name == self.name))
-            ids.append(bid)
-        table = [ids[i] for i in plan.table] if ids else [NO_BACKEND] * spec.ring_size
-        self.balancer.set_vip_table(self.vip_ids[spec.key], table)
-
-    def _backend_id(self, name: str, port: int) -> int:
+    def _backend_id(self, name: str, port: int, addr: str) -> int:
+        """The member's data-plane id. After a restart the pinned backends array still
+        holds the previous agent's ids, which conntrack entries point at: a member
+        takes back the id already holding its address and port, and new ids avoid
+        them, so no established flow is silently handed to another backend."""
         key = (name, port)
         bid = self.backend_ids.get(key)
+        if bid is not None:
+            return bid
+        bid = self._inherited.pop((addr, port), None)
         if bid is None:
-            used = set(self.backend_ids.values())
+            used = set(self.backend_ids.values()) | set(self._inherited.values())
             bid = next(i for i in range(L.MLB_MAX_BACKENDS) if i not in used)
-            self.backend_ids[key] = bid
+        self.backend_ids[key] = bid
         return bid
 
-    def _forget_unused_backends(self, plans: dict[str, forwarding.VipPlan], members: dict[str, Any]) -> None:
+    def _forget_unused_backends(self, members: dict[str, Any]) -> None:
         """A backend id is released only when its member is gone from the member list
         (reaped); while it is suspect or dead the id keeps pointing at it so established
         flows are not silently moved to another backend."""
@@ -368,6 +423,7 @@ class Agent:
             app_healthy=(not self.draining) and self._app_healthy(),
             table_digest=self.digest,
             observations=self._observations(),
+            addresses=tuple(self.data_addresses),
         )
 
     def _publish_meta(self) -> None:
@@ -464,12 +520,17 @@ class Agent:
         if self.health is None:
             return True
         r = self.health.result(self.name)
-        return bool(r and r.ok)
+        # no verdict yet (a restart): keep serving as before rather than announce the
+        # app down and move live flows' new neighbours away for a check interval
+        return True if r is None or not r.checks else r.ok
 
     def _observations(self) -> dict[str, bool]:
         if self.health is None:
             return {}
-        return {name: r.ok for name, r in self.health.results().items() if name != self.name and r is not None}
+        # only failures: the usable rule counts "down" reports, and a full map of every
+        # member would not fit a datagram in a large cluster
+        return {name: False for name, r in self.health.results().items()
+                if name != self.name and r is not None and not r.ok}
 
     async def _start_health(self) -> None:
         from meshlb.health import HealthChecker  # noqa: PLC0415
@@ -503,7 +564,7 @@ class Agent:
     async def _drain_and_leave(self) -> None:
         self.draining = True
         self._publish_meta()  # peers stop sending new flows here
-        self._rebuild_now()  # and so does this node's own balancer
+        await self.rebuild()  # and so does this node's own balancer
         deadline = time.monotonic() + self.cfg.drain.timeout_s
         while time.monotonic() < deadline and self._local_established() > 0:
             await asyncio.sleep(0.2)
@@ -548,7 +609,7 @@ class Agent:
             self.health.reconfigure(new.health)
             self._update_health_targets()
         self._publish_meta()
-        self._rebuild_now()
+        await self.rebuild()
         if needs_restart:
             log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(needs_restart))
         log.info("reload: applied %s", ", ".join(applied) or "nothing (no change)")
@@ -685,8 +746,12 @@ class Agent:
         for (name, port), bid in self.backend_ids.items():
             st = self.balancer.backend_stats(bid)
             backend_traffic[f"{name}:{port}" if port else name] = (st.packets, st.bytes)
-        stats = dict(self.driver.stats)
-        drops = {k[len("drop_"):]: v for k, v in stats.items() if k.startswith("drop_")}
+        stats = self.driver.stats
+        transport = stats.get("transport", {})
+        node_stats = stats.get("node", {})
+        drops = {k[len("drop."):]: v for k, v in node_stats.items() if k.startswith("drop.")}
+        for reason, n in transport.get("dropped", {}).items():
+            drops[f"transport_{reason}"] = n
         health = {}
         if self.health is not None:
             health = {n: bool(r and r.ok) for n, r in self.health.results().items()}
@@ -700,11 +765,21 @@ class Agent:
             dataplane_reasons=self.balancer.counters(),
             conntrack_entries=self.balancer.conntrack_count(),
             evictions=dict(self.evictions),
-            gossip_datagrams={"sent": stats.get("datagrams_sent", 0), "received": stats.get("datagrams_received", 0)},
+            gossip_datagrams={"sent": transport.get("datagrams_sent", 0),
+                              "received": transport.get("datagrams_received", 0)},
             gossip_drops=drops,
             health=health,
             health_checks=dict(self.health_checks),
         )
+
+
+def _member_addr(m: Any, v6: bool) -> str | None:
+    """The member's data-plane address of one family: its gossip address, or one of
+    the addresses its metadata lists."""
+    for addr in (m.address[0], *m.meta.addresses):
+        if (":" in addr) == v6 and not addr.lower().startswith("fe80"):
+            return addr
+    return None
 
 
 def _ensure_bpffs(pin_dir: Path) -> None:

@@ -75,6 +75,7 @@ TIMING_KNOBS: Mapping[str, type] = MappingProxyType(
         "retransmit_mult": int,
         "gossip_interval": float,
         "gossip_nodes": int,
+        "gossip_max_datagrams": int,
         "push_pull_interval": float,
         "awareness_max_multiplier": int,
         "dead_reap_interval": float,
@@ -746,9 +747,15 @@ def load_key_ring(path: str, source: str = "cluster.toml") -> tuple[bytes, ...]:
     where = f"{source}: cluster.key_file"
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             data = f.read()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        # the key lets anyone forge evictions and membership: like an ssh private key,
+        # refuse one that other users can read or change
+        raise ConfigError(f"{where}: {path} is accessible to group or others (mode {mode & 0o777:04o}); "
+                          f"chmod 600 it")
     keys: list[bytes] = []
     for lineno, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -781,7 +788,17 @@ def validate_host(config: Config, *, sys_class_net: str = "/sys/class/net") -> t
     iface = config.node.iface
     if iface is None:
         raise ConfigError(f"{config.source}: node.iface: required (set it in the file or pass --iface)")
-    if not os.path.exists(os.path.join(sys_class_net, iface)):
+    if sys_class_net == "/sys/class/net":
+        # /sys shows the namespace that mounted it, not necessarily ours (an agent
+        # started in a namespace by setns alone): ask the kernel in our own namespace
+        try:
+            socket.if_nametoindex(iface)
+            found = True
+        except OSError:
+            found = False
+    else:
+        found = os.path.exists(os.path.join(sys_class_net, iface))
+    if not found:
         raise ConfigError(f"{config.source}: node.iface: no interface named {_show(iface)} on this host")
     return load_key_ring(config.cluster.key_file, config.source)
 

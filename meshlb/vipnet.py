@@ -97,6 +97,31 @@ def enable_forwarding(iface: str) -> dict[str, str]:
     return old
 
 
+@_netlink
+def disable_vlan_offload(iface: str) -> list[str]:
+    """Turn off receive VLAN offloads on the balancer's interface: with them the
+    device strips a tag into metadata before XDP runs, so the program would judge (and
+    forward, untagged) a frame whose VLAN it never saw. Returns the features turned off."""
+    from pyroute2 import Ethtool  # noqa: PLC0415
+
+    names = ("rx-vlan-hw-parse", "rx-vlan-stag-hw-parse")
+    eth = Ethtool()
+    try:
+        feats = eth.get_features(iface)
+        changed = [n for n in names if n in feats.features and feats.features[n].enable
+                   and feats.features[n].available]
+        for n in changed:
+            feats.features[n].enable = False
+        if changed:
+            eth.set_features(iface, feats)
+        return changed
+    except Exception as exc:  # a driver without these features: nothing to do
+        log.warning("cannot read or change VLAN offloads on %s: %s", iface, exc)
+        return []
+    finally:
+        eth.close()
+
+
 def restore_sysctls(old: dict[str, str]) -> None:
     for key, value in old.items():
         try:

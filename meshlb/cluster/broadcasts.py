@@ -90,9 +90,15 @@ class BroadcastQueue:
         self.dropped += 1
 
     def take(self, budget: int, overhead: int, n_members: int,
-             skip: Callable[[Hashable], bool] | None = None) -> list[bytes]:
+             skip: Callable[[Hashable], bool] | None = None,
+             taken: set[Hashable] | None = None) -> list[bytes]:
         """Pick updates whose sizes (+overhead each) fit in budget bytes and count one
-        transmit for each; items reaching their limit leave the queue."""
+        transmit for each; items reaching their limit leave the queue. With ``taken``,
+        items whose key is in it are passed over and the picked keys are added (several
+        datagrams to one member never repeat an update)."""
+        if taken is not None:
+            outer = skip
+            skip = (lambda k: k in taken or outer(k)) if outer is not None else taken.__contains__
         if budget <= overhead or not self._where:
             return []
         picked: list[_Item] = []
@@ -120,6 +126,8 @@ class BroadcastQueue:
                 break
         out = []
         limits: dict[int, int] = {}
+        if taken is not None:
+            taken.update(item.key for item in picked)
         for item in picked:
             bucket = self._buckets[item.transmits]
             del bucket[item.key]

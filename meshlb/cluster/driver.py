@@ -137,6 +137,7 @@ class GossipDriver:
         key ring (first key seals), read from ``cluster.key_file`` when not given.
         """
         from .keyring import Keyring
+        from .ratelimit import RateLimiter
         from .protocol_config import ProtocolConfig
         from .wire import Wire
 
@@ -166,8 +167,13 @@ class GossipDriver:
         # The boot time in milliseconds: each restart starts above the last one, so
         # the replay windows and the eviction numbering of the old life never clash.
         boot = time.time_ns() // 1_000_000
+        # Per source address, checked before any decryption. A member in an eviction
+        # burst sends at most gossip_max_datagrams per gossip round to one peer; the
+        # bucket leaves it ample room and caps what a flood can cost us.
+        per_round = protocol.gossip_max_datagrams * 2
+        rate = max(200.0, per_round / protocol.gossip_interval * 4)
         wire = Wire(label=cl.label, keyring=Keyring(keys[0], keys[1:]), sender=name, epoch=boot,
-                    max_datagram=cl.max_datagram)
+                    max_datagram=cl.max_datagram, rate_limiter=RateLimiter(rate=rate, burst=rate * 2))
         kwargs.setdefault("incarnation", boot)
         return cls(name=name, wire=wire, protocol=protocol, transport=transport,
                    peers=[str(p) for p in cl.peers], meta=meta, on_event=on_event, **kwargs)

@@ -64,6 +64,9 @@ class MemberMeta:
     version: int = PROTOCOL_VERSION
     # This member's health checks of other members' apps: name -> ok.
     observations: dict[str, bool] = field(default_factory=dict)
+    # Data-plane addresses beyond the gossip address (an IPv6 VIP is forwarded to a
+    # member's IPv6 address); optional on the wire, so older members interoperate.
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,10 @@ T_PING, T_PINGREQ, T_ACK, T_NACK, T_ALIVE, T_SUSPECT, T_DEAD, T_LEFT, T_EVICT, T
 # ---- encoding -------------------------------------------------------------------------
 
 def encode_meta(m: MemberMeta) -> list[Any]:
-    return [list(m.vips), m.weight, m.app_healthy, m.table_digest, m.version, dict(m.observations)]
+    out = [list(m.vips), m.weight, m.app_healthy, m.table_digest, m.version, dict(m.observations)]
+    if m.addresses:
+        out.append([_pack_ip(a) for a in m.addresses])
+    return out
 
 
 def _pack_ip(text: str) -> bytes:
@@ -303,12 +309,18 @@ def _ip_bytes(v: Any) -> str:
     return str(ipaddress.ip_address(v))
 
 
+MAX_ADDRESSES = 8
+
+
 def _meta_key(v: Any) -> tuple[Any, ...] | None:
     # Exact types are checked so that equal-but-differently-typed input (1 vs True)
     # cannot hit an entry validated for the other type.
-    if type(v) is not list or len(v) != 6:
+    if type(v) is not list or len(v) not in (6, 7):
         return None
-    vips, weight, healthy, digest, version, obs = v
+    vips, weight, healthy, digest, version, obs = v[:6]
+    addrs = v[6] if len(v) == 7 else []
+    if type(addrs) is not list or any(type(a) is not bytes for a in addrs):
+        return None
     if (type(vips) is not list or type(weight) is not int or type(healthy) is not bool
             or type(digest) is not str or type(version) is not int or type(obs) is not dict):
         return None
@@ -318,7 +330,7 @@ def _meta_key(v: Any) -> tuple[Any, ...] | None:
     for k, ok in obs.items():
         if type(k) is not str or type(ok) is not bool:
             return None
-    return (tuple(vips), weight, healthy, digest, version, tuple(obs.items()))
+    return (tuple(vips), weight, healthy, digest, version, tuple(obs.items()), tuple(addrs))
 
 
 def decode_meta(v: Any) -> MemberMeta:
@@ -337,8 +349,9 @@ def decode_meta(v: Any) -> MemberMeta:
 
 def _decode_meta(v: Any) -> MemberMeta:
     f = _seq(v, 16)
-    if len(f) != 6:
+    if len(f) not in (6, 7):
         raise _Malformed
+    addresses = tuple(_ip_bytes(x) for x in _seq(f[6], MAX_ADDRESSES)) if len(f) == 7 else ()
     vips = _seq(f[0], MAX_VIPS)
     vips_t = tuple(_s(x, MAX_HOST) for x in vips)
     obs = f[5]
@@ -352,6 +365,7 @@ def _decode_meta(v: Any) -> MemberMeta:
         table_digest=_s(f[3], MAX_DIGEST_TEXT, allow_empty=True),
         version=_u(f[4], 1 << 16),
         observations=observations,
+        addresses=addresses,
     )
 
 

@@ -814,14 +814,22 @@ class Node:
         self._last_gossip = now
         n = self.table.live_count()
         cap = self.wire.capacity
+        # A burst (thousands of evictions a second when a busy service's connections
+        # close) needs more than one datagram per target and round, or the queue
+        # overflows and drops; quiet rounds still send one.
         for name in self.table.random_live(self.rng, self.config.gossip_nodes):
-            msgs = self._bq.take(cap, 0, n)
-            if not msgs:
-                break
             m = self.table.get(name)
-            if m is not None:
+            if m is None:
+                continue
+            sent: set = set()
+            for _ in range(self.config.gossip_max_datagrams):
+                msgs = self._bq.take(cap, 0, n, taken=sent)
+                if not msgs:
+                    break
                 self._send(m.address, msgs, now, piggyback=False)
                 self._counters["gossip_datagrams"] += 1
+            if not len(self._bq):
+                break
 
     # ---- evictions -------------------------------------------------------------------
 

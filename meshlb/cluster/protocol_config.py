@@ -50,6 +50,7 @@ class ProtocolConfig:
     retransmit_mult: int = 4
     gossip_interval: float = 0.2
     gossip_nodes: int = 4
+    gossip_max_datagrams: int = 16  # per target and round, while the queue has news
     # Delay before fresh membership news is forwarded (see eviction_batch_delay).
     update_batch_delay: float = 0.02
     broadcast_queue_max: int = 4096
@@ -108,6 +109,8 @@ class ProtocolConfig:
             raise ValueError("suspicion_mult and suspicion_max_timeout_mult must be >= 1")
         if self.awareness_max_multiplier < 1:
             raise ValueError("awareness_max_multiplier must be >= 1")
+        if self.gossip_max_datagrams < 1:
+            raise ValueError("gossip_max_datagrams must be >= 1")
         if self.retransmit_mult < 1 or self.eviction_retransmit_mult < 1:
             raise ValueError("retransmit multipliers must be >= 1")
         if self.max_datagram < 512:

@@ -9,10 +9,11 @@ Maglev tables survive an agent restart.
 """
 from __future__ import annotations
 
+import array
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from . import layouts as L
 from .layouts import (
@@ -228,6 +229,13 @@ class Balancer:
         return [(VipKey.from_bytes(k), VipMeta.from_bytes(v))
                 for k, v in self.maps["vips"].items()]
 
+    def _active_vip(self, vip_id: int) -> VipMeta | None:
+        """The VIP's meta by id, one array read (vip_info mirrors the vips hash)."""
+        if not 0 <= vip_id < L.MLB_MAX_VIPS:
+            return None
+        m = self._vip_info(vip_id)
+        return m if m.flags & L.MLB_VIP_F_ACTIVE else None
+
     def vip_meta(self, vip_id: int) -> VipMeta | None:
         for _, m in self.vips():
             if m.vip_id == vip_id:
@@ -271,6 +279,15 @@ class Balancer:
         if old is not None:
             self.forget_next_hop(L.words_addr(old.addr, old.family))
 
+    def backends_in_use(self) -> list[tuple[int, Backend]]:
+        """(id, backend) of every valid slot, in one batch read."""
+        out = []
+        for k, v in self.maps["backends"].lookup_batch():
+            b = Backend.from_bytes(v)
+            if b.flags & L.MLB_BE_F_VALID:
+                out.append((_U32.unpack(k)[0], b))
+        return out
+
     def backend(self, backend_id: int) -> Backend | None:
         raw = self.maps["backends"].lookup(_U32.pack(backend_id))
         b = Backend.from_bytes(raw) if raw is not None else None
@@ -285,25 +302,51 @@ class Balancer:
 
     # ---------------------------------------------------------------- tables
     def set_vip_table(self, vip_id: int, backend_ids: Sequence[int]) -> None:
-        """Install a VIP's Maglev table atomically: a fresh inner array is filled
-        completely, then swapped in with one update of vip_tables."""
-        meta = self.vip_meta(vip_id)
-        if meta is None:
-            raise KeyError(f"no VIP with id {vip_id}")
-        ids = list(backend_ids)
-        if len(ids) != meta.ring_size:
-            raise ValueError(f"table has {len(ids)} entries, VIP {vip_id} ring_size is "
-                             f"{meta.ring_size}")
-        for b in set(ids):
-            if not 0 <= b < L.MLB_MAX_BACKENDS and b != NO_BACKEND:
-                raise ValueError(f"backend id {b} outside 0..{L.MLB_MAX_BACKENDS - 1}")
-        inner = Map.create(BPF_MAP_TYPE_ARRAY, 4, 4, len(ids), name=f"mlb_tbl_{vip_id}",
-                           flags=BPF_F_INNER_MAP)
+        """Install one VIP's Maglev table atomically (see set_vip_tables)."""
+        self.set_vip_tables({vip_id: backend_ids})
+
+    def set_vip_tables(self, tables: Mapping[int, Sequence[int]]) -> None:
+        """Install VIPs' Maglev tables atomically: each distinct table is written
+        completely into a fresh inner array, then every VIP's slot of vip_tables is
+        pointed at its array in one batch update, so a packet sees a VIP's old table or
+        its new one, never a mix. VIPs with identical tables share one array: filling
+        65537 slots costs the kernel ~20 ms, and a single map-in-map update waits for
+        an RCU grace period (~10 ms) that a batch pays once."""
+        arrays: dict[bytes, list[int]] = {}
+        packed: dict[int, bytes] = {}  # id(sequence) -> bytes: callers share one table object
+        for vip_id, backend_ids in tables.items():
+            meta = self._active_vip(vip_id)
+            if meta is None:
+                raise KeyError(f"no VIP with id {vip_id}")
+            raw = packed.get(id(backend_ids))
+            if raw is None:
+                ids = array.array("I", backend_ids)
+                bad = [b for b in set(ids) if b >= L.MLB_MAX_BACKENDS and b != NO_BACKEND]
+                if bad:
+                    raise ValueError(f"backend id {bad[0]} outside 0..{L.MLB_MAX_BACKENDS - 1}")
+                raw = packed[id(backend_ids)] = ids.tobytes()
+            if len(raw) // 4 != meta.ring_size:
+                raise ValueError(f"table has {len(raw) // 4} entries, VIP {vip_id} ring_size is "
+                                 f"{meta.ring_size}")
+            arrays.setdefault(raw, []).append(vip_id)
+        inners: list[Map] = []
         try:
-            inner.update_batch([(_U32.pack(i), _U32.pack(b)) for i, b in enumerate(ids)])
-            self.maps["vip_tables"].set_inner(_U32.pack(vip_id), inner, BPF_ANY)
+            slots = array.array("I")
+            fds = array.array("I")
+            for values, vip_ids in arrays.items():
+                n = len(values) // 4
+                inner = Map.create(BPF_MAP_TYPE_ARRAY, 4, 4, n, name=f"mlb_tbl_{vip_ids[0]}",
+                                   flags=BPF_F_INNER_MAP)
+                inners.append(inner)
+                # native-endian u32 keys 0..n-1 and values: two buffers, no per-slot encode
+                inner.update_batch_packed(array.array("I", range(n)).tobytes(), values)
+                slots.extend(vip_ids)
+                fds.extend([inner.fd] * len(vip_ids))
+            if slots:
+                self.maps["vip_tables"].update_batch_packed(slots.tobytes(), fds.tobytes())
         finally:
-            inner.close()  # the outer map holds its own reference
+            for inner in inners:
+                inner.close()  # the outer map holds its own references
 
     def vip_table(self, vip_id: int) -> list[int] | None:
         mid = self.maps["vip_tables"].inner_id(_U32.pack(vip_id))
@@ -432,7 +475,11 @@ class Balancer:
         if raw is None:
             return False
         orig = NatRevValue.from_bytes(raw).orig
-        self.maps["conntrack"].delete(bytes(orig))
+        ct_raw = self.maps["conntrack"].lookup(bytes(orig))
+        # The client may already have reused its port for a new connection with
+        # another SNAT port: that flow is not the one that closed.
+        if ct_raw is not None and CtValue.from_bytes(ct_raw).snat_port == rk.dport:
+            self.maps["conntrack"].delete(bytes(orig))
         return self.maps["nat_reverse"].delete(bytes(rk))
 
     def conntrack_delete_many(self, keys: Iterable[FlowKey]) -> int:

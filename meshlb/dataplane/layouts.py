@@ -78,7 +78,8 @@ class Counter(enum.IntEnum):
     REDIRECT = 26
     FIB_CACHED = 27
     CT_SKIP_CLOSING = 28
-    FIB_RC = 29  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
+    PASS_NAT_NO_FLOW = 29
+    FIB_RC = 30  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
 
 
 MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS
@@ -139,6 +140,13 @@ class EndpointKey(_Struct):
         ("port", u16),
         ("proto", u8),
         ("family", u8),
+    ]
+
+
+class EndpointFilter(_Struct):
+    _fields_ = [
+        ("rport_lo", u16),
+        ("rport_hi", u16),
     ]
 
 
@@ -253,6 +261,7 @@ class XdpMd(_Struct):
 C_NAMES: dict[type, str] = {
     FlowKey: "flow_key",
     EndpointKey: "endpoint_key",
+    EndpointFilter: "endpoint_filter",
     SockEvent: "sock_event",
     TracerConfig: "tracer_config",
     VipKey: "vip_key",

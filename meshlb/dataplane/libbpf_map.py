@@ -355,6 +355,27 @@ class Map:
             return
         check(ret, self._err(f"bpf_map_update_batch ({count.value}/{len(items)} done)"))
 
+    def update_batch_packed(self, keys: bytes, values: bytes, flags: int = BPF_ANY) -> None:
+        """update_batch for callers that already hold the keys and values as two
+        contiguous buffers (a 65537-slot Maglev table: one join instead of 65537
+        encodes). Plain value maps only."""
+        n, rem = divmod(len(keys), self.key_size)
+        if rem or len(values) != n * self.value_size or self.percpu:
+            raise ValueError(f"map {self.name}: packed batch of {len(keys)} key bytes and "
+                             f"{len(values)} value bytes does not fit {self.key_size}/{self.value_size}")
+        if n == 0:
+            return
+        fd = self._live_fd("update_batch")
+        count = c_uint32(n)
+        o = opts(bpf_map_batch_opts, elem_flags=flags)
+        ret = lib().bpf_map_update_batch(fd, keys, values, byref(count), byref(o))
+        if ret < 0 and -ret in _NO_BATCH and self._batch_unsupported(ret):
+            ks, vs = self.key_size, self.value_size
+            for i in range(n):
+                self.update(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs], flags)
+            return
+        check(ret, self._err(f"bpf_map_update_batch ({count.value}/{n} done)"))
+
     def delete_batch(self, keys: Sequence[bytes]) -> int:
         """Delete ``keys``; returns how many existed. Absent keys are skipped."""
         ks = [self._key(k, "delete_batch") for k in keys]

@@ -290,9 +290,15 @@ class Tracer:
         if self._watched is None:
             raise RuntimeError(f"{op}: tracer is neither loaded nor adopted")
 
-    def watch(self, addr, port: int, proto: int = IPPROTO_TCP) -> None:
+    def watch(self, addr, port: int, proto: int = IPPROTO_TCP,
+              remote_ports: tuple[int, int] | None = None) -> None:
+        """Report closes of sockets whose local end is (addr, port); with
+        ``remote_ports`` (lo, hi) only those whose remote port is in that range."""
         self._require_maps("watch")
-        self._watched.update(endpoint_key(addr, port, proto), b"\x01")
+        lo, hi = remote_ports or (0, 0)
+        if remote_ports is not None and not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"bad remote port range {lo}-{hi}")
+        self._watched.update(endpoint_key(addr, port, proto), bytes(L.EndpointFilter(rport_lo=lo, rport_hi=hi)))
 
     def unwatch(self, addr, port: int, proto: int = IPPROTO_TCP) -> bool:
         self._require_maps("unwatch")

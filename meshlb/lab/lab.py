@@ -255,8 +255,14 @@ class Lab:
                         ok = False
                         last = f"{name} sees alive: {sorted(alive)}"
                 if ok and len(digests) == 1 and "" not in digests:
-                    return
-                if ok:
+                    # and every mix backs every VIP (health checks have passed)
+                    vips = control.call(self.state["nodes"][sorted(want)[0]]["control"], "vips", timeout=2)
+                    short = [v["vip"] for v in vips["vips"] if set(v["backends"]) != want]
+                    if not short:
+                        return
+                    last = f"VIPs without every mix as a backend yet: {short}"
+                    ok = False
+                elif ok:
                     last = f"table digests differ: {sorted(digests)}"
             except control.ControlError as exc:
                 last = str(exc)

@@ -89,3 +89,23 @@ def test_table_without_backends_drops_and_counts(lb):
     assert lb.delta(before).get("drop_no_backend") == 1
     assert set(lb.lb.vip_table(3)) == {NO_BACKEND}
     assert L.Counter.DROP_NO_BACKEND.name.lower() in lb.lb.counters()
+
+
+@pytest.mark.parametrize("flags", ["A", "FA", "R", "PA"])
+def test_nat_segment_without_its_flow_goes_to_the_stack(lb, flags):
+    """Full NAT cannot translate a mid-flow TCP segment it has no entry for (a fresh
+    SNAT port would mean nothing to the backend): the local stack answers it."""
+    from .test_balancer_helpers import SNAT4  # noqa: PLC0415
+
+    lb.lb.add_vip(VIP4, 80, "tcp", "nat", vip_id=4, ring_size=RING)
+    lb.lb.set_backend(1, BE_TX4, 8080)
+    lb.lb.set_vip_table(4, [1] * RING)
+    lb.lb.set_snat(L.AF_INET, SNAT4, 30000, 30999)
+    pkt = tcp4(flags=flags, sport=42000)
+    before = lb.counters()
+    r = lb.run(pkt)
+    d = lb.delta(before)
+    assert r.retval == XDP_PASS and d.get("pass_nat_no_flow") == 1 and "ct_insert" not in d, d
+    assert r.data == bytes(pkt)
+    assert lb.lb.conntrack_lookup(key_of(pkt)) is None and lb.lb.nat_entries() == []
+    assert lb.run(tcp4(flags="S", sport=42000)).retval == XDP_TX

@@ -73,7 +73,7 @@ def classify(raw: bytes, world) -> tuple[str, int | None]:
     if et == 0x0800:
         return classify4(raw, off, world)
     if et == 0x86DD:
-        return classify6(raw, off)
+        return classify6(raw, off, world)
     return "pass_not_ip", None
 
 
@@ -119,10 +119,11 @@ def classify4(raw, off, world):
         return "pass_not_vip", None
     if frag & 0x8000:
         return "pass_from_peer", None
-    return table_choice(L.flow_key(src, ports[0], dst, ports[1], proto), TABLE4)
+    return table_choice(L.flow_key(src, ports[0], dst, ports[1], proto), TABLE4, vip[1],
+                        raw[off + hlen + 13] if proto == 6 else None, world)
 
 
-def classify6(raw, off):
+def classify6(raw, off, world=None):
     if len(raw) < off + 40:
         return "pass_malformed", None
     if raw[off] >> 4 != 6:
@@ -152,16 +153,24 @@ def classify6(raw, off):
         return "pass_malformed", None
     src = str(ipaddress.IPv6Address(raw[off + 8:off + 24]))
     dst = str(ipaddress.IPv6Address(raw[off + 24:off + 40]))
-    if VIPS.get((dst, ports[1], nh)) is None:
+    vip = VIPS.get((dst, ports[1], nh))
+    if vip is None:
         return "pass_not_vip", None
     if struct.unpack_from("!I", raw, off)[0] & 0xFFFFF == L.MLB_V6_MARK:
         return "pass_from_peer", None
-    return table_choice(L.flow_key(src, ports[0], dst, ports[1], nh), TABLE6)
+    return table_choice(L.flow_key(src, ports[0], dst, ports[1], nh), TABLE6, vip[1],
+                        raw[cur + 13] if nh == 6 else None, world)
 
 
-def table_choice(key, table):
+def table_choice(key, table, mode="dr", tcp_flags=None, world=None):
     b = table[flow_hash(key) % RING]
-    return ("pass_local" if b == 3 else "forward"), b
+    if b == 3:
+        return "pass_local", b
+    # full NAT only starts TCP flows on a SYN; other segments need their entry
+    if mode == "nat" and tcp_flags is not None and tcp_flags & 0x12 != 0x02:
+        if world is None or world.lb.conntrack_lookup(key) is None:
+            return "pass_nat_no_flow", None
+    return "forward", b
 
 
 # -------------------------------------------------------------- strategies

@@ -85,8 +85,15 @@ def test_mode_change_restarts_flows_same_mode_update_keeps_them(lb):
     assert lb.delta(before)["ct_hit"] == 1
     lb.lb.add_vip(VIP4, 80, "tcp", "nat", vip_id=2, ring_size=RING)
     lb.lb.set_vip_table(2, [1] * RING)
+    # the dr flow cannot turn into a nat flow mid-stream (the backend knows it by the
+    # client's address): its next segment goes to the local stack, which resets it
     before = lb.counters()
     r = lb.run(tcp4())
+    d = lb.delta(before)
+    assert r.retval == XDP_PASS and d["ct_reselect"] == 1 and d["pass_nat_no_flow"] == 1, d
+    # the client's next connection on the same tuple starts over as a nat flow
+    before = lb.counters()
+    r = lb.run(tcp4(flags="S"))
     assert r.retval == XDP_TX and lb.delta(before)["ct_reselect"] == 1
     out = Ether(r.data)
     assert out["IP"].src == SNAT4 and out["TCP"].dport == 8080

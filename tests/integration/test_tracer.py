@@ -253,6 +253,40 @@ def test_only_watched_endpoints_are_reported(lab, tracers):
 
 
 @privileged
+def test_remote_port_filter_reports_only_ports_in_range(lab, tracers):
+    """A nat backend endpoint is watched for SNAT source ports only: the node's other
+    clients of the same port never reach the ring buffer."""
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT, remote_ports=(20000, 20010))
+    srv = Server(node)
+
+    def from_port(cport):
+        c = node.socket(socket.AF_INET)
+        c.settimeout(5)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        c.bind((CLIENT4, cport))
+        c.connect((VIP4, PORT))
+        a, _ = srv.sock.accept()
+        c.close()
+        a.recv(1)
+        a.close()
+
+    try:
+        from_port(20011)  # just outside
+        from_port(19999)
+        from_port(20005)  # inside
+        (ev,) = collect(t, 1)
+        assert (ev.flow.src, ev.flow.sport) == (CLIENT4, 20005)
+        assert settle(t) == []
+        assert t.stats().emitted == 1
+    finally:
+        srv.close()
+    with pytest.raises(ValueError):
+        t.watch(VIP4, PORT, remote_ports=(10, 5))
+
+
+@privileged
 def test_reset_connection_is_reported(lab, tracers):
     node = lab["node"]
     t = tracers(node.netns_cookie())

@@ -434,12 +434,12 @@ def test_key_file_path_through_a_file(tmp_path, fake_net):
         validate_host(c, sys_class_net=fake_net)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_key_file_permission_denied(tmp_path, fake_net):
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_key_file_readable_by_others_is_refused(tmp_path, fake_net, mode):
     key = write_key(tmp_path, cfg.generate_key())
-    os.chmod(key, 0)
+    os.chmod(key, mode)
     c = parse(BASE.replace("/etc/meshlb/cluster.key", str(key)))
-    with pytest.raises(ConfigError, match="Permission denied"):
+    with pytest.raises(ConfigError, match=rf"cluster.key_file: .* \(mode {mode:04o}\); chmod 600 it"):
         validate_host(c, sys_class_net=fake_net)
 
 
