@@ -75,7 +75,7 @@ class Agent:
         self.control: control.ControlServer | None = None
         self.metrics: metrics.MetricsServer | None = None
         self.vip_ids: dict[str, int] = {}
-        self.backend_ids: dict[tuple[str, int], int] = {}
+        self.backend_ids: dict[tuple[str, str, int], int] = {}
         self.plans: dict[str, forwarding.VipPlan] = {}
         self.digest = ""
         self.table_changes = 0
@@ -392,7 +392,7 @@ class Agent:
         holds the previous agent's ids, which conntrack entries point at: a member
         takes back the id already holding its address and port, and new ids avoid
         them, so no established flow is silently handed to another backend."""
-        key = (name, port)
+        key = (name, addr, port)  # a member has one id per address family and nat port
         bid = self.backend_ids.get(key)
         if bid is not None:
             return bid
@@ -407,10 +407,10 @@ class Agent:
         """A backend id is released only when its member is gone from the member list
         (reaped); while it is suspect or dead the id keeps pointing at it so established
         flows are not silently moved to another backend."""
-        for (name, port), bid in list(self.backend_ids.items()):
-            if name not in members:
+        for key, bid in list(self.backend_ids.items()):
+            if key[0] not in members:
                 self.balancer.remove_backend(bid)
-                del self.backend_ids[(name, port)]
+                del self.backend_ids[key]
 
     # ------------------------------------------------------------------ gossip
 
@@ -714,7 +714,7 @@ class Agent:
         limit = int(args.get("limit") or 1000)
         entries = self.balancer.conntrack_entries()
         now = time.monotonic_ns()
-        names = {bid: name for (name, _), bid in self.backend_ids.items()}
+        names = {bid: key[0] for key, bid in self.backend_ids.items()}
         out = []
         for k, v in entries[:limit]:
             fam = k.family
@@ -743,9 +743,10 @@ class Agent:
             st = self.balancer.vip_stats(self.vip_ids[spec.key])
             vip_traffic[spec.key] = (st.packets, st.bytes)
         backend_traffic = {}
-        for (name, port), bid in self.backend_ids.items():
+        for (name, addr, port), bid in self.backend_ids.items():
             st = self.balancer.backend_stats(bid)
-            backend_traffic[f"{name}:{port}" if port else name] = (st.packets, st.bytes)
+            label = f"[{addr}]" if ":" in addr else addr
+            backend_traffic[f"{name} {label}:{port}" if port else f"{name} {label}"] = (st.packets, st.bytes)
         stats = self.driver.stats
         transport = stats.get("transport", {})
         node_stats = stats.get("node", {})
