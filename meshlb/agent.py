@@ -108,6 +108,7 @@ class Agent:
             await self._start_metrics()
             self._start_tracer_reader()
             await self.rebuild()
+            self._tasks.append(asyncio.create_task(self._warm_neighbours_loop(), name="neighbours"))
             if self.cfg.conntrack.idle_timeout_s > 0:
                 self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
             loop.add_signal_handler(signal.SIGTERM, self.request_leave)
@@ -500,6 +501,31 @@ class Agent:
         if self.balancer.conntrack_delete(fk):
             return True
         return self.balancer.nat_delete_backend_side(fk)
+
+    async def _warm_neighbours_loop(self) -> None:
+        """Keep the kernel's neighbour entries of every member address fresh, IPv6 ones
+        included (health checks use the gossip address only): bpf_fib_lookup cannot
+        resolve a neighbour itself, and a miss passes the packet to the local stack."""
+        socks = {}
+        try:
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                s = socket.socket(fam, socket.SOCK_DGRAM)
+                s.setblocking(False)
+                socks[fam] = s
+            while True:
+                for m in self.driver.members():
+                    if m.name == self.name or m.status.value not in ("alive", "suspect"):
+                        continue
+                    for addr in {m.address[0], *m.meta.addresses}:
+                        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+                        if addr.lower().startswith("fe80"):
+                            continue
+                        with contextlib.suppress(OSError):
+                            socks[fam].sendto(b"", (addr, 9))  # discard port: resolution is the point
+                await asyncio.sleep(max(1.0, self.cfg.health.interval))
+        finally:
+            for s in socks.values():
+                s.close()
 
     async def _sweep_loop(self) -> None:
         idle_ns = int(self.cfg.conntrack.idle_timeout_s * 1e9)

