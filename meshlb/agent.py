@@ -341,12 +341,7 @@ class Agent:
         async with self._rebuild_lock:
             members = {m.name: m for m in self.driver.members()}
             usable = [] if self.draining else self.driver.usable_backends()
-            # a member backs a VIP only if it has an address of the VIP's family
-            serving = {
-                name: (tuple(v for v in m.meta.vips if _member_addr(m, ":" in v.split("]")[0]) is not None),
-                       m.meta.weight)
-                for name, m in members.items()
-            }
+            serving = serving_members(members.values())
             plans = forwarding.plan(self.vips, usable, serving)
             changed = [k for k, p in plans.items() if self.plans.get(k) is None or self.plans[k].digest != p.digest]
             tables = self._tables_for(plans, changed, members)
@@ -798,6 +793,15 @@ class Agent:
             health=health,
             health_checks=dict(self.health_checks),
         )
+
+
+def serving_members(members: Any) -> dict[str, tuple[tuple[str, ...], int]]:
+    """member name -> (VIP keys it can back, weight). A member backs a VIP only if it has
+    an address of the VIP's family (keys are "addr:port/proto", IPv6 "[addr]:port/proto")."""
+    return {
+        m.name: (tuple(v for v in m.meta.vips if _member_addr(m, v.startswith("[")) is not None), m.meta.weight)
+        for m in members
+    }
 
 
 def _member_addr(m: Any, v6: bool) -> str | None:
