@@ -20,5 +20,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test,fast]'
+pip_flags=(-q --disable-pip-version-check)
+# Debian/Ubuntu's own python3 refuses system-wide pip installs (PEP 668); meshlb runs as
+# root on the host it balances, so install into that interpreter anyway
+if "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+  pip_flags+=(--break-system-packages)
+  command -v pip3 >/dev/null || apt-get install -y -qq python3-pip >/dev/null
+fi
+"$PY" -m pip install "${pip_flags[@]}" -e '.[test,fast]'
 make -s all
