@@ -380,7 +380,10 @@ def test_three_drivers_join_evict_leave_and_crash(loop_kind):
             t0 = time.process_time()
             await asyncio.sleep(1.0)
             assert time.process_time() - t0 < 0.3
-            assert sum(d.counters["wakeups"] for d in drivers.values()) - w0 < 120
+            # a busy loop wakes thousands of times a second; right after a join the
+            # members still exchange their news (a few dozen wakeups each), more so
+            # under uvloop, whose timers have millisecond resolution
+            assert sum(d.counters["wakeups"] for d in drivers.values()) - w0 < 400
 
             # An eviction published on b reaches a and c.
             flow = FlowTuple("198.18.3.4", 51000, "10.255.0.1", 443, 6)
