@@ -473,13 +473,11 @@ class Agent:
     def _is_balanced_flow(self, f: Any) -> bool:
         """A closed socket whose local end is a VIP is a balanced flow. One whose local
         end is this node's nat backend endpoint is one only if its remote end is a SNAT
-        source: a member's address and a port in the (cluster-wide) SNAT range."""
+        source: the tracer already keeps remote ports to the SNAT range; the address
+        must be a member's."""
         if any(f.dst == s.address and f.dport == s.port for s in self.vips):
             return True
-        lo, hi = self._snat_ports
-        if not lo <= f.sport <= hi:
-            return False
-        return any(m.address[0] == f.src for m in self.driver.members())
+        return any(f.src in (m.address[0], *m.meta.addresses) for m in self.driver.members())
 
     def _evict(self, t: Any) -> bool:
         try:

@@ -19,6 +19,7 @@ import threading
 from ctypes import byref, c_size_t
 
 from .libbpf_ffi import (
+    Closeable,
     ENOTSUPP,
     LIBBPF_WARN,
     BpfError,
@@ -110,7 +111,7 @@ def _btf_vlen(t: btf_type) -> int:
     return t.info & 0xFFFF
 
 
-class BpfObject:
+class BpfObject(Closeable):
     """A BPF ELF object: open, adjust (globals, sizes, pinned maps), load, use."""
 
     def __init__(self, ptr: int, path: str) -> None:
@@ -353,17 +354,6 @@ class BpfObject:
             p.fd = -1
             p._ptr = None
 
-    def __enter__(self) -> "BpfObject":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def _warnings(lines: list[tuple[int, str]], limit: int = 3) -> str:

@@ -43,6 +43,27 @@ ENOTSUPP = 524
 LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 
 
+class Closeable:
+    """Context manager and finalizer for the wrappers of kernel objects: each defines
+    close(), which must be safe to call twice; finalizing at interpreter shutdown may
+    find libbpf already gone, which is not worth an error."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 class BpfError(OSError):
     """A libbpf or bpf(2) failure.
 

@@ -9,6 +9,7 @@ from ctypes import byref, c_uint32
 from typing import Iterator, Sequence
 
 from .libbpf_ffi import (
+    Closeable,
     ENOTSUPP,
     BpfError,
     bpf_map_batch_opts,
@@ -87,7 +88,7 @@ def _round8(n: int) -> int:
     return (n + 7) & ~7
 
 
-class Map:
+class Map(Closeable):
     """One BPF map reached through a file descriptor.
 
     Maps handed out by :class:`~meshlb.dataplane.libbpf.BpfObject` share the
@@ -444,14 +445,3 @@ class Map:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Map":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass

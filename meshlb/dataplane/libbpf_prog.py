@@ -9,6 +9,7 @@ from ctypes import byref
 from dataclasses import dataclass
 
 from .libbpf_ffi import (
+    Closeable,
     BpfError,
     bpf_link_create_opts,
     bpf_link_info_head,
@@ -102,7 +103,7 @@ def obj_pinned_type(path: str) -> str:
     return "unknown"
 
 
-class Link:
+class Link(Closeable):
     """An attachment. Wraps either a libbpf ``struct bpf_link`` (from
     :meth:`Program.attach`) or a raw link fd (XDP links, pinned links)."""
 
@@ -174,20 +175,9 @@ class Link:
             os.close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> "Link":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
-class Program:
+class Program(Closeable):
     fd: int
     name: str
     type: int
@@ -299,12 +289,6 @@ class Program:
         if self._owned and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def xdp_query(ifindex: int) -> dict:

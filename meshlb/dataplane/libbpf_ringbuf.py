@@ -5,11 +5,11 @@ import ctypes
 import errno
 from typing import Callable
 
-from .libbpf_ffi import RINGBUF_SAMPLE_FN, BpfError, check, lib
+from .libbpf_ffi import RINGBUF_SAMPLE_FN, BpfError, Closeable, check, lib
 from .libbpf_map import BPF_MAP_TYPE_RINGBUF, Map
 
 
-class RingBuffer:
+class RingBuffer(Closeable):
     """Delivers each record of a RINGBUF map to ``callback(bytes)``.
 
     A Python exception in the callback is stored, the C side is told to stop
@@ -72,14 +72,3 @@ class RingBuffer:
             lib().ring_buffer__free(self._rb)
             self._rb = None
 
-    def __enter__(self) -> "RingBuffer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
