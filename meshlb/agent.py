@@ -27,6 +27,7 @@ from typing import Any
 
 from meshlb import control, forwarding, metrics, vipnet
 from meshlb import config as config_mod
+from meshlb.dataplane import bpffs
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
 from meshlb.dataplane.libbpf import BpfError, Link
@@ -165,7 +166,10 @@ class Agent:
     def _setup_dataplane(self) -> None:
         cfg = self.cfg
         pin = Path(cfg.node.pin_dir)
-        _ensure_bpffs(pin)
+        try:
+            bpffs.ensure_for(pin)
+        except OSError as exc:
+            raise RuntimeError(str(exc)) from None
         self.ifindex = vipnet.ifindex(cfg.node.iface)
         self.address = cfg.node.advertise.host if cfg.node.advertise else vipnet.interface_addresses(cfg.node.iface)[0]
         self.adopted = (pin / "conntrack").exists()
@@ -809,24 +813,6 @@ def _member_addr(m: Any, v6: bool) -> str | None:
         if (":" in addr) == v6 and not addr.lower().startswith("fe80"):
             return addr
     return None
-
-
-def _ensure_bpffs(pin_dir: Path) -> None:
-    """Pins need a BPF filesystem; containers often start without one mounted."""
-    root = Path("/sys/fs/bpf")
-    if not str(pin_dir).startswith(str(root) + "/"):
-        return
-    with open("/proc/self/mounts") as f:
-        if any(line.split()[1:3] == [str(root), "bpf"] for line in f):
-            return
-    import ctypes  # noqa: PLC0415
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    root.mkdir(parents=True, exist_ok=True)
-    if libc.mount(b"bpf", str(root).encode(), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise RuntimeError(f"no BPF filesystem at {root} and mounting one failed: {os.strerror(err)}")
-    log.info("mounted a BPF filesystem at %s", root)
 
 
 def _hostport(addr: Any, port: int) -> str:

@@ -18,8 +18,13 @@ def _privilege_problem() -> str | None:
         return "not root"
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         return "kernel has no BTF (/sys/kernel/btf/vmlinux)"
-    if not os.path.isdir("/sys/fs/bpf"):
-        return "bpffs is not mounted at /sys/fs/bpf"
+    from meshlb.dataplane import bpffs
+
+    try:
+        # what the agent does on a host without bpffs; tests that pin need it too
+        bpffs.ensure_mounted()
+    except OSError as exc:
+        return str(exc)
     return None
 
 
