@@ -9,7 +9,8 @@
  *   marked by a peer? -- yes --> (a VIP?) un-mark, PASS: never balanced twice
  *     v
  *   conntrack hit (not a SYN, VIP same generation, backend usable)?
- *     | no: VIP lookup (miss -> PASS), Maglev table of the VIP, conntrack insert
+ *     | no: VIP lookup (miss -> PASS); a closed flow's late segment -> its old
+ *     |     backend; else Maglev table of the VIP, conntrack insert
  *     v
  *   backend LOCAL -> PASS (the VIP is on our loopback)
  *   dr  -> next hop MACs (bpf_fib_lookup, cached per CPU), mark, TX/REDIRECT
@@ -481,6 +482,21 @@ int meshlb_balancer(struct xdp_md *ctx)
 	count(ct ? MLB_CNT_CT_RESELECT : MLB_CNT_CT_MISS);
 	vip_id = vip->vip_id;
 	nat = vip->flags & MLB_VIP_F_NAT;
+
+	/* A late segment of a flow that closed (its entry was evicted): to the same
+	 * backend as before, and nothing is inserted. */
+	if (!ct && !syn && p.key.proto == MLB_IPPROTO_TCP) {
+		struct ct_value *cl = bpf_map_lookup_elem(&ct_closed, &p.key);
+		if (cl && cl->vip_id == vip_id && cl->vip_gen == vip->gen) {
+			bid = cl->backend_id;
+			be = bpf_map_lookup_elem(&backends, &bid);
+			if (backend_usable(be)) {
+				count(MLB_CNT_CT_CLOSED_HIT);
+				snat_port = cl->snat_port;
+				goto selected;
+			}
+		}
+	}
 
 	/* Table path. */
 	{

@@ -78,6 +78,17 @@ struct {
 	__type(value, struct nat_rev_value);
 } nat_reverse SEC(".maps");
 
+/* Flows whose socket closed: when the agent evicts a conntrack entry it moves it
+ * here. Segments that still arrive after the close (the client's last ACK, a window
+ * update, a retransmitted FIN) follow the flow to its old backend, with its SNAT
+ * port, without bringing the conntrack entry back. Written by the agent only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MLB_CT_CLOSED_SIZE);
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+} ct_closed SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 2);

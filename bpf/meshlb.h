@@ -71,6 +71,7 @@ struct tracer_config {
 #define MLB_MAX_BACKENDS      4096   /* backend ids are 0..MLB_MAX_BACKENDS-1 */
 #define MLB_DEFAULT_RING      65537  /* Maglev table size, prime */
 #define MLB_CT_DEFAULT_SIZE   262144 /* conntrack entries (split over CPUs) */
+#define MLB_CT_CLOSED_SIZE    65536  /* recently closed flows remembered (ct_closed) */
 #define MLB_FIB_RC_SLOTS      16     /* counters reserved for bpf_fib_lookup codes */
 #define MLB_SNAT_PROBES       4      /* source ports tried per new nat flow */
 #define MLB_HASH_SEED         0x6d6c6221u
@@ -222,6 +223,8 @@ enum mlb_counter {
 	MLB_CNT_CT_SKIP_CLOSING,   /* dr/local miss on FIN/RST: forwarded, not remembered */
 	MLB_CNT_PASS_NAT_NO_FLOW,  /* nat miss on a non-SYN TCP packet: no translation
 	                            * can be right, the local stack answers with RST */
+	MLB_CNT_CT_CLOSED_HIT,     /* miss on a segment of a flow closed and evicted:
+	                            * sent to its old backend, not re-inserted */
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };

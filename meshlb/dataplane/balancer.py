@@ -29,7 +29,8 @@ PROGRAM = "meshlb_balancer"
 BPF_F_INNER_MAP = 1 << 12
 
 MAP_NAMES = ("vips", "vip_info", "vip_filter", "vip_tables", "backends", "conntrack",
-             "nat_reverse", "snat_cfg", "fib_cache", "counters", "vip_stats", "backend_stats")
+             "nat_reverse", "ct_closed", "snat_cfg", "fib_cache", "counters", "vip_stats",
+             "backend_stats")
 
 MODES = {"dr": 0, "nat": L.MLB_VIP_F_NAT}
 PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
@@ -431,14 +432,21 @@ class Balancer:
         return CtValue.from_bytes(raw) if raw is not None else None
 
     def conntrack_delete(self, key: FlowKey) -> bool:
-        """Forget a flow (and its nat reverse entry): its next packet re-selects."""
-        raw = self.maps["conntrack"].lookup(bytes(key))
+        """Forget a flow (and its nat reverse entry): its next SYN re-selects, and a
+        late segment of it still reaches its old backend through ``ct_closed``."""
+        kb = bytes(key)
+        raw = self.maps["conntrack"].lookup(kb)
         if raw is None:
             return False
         ct = CtValue.from_bytes(raw)
         if ct.flags & L.MLB_CT_F_NAT:
             self._delete_reverse_of(key, ct)
-        return self.maps["conntrack"].delete(bytes(key))
+        self.maps["ct_closed"].update(kb, raw)
+        return self.maps["conntrack"].delete(kb)
+
+    def closed_lookup(self, key: FlowKey) -> CtValue | None:
+        raw = self.maps["ct_closed"].lookup(bytes(key))
+        return CtValue.from_bytes(raw) if raw is not None else None
 
     def _delete_reverse_of(self, key: FlowKey, ct: CtValue) -> None:
         rk = self.nat_reverse_key(key, ct)
@@ -479,6 +487,7 @@ class Balancer:
         # The client may already have reused its port for a new connection with
         # another SNAT port: that flow is not the one that closed.
         if ct_raw is not None and CtValue.from_bytes(ct_raw).snat_port == rk.dport:
+            self.maps["ct_closed"].update(bytes(orig), ct_raw)
             self.maps["conntrack"].delete(bytes(orig))
         return self.maps["nat_reverse"].delete(bytes(rk))
 
@@ -488,7 +497,7 @@ class Balancer:
     def conntrack_flush(self) -> int:
         """Delete every conntrack and nat reverse entry; returns conntrack count."""
         n = 0
-        for name in ("conntrack", "nat_reverse"):
+        for name in ("conntrack", "nat_reverse", "ct_closed"):
             keys = [k for k, _ in self.maps[name].lookup_batch()]
             d = self.maps[name].delete_batch(keys) if keys else 0
             if name == "conntrack":

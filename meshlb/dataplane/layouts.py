@@ -23,6 +23,7 @@ MLB_MAX_VIPS = 1024
 MLB_MAX_BACKENDS = 4096
 MLB_DEFAULT_RING = 65537
 MLB_CT_DEFAULT_SIZE = 262144
+MLB_CT_CLOSED_SIZE = 65536
 MLB_FIB_RC_SLOTS = 16
 MLB_SNAT_PROBES = 4
 MLB_HASH_SEED = 0x6D6C6221
@@ -79,7 +80,8 @@ class Counter(enum.IntEnum):
     FIB_CACHED = 27
     CT_SKIP_CLOSING = 28
     PASS_NAT_NO_FLOW = 29
-    FIB_RC = 30  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
+    CT_CLOSED_HIT = 30
+    FIB_RC = 31  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
 
 
 MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS

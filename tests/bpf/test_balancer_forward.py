@@ -390,3 +390,58 @@ def test_nat_conntrack_delete_removes_reverse_entry(lb):
     before = lb.counters()
     assert lb.run(rep).retval == XDP_PASS
     assert lb.delta(before) == {"rx": 1, "nat_reply_miss": 1}
+
+
+# ------------------------------------------------------- flows after their close
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_dr_segment_after_eviction_follows_old_backend_without_reinsert(lb, fam):
+    f = setup_vip(lb, fam, "dr", table_backend=1)
+    assert lb.run(f["tcp"](flags="S")).retval == XDP_TX
+    # the table moves on, then the flow's socket closes and the agent evicts it
+    lb.lb.set_vip_table(5, [2] * RING)
+    assert lb.lb.conntrack_delete(key_of(f["tcp"]()))
+    assert lb.lb.closed_lookup(key_of(f["tcp"]())).backend_id == 1
+    # the client's last ACK: to the flow's backend, not the table's, and no new entry
+    before = lb.counters()
+    r = lb.run(f["tcp"](flags="A", payload=b""))
+    assert r.retval == XDP_TX and Ether(r.data).dst == MAC_BE_TX
+    d = lb.delta(before)
+    assert d["ct_closed_hit"] == 1 and "ct_insert" not in d, d
+    assert lb.lb.conntrack_count() == 0
+    # a SYN reusing the tuple is a new connection: the table decides and it is kept
+    r = lb.run(f["tcp"](flags="S"))
+    assert r.retval == XDP_REDIRECT and lb.lb.conntrack_lookup(key_of(f["tcp"]())).backend_id == 2
+
+
+def test_closed_flow_of_a_changed_vip_is_not_followed(lb):
+    setup_vip(lb, "v4", "dr", table_backend=1)
+    assert lb.run(tcp4(flags="S")).retval == XDP_TX
+    assert lb.lb.conntrack_delete(key_of(tcp4()))
+    # the VIP changes mode (a new generation): the closed entry no longer applies
+    setup_vip(lb, "v4", "nat", table_backend=2, nat_port=8080)
+    before = lb.counters()
+    r = lb.run(tcp4(flags="A"))
+    assert r.retval == XDP_PASS
+    d = lb.delta(before)
+    assert "ct_closed_hit" not in d and d["pass_nat_no_flow"] == 1, d
+
+
+def test_nat_segment_after_close_keeps_its_snat_port(lb):
+    setup_vip(lb, "v4", "nat", nat_port=8080)
+    pkt = tcp4(flags="S")
+    assert lb.run(pkt).retval == XDP_TX
+    sp = snat_port_of(lb, pkt)
+    # the backend's socket closed: its tracer names the flow as the backend saw it
+    seen = L.flow_key(SNAT4, sp, BE_TX4, 8080, 6)
+    assert lb.lb.nat_delete_backend_side(seen)
+    assert lb.lb.conntrack_count() == 0 and lb.lb.nat_entries() == []
+    before = lb.counters()
+    r = lb.run(tcp4(flags="A", payload=b""))
+    assert r.retval == XDP_TX, lb.delta(before)
+    out = Ether(r.data)
+    assert out[IP].dst == BE_TX4 and out[IP].src == SNAT4 and out[TCP].sport == sp
+    assert checksums_valid(r.data)
+    d = lb.delta(before)
+    assert d["ct_closed_hit"] == 1 and "ct_insert" not in d and "pass_nat_no_flow" not in d, d
+    assert lb.lb.conntrack_count() == 0 and lb.lb.nat_entries() == []
+    assert lb.lb.conntrack_flush() == 0 and lb.lb.closed_lookup(key_of(pkt)) is None
