@@ -301,10 +301,6 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pin / XDP_LINK_PIN)
         if self.tracer is not None:
-            link = self.tracer.link
-            if link is not None:
-                with contextlib.suppress(Exception):
-                    link.detach()
             with contextlib.suppress(Exception):
                 self.tracer.unpin(pin / TRACER_SUBDIR)
             self.tracer.close()
@@ -699,13 +695,17 @@ class Agent:
             "self": m.name == self.name,
         }
 
+    def _tracer_stats(self) -> dict[str, int]:
+        t = self.tracer.stats()
+        return {"emitted": t.emitted, "ringbuf_full": t.ringbuf_full, "queue_dropped": t.queue_dropped,
+                "recovered": t.recovered, "missed": t.missed}
+
     async def _op_members(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
         members = sorted(self.driver.members(), key=lambda m: m.name)
         return {"node": self.name, "now": now, "members": [self._member_json(m, now) for m in members]}
 
     async def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        t = self.tracer.stats()
         return {
             "node": self.name,
             "uptime_s": round(time.time() - self._started, 1),
@@ -715,7 +715,7 @@ class Agent:
             "dataplane": self.balancer.counters(),
             "conntrack_entries": self.balancer.conntrack_count(),
             "evictions": dict(self.evictions),
-            "tracer": {"emitted": t.emitted, "ringbuf_full": t.ringbuf_full, "queue_dropped": t.queue_dropped},
+            "tracer": self._tracer_stats(),
             "gossip": dict(self.driver.stats),
         }
 
@@ -789,6 +789,7 @@ class Agent:
             dataplane_reasons=self.balancer.counters(),
             conntrack_entries=self.balancer.conntrack_count(),
             evictions=dict(self.evictions),
+            tracer_events=self._tracer_stats(),
             gossip_datagrams={"sent": transport.get("datagrams_sent", 0),
                               "received": transport.get("datagrams_received", 0)},
             gossip_drops=drops,

@@ -34,6 +34,7 @@ class Snapshot:
     dataplane_reasons: Mapping[str, int] = field(default_factory=dict)  # reason -> packets
     conntrack_entries: int = 0
     evictions: Mapping[str, int] = field(default_factory=dict)  # sent/received/applied/...
+    tracer_events: Mapping[str, int] = field(default_factory=dict)  # emitted/recovered/missed/...
     gossip_datagrams: Mapping[str, int] = field(default_factory=dict)  # sent/received
     gossip_drops: Mapping[str, int] = field(default_factory=dict)  # reason -> count
     health: Mapping[str, bool] = field(default_factory=dict)  # target -> up
@@ -76,6 +77,12 @@ class AgentCollector(Collector):
         for kind, n in sorted(s.evictions.items()):
             ev.add_metric([kind], n)
         yield ev
+
+        tr = CounterMetricFamily("meshlb_tracer_events", "Socket-release tracer records and losses, by kind",
+                                 labels=["kind"])
+        for kind, n in sorted(s.tracer_events.items()):
+            tr.add_metric([kind], n)
+        yield tr
 
         dg = CounterMetricFamily("meshlb_gossip_datagrams", "Gossip datagrams", labels=["direction"])
         for direction, n in sorted(s.gossip_datagrams.items()):

@@ -225,6 +225,10 @@ class bpf_prog_info_head(Structure):
         ("nr_map_ids", c_uint32),
         ("map_ids", c_uint64),
         ("name", c_char * 16),
+        ("_middle", c_uint8 * 112),  # ifindex .. prog_tags: not read here
+        ("run_time_ns", c_uint64),
+        ("run_cnt", c_uint64),
+        ("recursion_misses", c_uint64),  # offset 208 (uapi/linux/bpf.h, since 5.12)
     ]
 
 

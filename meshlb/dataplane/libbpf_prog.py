@@ -80,7 +80,7 @@ class TestRunResult:
 def prog_info(fd: int) -> dict:
     i = info_by_fd(fd, bpf_prog_info_head, f"program fd {fd}")
     return {"id": i.id, "type": i.type, "name": i.name.decode(errors="replace"),
-            "tag": bytes(i.tag).hex()}
+            "tag": bytes(i.tag).hex(), "recursion_misses": i.recursion_misses}
 
 
 def link_info(fd: int) -> dict:

@@ -19,6 +19,7 @@ keeping the events that arrived in between (they wait in the ring buffer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import os
@@ -28,13 +29,17 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from . import layouts as L
-from .libbpf import BpfObject, Link, Map, RingBuffer
+from .libbpf import BpfError, BpfObject, Link, Map, Program, RingBuffer
 
 __all__ = ["Tracer", "SockEvent", "Flow", "TracerStats", "own_netns_cookie",
            "endpoint_key", "TRACER_OBJECT", "TCP_STATES"]
 
 TRACER_OBJECT = Path(__file__).with_name("bpf") / "tracer.bpf.o"
 PROGRAM = "meshlb_sock_close"
+# Attached after PROGRAM; reports what the kernel's recursion guard made PROGRAM
+# miss (bpf/tracer.bpf.c says how).
+PROGRAM_BACKUP = "meshlb_sock_close_backup"
+MAP_PRIMARY_SEEN = "primary_seen"
 MAP_WATCHED = "watched_endpoints"
 MAP_EVENTS = "sock_events"
 MAP_STATS = "tracer_stats"
@@ -42,12 +47,14 @@ CONFIG_VAR = "tracer_cfg"
 MAP_CONFIG = ".rodata"   # holds tracer_cfg; pinned so an adopter can read the filter
 PIN_CONFIG = "config"
 PIN_LINK = "link"
+PIN_LINK_BACKUP = "link_backup"
+LINK_PINS = {PROGRAM: PIN_LINK, PROGRAM_BACKUP: PIN_LINK_BACKUP}
 # What pin() leaves in its directory; adopt() and unpin() expect exactly these.
-PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK)
+PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_BACKUP)
 
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; not in Python 3.11
 IPPROTO_TCP = 6
-STAT_EMITTED, STAT_RINGBUF_FULL = 0, 1
+STAT_EMITTED, STAT_RINGBUF_FULL, STAT_RECOVERED = 0, 1, 2
 
 # enum tcp_state (include/net/tcp_states.h), for readable oldstate values.
 TCP_STATES = {
@@ -134,6 +141,9 @@ class TracerStats:
     ringbuf_full: int   # records lost because the ring buffer was full
     queue_dropped: int  # decoded events lost because the asyncio queue was full
     bad_records: int    # records that did not decode (skipped)
+    recovered: int = 0  # of emitted: closes the primary program missed, the backup caught
+    missed: int = 0     # runs the kernel skipped (recursion), both programs: these
+                        # are lost only where the other program missed the same one
 
 
 class Tracer:
@@ -158,7 +168,7 @@ class Tracer:
         self._watched: Map | None = None
         self._events: Map | None = None
         self._stats: Map | None = None
-        self._link: Link | None = None
+        self._links: dict[str, Link] = {}  # program name -> its attachment
         self._rb: RingBuffer | None = None
         self._pending: list[SockEvent] = []
         self._callback: Callable[[SockEvent], None] | None = None
@@ -189,17 +199,21 @@ class Tracer:
             raise
         self._obj = obj
 
-    def attach(self) -> Link:
+    def attach(self, programs: tuple[str, ...] = (PROGRAM, PROGRAM_BACKUP)) -> Link:
+        """Attach the primary program, then the backup (order matters: the backup
+        must run after the primary for each event). Returns the first link.
+        Tracepoint links cannot be detached: they go when the last reference (fd
+        or pin) does, see :meth:`unpin` and :meth:`close`."""
         if self._obj is None:
             raise RuntimeError("load() the tracer before attach()")
-        if self._link is not None:
-            return self._link
-        self._link = self._obj.program(PROGRAM).attach()
-        return self._link
+        for name in programs:
+            if name not in self._links:
+                self._links[name] = self._obj.program(name).attach()
+        return self._links[programs[0]]
 
     @property
     def link(self) -> Link | None:
-        return self._link
+        return self._links.get(PROGRAM)
 
     def pin(self, directory: str | os.PathLike) -> None:
         """Pin maps (and the link, if attached) under ``directory`` on bpffs."""
@@ -211,8 +225,8 @@ class Tracer:
         self._stats.pin(str(d / MAP_STATS))
         if self._config is not None:
             self._config.pin(str(d / PIN_CONFIG))
-        if self._link is not None:
-            self._link.pin(str(d / PIN_LINK))
+        for name, link in self._links.items():
+            link.pin(str(d / LINK_PINS[name]))
         self._pin_dir = d
 
     @classmethod
@@ -234,8 +248,9 @@ class Tracer:
                 raw = t._config.lookup(bytes(4))
                 if raw is not None:
                     t.netns_cookie = L.TracerConfig.from_bytes(raw).netns_cookie
-            if (d / PIN_LINK).exists():
-                t._link = Link.from_pinned(str(d / PIN_LINK))
+            for name, pin in LINK_PINS.items():
+                if (d / pin).exists():
+                    t._links[name] = Link.from_pinned(str(d / pin))
         except BaseException:
             t.close()
             raise
@@ -266,9 +281,9 @@ class Tracer:
         if self._rb is not None:
             self._rb.close()
             self._rb = None
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        for link in self._links.values():
+            link.close()
+        self._links = {}
         # Maps of a BpfObject belong to it; adopted maps own their fds.
         if self._obj is not None:
             self._obj.close()
@@ -321,8 +336,17 @@ class Tracer:
             vals = self._stats.lookup_percpu(idx.to_bytes(4, "little")) or []
             return sum(int.from_bytes(v, "little") for v in vals)
 
+        missed = 0
+        for link in self._links.values():
+            with contextlib.suppress(BpfError):
+                prog = Program.from_id(link.info()["prog_id"])
+                try:
+                    missed += prog.info()["recursion_misses"]
+                finally:
+                    prog.close()
         return TracerStats(emitted=total(STAT_EMITTED), ringbuf_full=total(STAT_RINGBUF_FULL),
-                           queue_dropped=self._queue_dropped, bad_records=self._bad_records)
+                           queue_dropped=self._queue_dropped, bad_records=self._bad_records,
+                           recovered=total(STAT_RECOVERED), missed=missed)
 
     # --------------------------------------------------------------- reading
     def _ring(self) -> RingBuffer:

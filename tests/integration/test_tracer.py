@@ -15,6 +15,7 @@ import pytest
 
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.tracer import (
+    PROGRAM_BACKUP,
     TCP_STATES,
     TRACER_OBJECT,
     Flow,
@@ -407,6 +408,43 @@ def test_ring_buffer_overflow_is_counted(lab, tracers):
         srv.close()
     assert len(collect(t, 1)) == 1
     assert t.stats().ringbuf_full == st.ringbuf_full
+
+
+@privileged
+def test_each_close_is_reported_once_by_primary_and_backup_together(lab, tracers):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    srv = Server(node)
+    try:
+        ports = {connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)[1] for _ in range(40)}
+    finally:
+        srv.close()
+    got = collect(t, 40) + settle(t)
+    assert sorted(e.flow.sport for e in got) == sorted(ports)
+    st = t.stats()
+    assert st.emitted == 40 and st.recovered == 0 and st.missed == 0, st
+
+
+@privileged
+def test_backup_program_reports_what_the_primary_did_not_see(lab, request):
+    """The primary not run at all is the deterministic way to make it miss every
+    close, as the kernel's recursion guard makes it miss some."""
+    node = lab["node"]
+    t = Tracer(netns_cookie=node.netns_cookie())
+    request.addfinalizer(t.close)
+    t.load()
+    t.attach(programs=(PROGRAM_BACKUP,))
+    t.watch(VIP4, PORT)
+    srv = Server(node)
+    try:
+        ports = {connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)[1] for _ in range(10)}
+    finally:
+        srv.close()
+    got = collect(t, 10) + settle(t)
+    assert sorted(e.flow.sport for e in got) == sorted(ports)
+    st = t.stats()
+    assert st.emitted == 10 and st.recovered == 10, st
 
 
 @privileged
