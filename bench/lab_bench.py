@@ -57,7 +57,7 @@ from pyroute2 import netns as pr_netns  # noqa: E402
 
 from meshlb import control  # noqa: E402
 from meshlb.lab.lab import (  # noqa: E402
-    APP_PORT, VIP_DR, VIP_NAT, Lab, LabOptions, _wait_pid_gone, mix_addr4,
+    APP_PORT, CLIENT_NET4, ROUTER4, VIP_DR, VIP_NAT, Lab, LabOptions, _wait_pid_gone, mix_addr4,
 )
 
 BENCH_PORT = 8080
@@ -165,6 +165,7 @@ class Rig:
         hap = topo.add_namespace("hap")
         self.extra_ns.append(hap.name)
         topo.connect(hap, "br", addresses=[f"{HAP_ADDR}/24"], tx_checksum=False)
+        hap.add_route(CLIENT_NET4, gateway=ROUTER4)  # the client is behind the lab's router
         cfg = self.tmp / "haproxy.cfg"
         servers = "\n".join(f"    server mix{i} {mix_addr4(i)}:{BENCH_PORT}" for i in (1, 2, 3))
         cfg.write_text(f"""global
@@ -187,6 +188,7 @@ backend be
         nft = topo.add_namespace("nft")
         self.extra_ns.append(nft.name)
         topo.connect(nft, "br", addresses=[f"{NFT_ADDR}/24"], tx_checksum=False)
+        nft.add_route(CLIENT_NET4, gateway=ROUTER4)
         topo.enable_forwarding(nft)
         for dev in ("all", "default", "eth0"):
             nft.sysctl(f"net/ipv4/conf/{dev}/send_redirects", 0)
@@ -275,7 +277,7 @@ http {{
         return out
 
     def agent_pids(self) -> dict[str, int]:
-        return {n: v["agent_pid"] for n, v in self.lab.state["nodes"].items() if n != "client"}
+        return {n: self.lab.state["nodes"][n]["agent_pid"] for n in self.lab.mixes()}
 
     # ---- measurements
     def wrk(self, url: str | list[str], close: bool) -> dict[str, Any]:

@@ -30,8 +30,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         state = lab.Lab(opts).up(wait_s=args.wait)
     except lab.LabError as exc:
         raise CliError(str(exc)) from None
-    mixes = [n for n in state["nodes"] if n != "client"]
-    print(f"lab {args.prefix!r} up: client, {', '.join(mixes)}; VIPs: "
+    mixes = [n for n in state["nodes"] if lab.is_mix(n)]
+    print(f"lab {args.prefix!r} up: client, router, {', '.join(mixes)}; VIPs: "
           + ", ".join(f"{v['address']}:{v['port']} ({v['mode']})" for v in state["vips"]))
     return 0
 
@@ -98,7 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_status)
 
     q = lsub.add_parser("exec", help="run a command inside a node: meshlb lab exec NODE -- CMD ...")
-    q.add_argument("node", help="client or mixN")
+    q.add_argument("node", help="client, router or mixN")
     q.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
     prefix(q)
     q.set_defaults(func=cmd_exec)

@@ -1,10 +1,13 @@
 """The netns lab: a meshlb cluster on one Linux host.
 
 Shape: a bridge in a namespace of its own (nothing of the lab touches the host's
-interfaces or routes, and there is no route out), ``client`` and ``mix1``..``mixN`` each
-joined to it by a veth. Every mix runs the agent and the demo application; the client's
-route to each VIP is an ECMP multipath over all mixes hashed on the 5-tuple, as a real
-router would spread flows.
+interfaces or routes, and there is no route out), ``router`` and ``mix1``..``mixN`` each
+joined to it by a veth, and ``client`` behind ``router`` on a link of its own. Every mix
+runs the agent and the demo application. The router's route to each VIP is an ECMP
+multipath over all mixes hashed on the 5-tuple of every packet, as a data-centre router
+spreads flows; mixes answer the client through the router. (ECMP in the client itself
+would not do: Linux hashes a local TCP flow by its socket's random txhash, re-drawn
+after a retransmission timeout, so one connection could change mix mid-flow.)
 
 The lab outlives the command that built it: its state (namespaces, PIDs, sockets) is
 kept in ``/run/meshlb/lab/<prefix>/state.json`` for ``status``, ``exec`` and ``down``.
@@ -53,8 +56,20 @@ def mix_addr6(i: int) -> str:
     return f"{NET6}{10 + i:x}"
 
 
-CLIENT4 = f"{NET4}.2"
-CLIENT6 = f"{NET6}2"
+# the client's own link to the router: 198.18.1.0/24, fd00:6d6c:62:1::/64
+CLIENT_NET4 = "198.18.1.0/24"
+CLIENT_NET6 = "fd00:6d6c:62:1::/64"
+CLIENT4 = "198.18.1.2"
+CLIENT6 = "fd00:6d6c:62:1::2"
+ROUTER_CLIENT4 = "198.18.1.1"
+ROUTER_CLIENT6 = "fd00:6d6c:62:1::1"
+ROUTER4 = f"{NET4}.1"  # the router on the mixes' LAN
+ROUTER6 = f"{NET6}1"
+
+
+def is_mix(node: str) -> bool:
+    """Lab node names: ``client``, ``router``, ``mix1``..``mixN``."""
+    return node.startswith("mix") and node[3:].isdigit()
 
 
 @dataclass
@@ -158,12 +173,20 @@ class Lab:
                 f.write(os.urandom(32).hex() + "\n")
             topo.add_bridge("br")
             client = topo.add_namespace("client")
+            router = topo.add_namespace("router")
             # veth quirks of native XDP (see Topology.connect): full transmit checksums
             # everywhere, and an XDP program on the bridge side of every balancer port
-            topo.connect(client, "br", addresses=[f"{CLIENT4}/24", f"{CLIENT6}/64"], tx_checksum=False)
-            topo.enable_l4_multipath_hash(client)
+            topo.connect(router, "br", addresses=[f"{ROUTER4}/24", f"{ROUTER6}/64"], tx_checksum=False)
+            topo.link_pair(client, router, a_ifname="eth0", b_ifname="eth1",
+                           a_addresses=[f"{CLIENT4}/24", f"{CLIENT6}/64"],
+                           b_addresses=[f"{ROUTER_CLIENT4}/24", f"{ROUTER_CLIENT6}/64"], tx_checksum=False)
+            client.add_route("0.0.0.0/0", gateway=ROUTER_CLIENT4)
+            client.add_route("::/0", gateway=ROUTER_CLIENT6)
+            topo.enable_forwarding(router)
+            topo.enable_l4_multipath_hash(router)
             nodes: dict[str, Any] = {
                 "client": {"netns": client.name, "addresses": [CLIENT4, CLIENT6]},
+                "router": {"netns": router.name, "addresses": [ROUTER4, ROUTER6, ROUTER_CLIENT4, ROUTER_CLIENT6]},
             }
             mixes: list[Namespace] = []
             for i in range(1, opts.nodes + 1):
@@ -173,14 +196,10 @@ class Lab:
                 ns.sysctl("net.ipv6.conf.all.forwarding", 0)
                 topo.connect(ns, "br", addresses=[f"{mix_addr4(i)}/24", f"{mix_addr6(i)}/64"],
                              peer_xdp_pass=True, tx_checksum=False)
+                ns.add_route(CLIENT_NET4, gateway=ROUTER4)
+                ns.add_route(CLIENT_NET6, gateway=ROUTER6)
                 mixes.append(ns)
-            for vip in opts.vips:
-                plen = "/128" if ":" in vip["address"] else "/32"
-                gws = [mix_addr6(i) if ":" in vip["address"] else mix_addr4(i) for i in range(1, opts.nodes + 1)]
-                if len(gws) == 1:
-                    client.add_route(vip["address"] + plen, gateway=gws[0])
-                else:
-                    client.add_route(vip["address"] + plen, multipath=gws)
+            set_next_hops(router, opts.vips, [f"mix{i}" for i in range(1, opts.nodes + 1)])
             for i, ns in enumerate(mixes, start=1):
                 name = f"mix{i}"
                 cfg_path = self.sdir / f"{name}.toml"
@@ -238,7 +257,7 @@ class Lab:
     def wait_converged(self, timeout: float) -> None:
         """Until every mix's agent answers and sees every mix alive with one table digest."""
         deadline = time.monotonic() + timeout
-        want = {n for n in self.state["nodes"] if n != "client"}
+        want = set(self.mixes())
         last = "no answer yet"
         while time.monotonic() < deadline:
             try:
@@ -273,6 +292,15 @@ class Lab:
 
     def namespace(self, node: str) -> Namespace:
         return Namespace(None, self.state["nodes"][node]["netns"], node)
+
+    def mixes(self) -> list[str]:
+        return sorted((n for n in self.state["nodes"] if is_mix(n)), key=lambda n: int(n[3:]))
+
+    def route_vips_through(self, mixes: list[str]) -> None:
+        """Point the router's ECMP route for every VIP at ``mixes`` only: what a real
+        router does when its own check (BFD, a BGP hold timer) withdraws a dead next
+        hop, and when the node comes back."""
+        set_next_hops(self.namespace("router"), self.state["vips"], mixes)
 
     def restart_agent(self, node: str, kill_signal: int = signal.SIGKILL) -> int:
         info = self.state["nodes"][node]
@@ -344,6 +372,13 @@ class Lab:
             PIN_ROOT.rmdir()  # only if empty: other agents may pin there
 
 
+def set_next_hops(router: Namespace, vips: list[dict[str, Any]], mixes: list[str]) -> None:
+    for vip in vips:
+        v6 = ":" in vip["address"]
+        gws = [mix_addr6(int(m[3:])) if v6 else mix_addr4(int(m[3:])) for m in mixes]
+        router.set_next_hops(vip["address"] + ("/128" if v6 else "/32"), gws)
+
+
 def _tail(path: str, lines: int = 12) -> str:
     try:
         text = Path(path).read_text(errors="replace").strip().splitlines()
@@ -354,7 +389,7 @@ def _tail(path: str, lines: int = 12) -> str:
 
 def _is_lab_netns(name: str, prefix: str) -> bool:
     rest = name[len(prefix) + 1 :] if name.startswith(prefix + "-") else None
-    return rest is not None and (rest in ("br", "client") or (rest.startswith("mix") and rest[3:].isdigit()))
+    return rest is not None and (rest in ("br", "client", "router") or is_mix(rest))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -43,6 +43,9 @@ __all__ = [
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; Python 3.11 lacks the name
 IFA_F_NODAD = 0x02
+# fib_multipath_hash_fields: source and destination address, protocol, source and
+# destination port (Documentation/networking/ip-sysctl.rst)
+L4_HASH_FIELDS = 0x0001 | 0x0002 | 0x0004 | 0x0010 | 0x0020
 
 T = TypeVar("T")
 
@@ -225,6 +228,21 @@ class Namespace:
             if ifname:
                 kw["oif"] = self._index(ipr, ifname)
             ipr.route("add", **kw)
+
+    def set_next_hops(self, dst: str, gateways: Sequence[str]) -> None:
+        """Make ``dst``'s route go through ``gateways`` (ECMP when more than one),
+        replacing the route in one netlink call so no packet finds none."""
+        if not gateways:
+            raise TopologyError(f"{self.name}: no next hop for {dst}")
+        net = ipaddress.ip_network(dst, strict=False)
+        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+        kw: dict[str, Any] = {"dst": str(net), "family": family}
+        if len(gateways) == 1:
+            kw["gateway"] = gateways[0]
+        else:
+            kw["multipath"] = [{"gateway": g} for g in gateways]
+        with self.ipr() as ipr:
+            ipr.route("replace", **kw)
 
     def routes(self, dst: str) -> list[Any]:
         net = ipaddress.ip_network(dst, strict=False)
@@ -496,6 +514,21 @@ class Topology:
         self.ports.append(port)
         return port
 
+    def link_pair(self, a: Namespace | str, b: Namespace | str, *, a_ifname: str, b_ifname: str,
+                  a_addresses: Iterable[str] = (), b_addresses: Iterable[str] = (),
+                  tx_checksum: bool = True) -> None:
+        """A veth pair straight between two namespaces (no bridge), addressed on both ends."""
+        a, b = self._ns(a), self._ns(b)
+        with a.ipr() as ipr:
+            ipr.link("add", ifname=a_ifname, kind="veth", peer={"ifname": b_ifname, "net_ns_fd": b.name})
+        self._record(f"veth {a.name}/{a_ifname}", lambda: _delete_link(a, a_ifname))
+        for ns, ifname, addresses in ((a, a_ifname, a_addresses), (b, b_ifname, b_addresses)):
+            if not tx_checksum:
+                ns.set_tx_checksum(ifname, False)
+            ns.link_up(ifname)
+            for cidr in addresses:
+                ns.add_address(ifname, cidr)
+
     def add_loopback_vip(self, node: Namespace | str, vip: str,
                          ifnames: Iterable[str] = ("eth0",)) -> None:
         """Put ``vip`` on the node's loopback, hidden from ARP (DR / mix mode).
@@ -518,10 +551,18 @@ class Topology:
             node.add_address("lo", f"{vip}/128")
 
     def enable_l4_multipath_hash(self, node: Namespace | str) -> None:
-        """Hash ECMP next hops on the 5-tuple instead of the address pair."""
+        """Hash ECMP next hops on the 5-tuple read from each packet.
+
+        Policy 3 (custom fields), not 1: policy 1 takes a forwarded packet's hash from
+        the skb when the sender left one there, and a TCP sender's skb hash is its
+        socket's random txhash, which it changes after a retransmission timeout, while
+        its TIME_WAIT answers carry none. One flow would then reach two mixes. The
+        fields below are read from the headers, so every packet of a flow hashes alike.
+        """
         node = self._ns(node)
-        node.sysctl("net.ipv4.fib_multipath_hash_policy", 1)
-        node.sysctl("net.ipv6.fib_multipath_hash_policy", 1)
+        for fam in ("ipv4", "ipv6"):
+            node.sysctl(f"net.{fam}.fib_multipath_hash_fields", L4_HASH_FIELDS)
+            node.sysctl(f"net.{fam}.fib_multipath_hash_policy", 3)
 
     def enable_forwarding(self, node: Namespace | str) -> None:
         """Turn on forwarding for the namespace and each of its interfaces.

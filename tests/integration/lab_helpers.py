@@ -32,7 +32,7 @@ def running_lab(tag: str, **kw: Any) -> Iterator[Lab]:
 
 
 def mixes(lab: Lab) -> list[str]:
-    return sorted(n for n in lab.state["nodes"] if n != "client")
+    return lab.mixes()
 
 
 def call(lab: Lab, node: str, op: str, **args: Any) -> Any:

@@ -115,8 +115,9 @@ def test_ecmp_with_l4_hash_spreads_connections_over_both_mixes(topo):
         topo.add_loopback_vip(m, VIP4)
         topo.add_loopback_vip(m, VIP6)
     topo.enable_l4_multipath_hash(client)
-    assert client.sysctl("net.ipv4.fib_multipath_hash_policy") == "1"
-    assert client.sysctl("net.ipv6.fib_multipath_hash_policy") == "1"
+    for fam in ("ipv4", "ipv6"):
+        assert client.sysctl(f"net.{fam}.fib_multipath_hash_policy") == "3"
+        assert int(client.sysctl(f"net.{fam}.fib_multipath_hash_fields"), 0) == 0x37
     client.add_route(f"{VIP4}/32", multipath=["10.77.0.11", "10.77.0.12"])
     client.add_route(f"{VIP6}/128", multipath=["fd77::11", "fd77::12"])
     (r4,) = client.routes(f"{VIP4}/32")

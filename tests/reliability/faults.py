@@ -67,7 +67,7 @@ def reliability_lab(tag: str, *, conntrack: dict[str, Any] | None = None, wait_s
 
 
 def mixes(lab: Lab) -> list[str]:
-    return sorted((n for n in lab.state["nodes"] if n != "client"), key=lambda n: int(n[3:]))
+    return lab.mixes()
 
 
 def mix_index(node: str) -> int:
@@ -173,19 +173,9 @@ def keep_v6_addresses_on_down(lab: Lab, node: str) -> None:
 
 
 def client_next_hops(lab: Lab, nodes: list[str]) -> None:
-    """Replace the client's ECMP routes to every VIP by next hops through ``nodes``:
-    the test plays the client's router, which withdraws a dead next hop on its own
-    health check (BFD, BGP hold timer) and restores it when the node is back."""
-    client = lab.namespace("client")
-    with client.ipr() as ipr:
-        for vip in lab.state["vips"]:
-            v6 = ":" in vip["address"]
-            gws = [mix_addr6(mix_index(n)) if v6 else mix_addr4(mix_index(n)) for n in nodes]
-            dst = vip["address"] + ("/128" if v6 else "/32")
-            if len(gws) == 1:
-                ipr.route("replace", dst=dst, gateway=gws[0])
-            else:
-                ipr.route("replace", dst=dst, multipath=[{"gateway": g} for g in gws])
+    """The client's router withdraws or restores next hops: the test plays the router's
+    own health check (BFD, a BGP hold timer)."""
+    lab.route_vips_through(nodes)
 
 
 def agent_rss_kb(pid: int) -> int:
