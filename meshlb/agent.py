@@ -31,6 +31,7 @@ from meshlb.dataplane import bpffs
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
 from meshlb.dataplane.libbpf import BpfError, Link
+from meshlb.dataplane.marks import MarkStore
 from meshlb.dataplane.tracer import SockEvent, Tracer
 from meshlb.forwarding import VipSpec
 
@@ -38,6 +39,9 @@ log = logging.getLogger("meshlb.agent")
 
 XDP_LINK_PIN = "xdp_link"
 TRACER_SUBDIR = "tracer"
+MARKS_PIN = "eviction_marks"
+MARKS_MAX = 65536  # origins; allocated as used
+MARKS_SAVE_INTERVAL_S = 1.0
 PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
 REBUILD_DEBOUNCE_S = 0.02
@@ -67,6 +71,8 @@ class Agent:
         self.vips = vip_specs(cfg)
         self.balancer: Balancer | None = None
         self.tracer: Tracer | None = None
+        self.marks: MarkStore | None = None
+        self._restored_marks: dict[str, tuple[int, int]] = {}
         self.xdp_link: Link | None = None
         self.xdp_mode = ""
         self.ifindex = 0
@@ -110,6 +116,7 @@ class Agent:
             self._start_tracer_reader()
             await self.rebuild()
             self._tasks.append(asyncio.create_task(self._warm_neighbours_loop(), name="neighbours"))
+            self._tasks.append(asyncio.create_task(self._save_marks_loop(), name="eviction-marks"))
             if self.cfg.conntrack.idle_timeout_s > 0:
                 self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
             loop.add_signal_handler(signal.SIGTERM, self.request_leave)
@@ -156,7 +163,8 @@ class Agent:
         else:
             # not a leave (an error): pinned state stays so forwarding carries on and
             # the next agent adopts it
-            for obj in (self.tracer, self.balancer):
+            self._save_marks()
+            for obj in (self.tracer, self.balancer, self.marks):
                 if obj is not None:
                     with contextlib.suppress(Exception):
                         obj.close()
@@ -199,6 +207,40 @@ class Agent:
             self.tracer.attach()
             self.tracer.pin(tdir)
         self._configure_snat()
+        self._open_marks(pin)
+
+    def _open_marks(self, pin: Path) -> None:
+        try:
+            self.marks = MarkStore.open(pin / MARKS_PIN, MARKS_MAX)
+        except BpfError as exc:
+            log.warning("cannot adopt pinned eviction marks (%s); starting without", exc)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pin / MARKS_PIN)
+            self.marks = MarkStore.open(pin / MARKS_PIN, MARKS_MAX)
+        # Marks describe the conntrack they were saved beside; a fresh map has no
+        # flows that old evictions could concern.
+        if self.adopted:
+            self._restored_marks = self.marks.load()
+            if self._restored_marks:
+                log.info("resuming eviction numbering of %d origin(s) from the previous run",
+                         len(self._restored_marks))
+
+    def _save_marks(self) -> None:
+        if self.marks is None or self.driver is None:
+            return
+        try:
+            self.marks.save((e.origin, e.epoch, e.contiguous) for e in self.driver.eviction_marks())
+        except (BpfError, OSError, ValueError) as exc:
+            self.evictions["marks_save_failed"] += 1
+            log.warning("cannot save eviction marks: %s", exc)
+
+    async def _save_marks_loop(self) -> None:
+        # A mark saved late only makes a restarted agent ask for a few evictions it
+        # already applied (harmless); a mark ahead of what was applied would lose some,
+        # and cannot happen: marks are read after the evictions were applied.
+        while True:
+            await asyncio.sleep(MARKS_SAVE_INTERVAL_S)
+            self._save_marks()
 
     def _attach_xdp(self, pin: Path) -> None:
         link_pin = pin / XDP_LINK_PIN
@@ -307,6 +349,9 @@ class Agent:
         if self.balancer is not None:
             self.balancer.unpin()
             self.balancer.close()
+        if self.marks is not None:
+            self.marks.unpin()
+            self.marks.close()
         with contextlib.suppress(OSError):
             pin.rmdir()
         log.info("%s: detached and unpinned", self.name)
@@ -429,9 +474,12 @@ class Agent:
     async def _start_gossip(self) -> None:
         from meshlb.cluster.driver import GossipDriver  # noqa: PLC0415
 
+        from meshlb.cluster.messages import DigestEntry  # noqa: PLC0415
+
+        marks = [DigestEntry(o, e, m, ()) for o, (e, m) in self._restored_marks.items()]
         self.driver = GossipDriver.from_config(self.cfg, name=self.name, address=self.address, keys=self.keys,
                                                meta=self._own_meta(), on_event=self._on_cluster_event,
-                                               event_queue=0)
+                                               event_queue=0, eviction_marks=marks)
         await self.driver.start()
 
     def _on_cluster_event(self, event: Any) -> None:

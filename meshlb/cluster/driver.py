@@ -93,6 +93,7 @@ class GossipDriver:
         resolve_retry: float = 5.0,
         leave_linger: float | None = None,
         node_factory: Callable[..., Any] | None = None,
+        eviction_marks: Iterable[Any] = (),
     ) -> None:
         self.name = name
         self.wire = wire
@@ -112,6 +113,8 @@ class GossipDriver:
         self.resolve_retry = resolve_retry
         self.leave_linger = leave_linger
         self._node_factory = node_factory or _default_node_factory
+        # DigestEntry-like marks of a previous run of this member (see Node.restore_eviction_marks)
+        self._eviction_marks = tuple(eviction_marks)
 
         self.node: Any = None
         self._group: Any = None
@@ -210,6 +213,8 @@ class GossipDriver:
                 group=self.transport.has_group,
             )
             self._group = _group_sentinel(self.node)
+            if self._eviction_marks:
+                self.node.restore_eviction_marks(self._eviction_marks, now)
             self.node.join(now)
             self._pump()
         except BaseException:
@@ -498,6 +503,12 @@ class GossipDriver:
 
     def update_meta(self, meta: Any) -> None:
         self._call("update_meta", meta)
+
+    def eviction_marks(self) -> list[Any]:
+        """Per origin, up to which eviction everything was received (DigestEntry)."""
+        if self.node is None:
+            return []
+        return list(self.node.eviction_marks())
 
     def members(self) -> list[Any]:
         if self.node is None:

@@ -189,6 +189,27 @@ class EvictionTracker:
             if e.origin not in self._origins:
                 self._origins[e.origin] = _Origin(e.epoch, e.contiguous, last_seen=now)
 
+    def marks(self) -> list[DigestEntry]:
+        """(origin, epoch, contiguous mark) of every origin: what an agent restarted on
+        the same conntrack state resumes from. Seqs above a hole are left out; a peer
+        offers them again, and applying an eviction twice is harmless."""
+        return [DigestEntry(name, o.epoch, o.mark, ()) for name, o in self._origins.items()]
+
+    def restore(self, entries: list[DigestEntry] | tuple[DigestEntry, ...], now: float) -> int:
+        """Resume from marks saved by a previous run: the evictions above them are the
+        ones published while it was down, and the next digest asks for them."""
+        n = 0
+        for e in entries:
+            o = self._origins.get(e.origin)
+            if o is None or e.epoch > o.epoch or (e.epoch == o.epoch and e.contiguous > o.mark):
+                self._origins[e.origin] = _Origin(e.epoch, e.contiguous, last_seen=now)
+                self._gappy.discard(e.origin)
+                n += 1
+        while len(self._origins) > self.origins_max:
+            old, _ = self._origins.popitem(last=False)
+            self._gappy.discard(old)
+        return n
+
     # ---- introspection ---------------------------------------------------------------
 
     def seen(self, origin: str, epoch: int, seq: int) -> bool:

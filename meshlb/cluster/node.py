@@ -392,6 +392,19 @@ class Node:
                 self._counters["group_evictions_dropped"] += 1
         self._queue_eviction(ev, enc, now)
 
+    def eviction_marks(self) -> list[DigestEntry]:
+        """Per other origin, the eviction number up to which every eviction was seen.
+        An agent saves these beside its conntrack state and hands them to
+        :meth:`restore_eviction_marks` after a restart."""
+        return [e for e in self._ev.marks() if e.origin != self.name]
+
+    def restore_eviction_marks(self, entries: list[DigestEntry] | tuple[DigestEntry, ...], now: float) -> None:
+        """Before :meth:`join`: resume eviction numbering where the previous run of this
+        member stopped, so the join asks for exactly the evictions published while it
+        was down (instead of taking the seed's marks and missing them)."""
+        n = self._ev.restore([e for e in entries if e.origin != self.name], now)
+        self._counters["eviction_marks_restored"] += n
+
     def update_meta(self, meta: MemberMeta, now: float) -> None:
         local = self.table.local
         alive = Alive(self.name, self.address, local.incarnation + 1, local.meta_version + 1, meta)
@@ -663,8 +676,10 @@ class Node:
         src = self._source
         if src is not None and self._allowed(src):
             # Whoever told us holds the wrong belief, and may be on the other side of a
-            # healed partition where our gossip does not go yet: answer it directly.
+            # healed partition where our gossip does not go yet: answer it directly,
+            # with our eviction digest (we may have missed evictions while doubted).
             self._send(src, [self._enc(self._self_alive())], now, piggyback=False)
+            self._send_digest(src, now)
 
     def _on_alive(self, now: float, a: Alive) -> None:
         v, meta_changed = self.table.apply_alive(a, now)
@@ -683,6 +698,11 @@ class Node:
             return
         if v is Verdict.JOINED:
             self._counters["members_joined"] += 1
+        else:
+            # Back from suspicion or death: while we could not hear each other, each
+            # side may have missed the other's evictions. Our digest makes it send
+            # what we lack now rather than at some later anti-entropy round.
+            self._send_digest(m.address, now)
         if v is not Verdict.RECOVERED:
             # A new (or returning) member goes to a random place among the members not
             # yet probed this round, rather than waiting for the next round (N probes).
@@ -899,11 +919,13 @@ class Node:
     def _send_state(self, dest: tuple[str, int], now: float, *, nonce: int, reply: bool, join: bool,
                     group: bool) -> None:
         msgs = self._state_chunks(nonce, reply, join)
-        if not join:
-            # A joiner has seen no eviction; its empty digest would make the seed send
-            # its whole buffer. It takes the seed's marks from the reply instead.
-            digest = EvictionDigest(reply, tuple(self._ev.digest(now)))
-            msgs.extend(self._digest_messages(digest))
+        entries = self._ev.digest(now)
+        if not join or any(e.origin != self.name for e in entries):
+            # A fresh joiner has seen no eviction; its empty digest would make the seed
+            # send its whole buffer, so it takes the seed's marks from the reply instead.
+            # A member that has marks (restored after a restart, or one reconnecting
+            # after a partition) sends them and gets what it missed.
+            msgs.extend(self._digest_messages(EvictionDigest(reply, tuple(entries))))
         self._send(dest, msgs, now, piggyback=False)
 
     def _digest_messages(self, digest: EvictionDigest) -> list[bytes]:
@@ -974,6 +996,13 @@ class Node:
             self._counters["reconnects"] += 1
             self._send_state(lost[self.rng.randrange(len(lost))], now, nonce=self._next_seq(), reply=False,
                              join=True, group=False)
+
+    def _send_digest(self, dest: tuple[str, int], now: float) -> None:
+        entries = self._ev.digest(now)
+        if not entries:
+            return
+        self._counters["eviction_digests_on_rejoin"] += 1
+        self._send(dest, self._digest_messages(EvictionDigest(False, tuple(entries))), now, piggyback=False)
 
     def _eviction_sync(self, now: float) -> None:
         entries = self._ev.digest(now)
