@@ -112,14 +112,15 @@ the test's probe (persistent keep-alive connections, one request per connection
 every 0.1 s, plus a new connection every 0.1 s, each outcome recorded) and `wrk`
 running alongside, both from the client to the DR VIP. The lab turns the conntrack
 idle sweep off (`idle_timeout_s = 0`) so that only socket-close evictions can empty
-the maps, which is what "conntrack left" measures. For a crash and a link down the
-test plays the client's router: it withdraws the failed mix's next hop from the
-client's ECMP route at the moment of the fault (as BFD or a BGP hold timer would)
-and restores it when the mix is back.
+the maps, which is what "conntrack left" measures. The client reaches the mixes
+through the lab's router (ECMP hashed on every packet's 5-tuple). For a crash and a
+link down the test plays the router's own failure detection: it withdraws the failed
+mix's next hop from the router's ECMP route at the moment of the fault (as BFD or a
+BGP hold timer would) and restores it when the mix is back.
 
 "Failed off the failed node" counts failed requests on connections that were open
 at the fault and involved no failed mix: neither their backend nor (for a freeze,
-a partition) the mix the client's router sent them to. Goal: 0.
+a partition) the mix the router sent them to. Goal: 0.
 """
 
 
