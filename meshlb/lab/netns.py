@@ -332,18 +332,43 @@ class Namespace:
         as they would through a real NIC.
         """
 
+        self._set_features(ifname, lambda name: name.startswith("tx-checksum"), enable)
+
+    def set_tx_vlan_insert(self, ifname: str, enable: bool) -> None:
+        """Toggle transmit VLAN tag insertion offload.
+
+        A bridge takes the outer VLAN tag of every frame it receives into the skb's
+        metadata, and a veth with tag insertion "offloaded" hands it on that way: the
+        XDP program at the other end then sees a frame without that tag. A real
+        switch puts the tag on the wire, so the lab's bridge ports towards
+        balancers insert it into the frame (the kernel does, when the device says it
+        cannot).
+        """
+        self._set_features(ifname, lambda name: name in ("tx-vlan-hw-insert", "tx-vlan-stag-hw-insert"), enable)
+
+    def _set_features(self, ifname: str, pick: Callable[[str], bool], enable: bool) -> None:
         def op() -> None:
             eth = Ethtool()
             try:
                 feats = eth.get_features(ifname)
                 for name, feat in feats.features.items():
-                    if name.startswith("tx-checksum") and feat.available:
+                    if pick(name) and feat.available:
                         feat.enable = enable
                 eth.set_features(ifname, feats)
             finally:
                 eth.close()
 
         self.run(op)
+
+    def features(self, ifname: str) -> dict[str, bool]:
+        def op() -> dict[str, bool]:
+            eth = Ethtool()
+            try:
+                return {n: bool(f.enable) for n, f in eth.get_features(ifname).features.items()}
+            finally:
+                eth.close()
+
+        return self.run(op)
 
     def tx_checksum(self, ifname: str) -> bool:
         def op() -> bool:
@@ -477,8 +502,9 @@ class Topology:
         """Join ``node`` to ``bridge`` with a veth pair and address the node end.
 
         For a node whose traffic crosses a native-mode XDP balancer on veth, pass
-        ``peer_xdp_pass=True`` (on the balancer's port) and ``tx_checksum=False``
-        (on every port): see :meth:`Namespace.attach_xdp_pass` and
+        ``peer_xdp_pass=True`` (on the balancer's port; it also makes that port put
+        VLAN tags into frames) and ``tx_checksum=False`` (on every port): see
+        :meth:`Namespace.attach_xdp_pass`, :meth:`Namespace.set_tx_vlan_insert` and
         :meth:`Namespace.set_tx_checksum` for why.
         """
         node = self._ns(node)
@@ -504,6 +530,7 @@ class Topology:
             ipr.link("set", index=pidx, state="up")
         if peer_xdp_pass:
             bridge.attach_xdp_pass(peer)
+            bridge.set_tx_vlan_insert(peer, False)
         if not tx_checksum:
             node.set_tx_checksum(ifname, False)
         node.link_up(ifname)
