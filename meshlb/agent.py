@@ -39,6 +39,14 @@ log = logging.getLogger("meshlb.agent")
 
 XDP_LINK_PIN = "xdp_link"
 TRACER_SUBDIR = "tracer"
+# The local end of a struct flow_key: dst address, then dport and proto (sport between)
+_DST = slice(L.FlowKey.dst.offset, L.FlowKey.dst.offset + L.FlowKey.dst.size)
+_DPORT_PROTO = slice(L.FlowKey.dport.offset, L.FlowKey.proto.offset + L.FlowKey.proto.size)
+
+
+def _local_end(key: bytes) -> bytes:
+    return key[_DST] + key[_DPORT_PROTO]
+
 MARKS_PIN = "eviction_marks"
 MARKS_MAX = 65536  # origins; allocated as used
 MARKS_SAVE_INTERVAL_S = 1.0
@@ -94,6 +102,7 @@ class Agent:
         self._snat_ports = DEFAULT_SNAT_PORTS
         self.changed_sysctls: dict[str, str] = {}
         self._inherited: dict[tuple[str, int], int] = {}  # (addr, port) -> id, from pins
+        self._vip_endpoint_cache: tuple[Any, frozenset[bytes]] | None = None
         self.data_addresses: list[str] = []
         self._stop = asyncio.Event()
         self._leave_requested = False
@@ -513,7 +522,8 @@ class Agent:
             self.evictions["socket_closed_unbalanced"] += 1
             return
         self.evictions["socket_closed"] += 1
-        if self._evict_key(f.key()):
+        # the program wrote the key exactly as conntrack keys the flow
+        if self._evict_key(ev.raw_key):
             self.evictions["applied_local"] += 1
         self.driver.publish_eviction(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
         self.evictions["sent"] += 1
@@ -537,11 +547,26 @@ class Agent:
 
     def _evict_key(self, key: bytes) -> bool:
         """Drop a flow: a dr/nat forward entry keyed (client -> VIP), or, for a nat flow
-        whose backend socket closed, the entry whose reply tuple this is."""
+        whose backend socket closed, the entry whose reply tuple this is. Which one the
+        key is follows from its destination: a VIP, or a backend endpoint."""
         fk = L.FlowKey.from_bytes(key)
-        if self.balancer.conntrack_delete(fk):
-            return True
+        if _local_end(key) in self._vip_endpoints():
+            return self.balancer.conntrack_delete(fk)
         return self.balancer.nat_delete_backend_side(fk)
+
+    def _vip_endpoints(self) -> frozenset[bytes]:
+        """(dst address words, dst port, proto) bytes of every VIP, as they stand in a
+        flow key: the test every eviction makes, so built once per VIP set."""
+        cached = self._vip_endpoint_cache
+        if cached is not None and cached[0] is self.vips:
+            return cached[1]
+        out = set()
+        for spec in self.vips:
+            k = L.flow_key(spec.address, 1, spec.address, spec.port, L.IPPROTO_TCP if spec.proto == "tcp"
+                           else L.IPPROTO_UDP)
+            out.add(_local_end(bytes(k)))
+        self._vip_endpoint_cache = (self.vips, frozenset(out))
+        return self._vip_endpoint_cache[1]
 
     async def _warm_neighbours_loop(self) -> None:
         """Keep the kernel's neighbour entries of every member address fresh, IPv6 ones

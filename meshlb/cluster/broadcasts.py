@@ -13,6 +13,7 @@ most-sent (and so least useful) updates go first.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -40,7 +41,9 @@ class BroadcastQueue:
             raise ValueError("max_items must be >= 1")
         self.max_items = max_items
         # transmits -> {key: item}, dicts keep insertion order = age.
-        self._buckets: dict[int, dict[Hashable, _Item]] = {}
+        # OrderedDict: dropping the oldest is popitem(last=False), O(1); a plain dict
+        # emptied from the front makes each next(iter()) scan its deleted slots
+        self._buckets: dict[int, OrderedDict[Hashable, _Item]] = {}
         self._where: dict[Hashable, int] = {}
         self.dropped = 0  # items pushed out because the queue was full
         self.invalidated = 0
@@ -61,7 +64,7 @@ class BroadcastQueue:
             if not self._buckets[old]:
                 del self._buckets[old]
             self.invalidated += 1
-        self._buckets.setdefault(0, {})[key] = _Item(key, data, mult)
+        self._buckets.setdefault(0, OrderedDict())[key] = _Item(key, data, mult)
         self._where[key] = 0
         while len(self._where) > self.max_items:
             self._drop_most_sent()
@@ -82,8 +85,7 @@ class BroadcastQueue:
     def _drop_most_sent(self) -> None:
         top = max(self._buckets)
         bucket = self._buckets[top]
-        key = next(iter(bucket))
-        del bucket[key]
+        key, _ = bucket.popitem(last=False)
         if not bucket:
             del self._buckets[top]
         del self._where[key]
@@ -91,10 +93,11 @@ class BroadcastQueue:
 
     def take(self, budget: int, overhead: int, n_members: int,
              skip: Callable[[Hashable], bool] | None = None,
-             taken: set[Hashable] | None = None) -> list[bytes]:
-        """Pick updates whose sizes (+overhead each) fit in budget bytes and count one
-        transmit for each; items reaching their limit leave the queue. With ``taken``,
-        items whose key is in it are passed over and the picked keys are added (several
+             taken: set[Hashable] | None = None, copies: int = 1) -> list[bytes]:
+        """Pick updates whose sizes (+overhead each) fit in budget bytes and count
+        ``copies`` transmits for each (the caller sends the result to that many
+        members); items reaching their limit leave the queue. With ``taken``, items
+        whose key is in it are passed over and the picked keys are added (several
         datagrams to one member never repeat an update)."""
         if taken is not None:
             outer = skip
@@ -133,7 +136,7 @@ class BroadcastQueue:
             del bucket[item.key]
             if not bucket:
                 del self._buckets[item.transmits]
-            item.transmits += 1
+            item.transmits += copies
             out.append(item.data)
             limit = limits.get(item.mult)
             if limit is None:
@@ -141,6 +144,6 @@ class BroadcastQueue:
             if item.transmits >= limit:
                 del self._where[item.key]
             else:
-                self._buckets.setdefault(item.transmits, {})[item.key] = item
+                self._buckets.setdefault(item.transmits, OrderedDict())[item.key] = item
                 self._where[item.key] = item.transmits
         return out

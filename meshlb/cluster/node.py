@@ -48,8 +48,8 @@ from .health_view import usable_backends as _usable_backends
 from .membership import MemberState, MemberTable, MemberView, Verdict
 from .messages import (
     PROTOCOL_VERSION, Ack, Alive, Dead, DigestEntry, Eviction, EvictionDigest, FlowTuple, Left,
-    MemberMeta, MemberRecord, Nack, Ping, PingReq, PushPull, Status, Suspect, decode, encode,
-    encode_meta,
+    MemberMeta, MemberRecord, Nack, Ping, PingReq, PushPull, Status, Suspect, canonical_ip, decode,
+    encode, encode_meta,
 )
 from .messages import T_ALIVE as M_ALIVE
 from .protocol_config import ProtocolConfig, push_pull_scale, retransmit_limit, suspicion_bounds
@@ -377,8 +377,8 @@ class Node:
             raise ValueError("proto must be 6 (TCP) or 17 (UDP)")
         if not (0 <= key.client_port <= 65535 and 0 <= key.vip_port <= 65535):
             raise ValueError("ports must be in 0..65535")
-        canonical = FlowTuple(str(ipaddress.ip_address(key.client)), key.client_port,
-                              str(ipaddress.ip_address(key.vip)), key.vip_port, key.proto)
+        canonical = FlowTuple(canonical_ip(key.client), key.client_port,
+                              canonical_ip(key.vip), key.vip_port, key.proto)
         self._ev_seq += 1
         ev = Eviction(self.name, self._epoch, self._ev_seq, canonical)
         self._ev.receive(ev, now)
@@ -837,7 +837,11 @@ class Node:
         # A burst (thousands of evictions a second when a busy service's connections
         # close) needs more than one datagram per target and round, or the queue
         # overflows and drops; quiet rounds still send one.
-        for name in self.table.random_live(self.rng, self.config.gossip_nodes):
+        targets = self.table.random_live(self.rng, self.config.gossip_nodes)
+        if targets and len(targets) >= n - 1:
+            self._gossip_to_all(targets, now)
+            return
+        for name in targets:
             m = self.table.get(name)
             if m is None:
                 continue
@@ -851,6 +855,24 @@ class Node:
             if not len(self._bq):
                 break
 
+    def _gossip_to_all(self, targets: list[str], now: float) -> None:
+        """A round that reaches every member: the same datagrams go to each, so every
+        update taken reaches all of them (a burst larger than one round's datagrams
+        would otherwise reach each member with other updates, and the ones dropped
+        from a full queue would miss some members), and receivers need not relay."""
+        addrs = [m.address for m in (self.table.get(name) for name in targets) if m is not None]
+        if not addrs:
+            return
+        n = self.table.live_count()
+        cap = self.wire.capacity
+        for _ in range(self.config.gossip_max_datagrams):
+            msgs = self._bq.take(cap, 0, n, copies=len(addrs))
+            if not msgs:
+                break
+            for a in addrs:
+                self._send(a, msgs, now, piggyback=False)
+                self._counters["gossip_datagrams"] += 1
+
     # ---- evictions -------------------------------------------------------------------
 
     def _queue_eviction(self, ev: Eviction, enc: bytes, now: float) -> None:
@@ -863,7 +885,14 @@ class Node:
         if r is Receipt.NEW:
             c["evictions_received"] += 1
             self._events.append(EvictionReceived(ev.tuple, ev.origin, ev.seq))
-            self._queue_eviction(ev, self._enc(ev), now)
+            if self.table.live_count() - 1 > self.config.gossip_nodes:
+                self._queue_eviction(ev, self._enc(ev), now)
+            else:
+                # Every gossip round of the origin reaches every member already, each
+                # eviction several times; relaying would only multiply the datagrams
+                # every member decrypts and drops as duplicates (a partial cut is
+                # left to the digest repair).
+                c["evictions_not_relayed"] += 1
         elif r is Receipt.DUPLICATE:
             c["evictions_duplicate"] += 1
         else:

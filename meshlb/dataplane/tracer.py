@@ -129,8 +129,8 @@ class SockEvent:
         if k.family not in (L.AF_INET, L.AF_INET6):
             raise ValueError(f"sock_event with address family {k.family}")
         flow = Flow(family=k.family, proto=k.proto,
-                    src=str(L.words_addr(k.src, k.family)), sport=L.port_host(k.sport),
-                    dst=str(L.words_addr(k.dst, k.family)), dport=L.port_host(k.dport))
+                    src=L.words_text(k.src, k.family), sport=L.port_host(k.sport),
+                    dst=L.words_text(k.dst, k.family), dport=L.port_host(k.dport))
         return cls(flow=flow, netns_cookie=ev.netns_cookie, timestamp_ns=ev.timestamp_ns,
                    oldstate=ev.oldstate, raw_key=bytes(k))
 

@@ -537,6 +537,29 @@ def test_members_back_from_a_cut_exchange_what_they_missed_at_once():
     assert sum(net.nodes[n].stats["eviction_digests_on_rejoin"] for n in net.nodes) > 0
 
 
+def test_small_cluster_does_not_relay_evictions_the_origin_sends_to_everyone():
+    net = Network(seed=34)
+    net.cluster(4)  # 3 others <= gossip_nodes (4): the origin reaches all each round
+    run_until(net, lambda: converged(net), limit=5.0)
+    _publish(net, "n00", [flow(i) for i in range(20)])
+    net.run(3.0)
+    for o in ("n01", "n02", "n03"):
+        assert len(received(net, o)) == 20
+        st = net.nodes[o].stats
+        assert st["evictions_not_relayed"] == 20 and st["evictions_duplicate"] > 0
+    # nobody but the origin sent them on: the origin heard none of its own back
+    assert net.nodes["n00"].stats["evictions_duplicate"] == 0
+
+
+def test_large_cluster_relays_evictions():
+    net = Network(seed=35)
+    net.cluster(8)  # 7 others > gossip_nodes: epidemic relaying is needed
+    run_until(net, lambda: converged(net), limit=10.0)
+    _publish(net, "n00", [flow(i) for i in range(5)])
+    run_until(net, lambda: all(len(received(net, o)) == 5 for o in net.up if o != "n00"), limit=10.0)
+    assert sum(net.nodes[o].stats["evictions_not_relayed"] for o in net.up) == 0
+
+
 def test_publish_eviction_validates_the_tuple():
     net = Network()
     (a,) = net.cluster(1)
