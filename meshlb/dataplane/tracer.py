@@ -179,6 +179,8 @@ class Tracer:
         self._queue_dropped = 0
         self._bad_records = 0
         self._pin_dir: Path | None = None
+        self._batch_delay = 0.0
+        self._batch_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -379,11 +381,16 @@ class Tracer:
         return out
 
     def start(self, callback: Callable[[SockEvent], None] | None = None,
-              loop: asyncio.AbstractEventLoop | None = None) -> None:
+              loop: asyncio.AbstractEventLoop | None = None, batch_delay: float = 0.0) -> None:
         """Read on ``loop`` (default: the running one): each event goes to
-        ``callback`` or, without one, to the queue behind :meth:`events`."""
+        ``callback`` or, without one, to the queue behind :meth:`events`.
+
+        ``batch_delay`` > 0: after a wakeup, wait that long before reading, so that
+        under load one wakeup of the loop reads many records instead of one each
+        (the cost of a busy host's thousands of closes a second is mostly wakeups)."""
         if self._loop is not None:
             raise RuntimeError("reader already started")
+        self._batch_delay = batch_delay
         loop = loop or asyncio.get_running_loop()
         rb = self._ring()
         if callback is None:
@@ -404,10 +411,26 @@ class Tracer:
             self._queue_dropped += 1
 
     def _readable(self) -> None:
-        if self._rb is not None:
-            self._rb.consume()
+        if self._rb is None:
+            return
+        if self._batch_delay > 0 and self._loop is not None and self._reader_fd is not None:
+            self._loop.remove_reader(self._reader_fd)
+            self._batch_timer = self._loop.call_later(self._batch_delay, self._read_batch)
+            return
+        self._rb.consume()
+
+    def _read_batch(self) -> None:
+        self._batch_timer = None
+        if self._rb is None or self._loop is None or self._reader_fd is None:
+            return
+        self._rb.consume()
+        # level-triggered: records that came meanwhile wake the reader again at once
+        self._loop.add_reader(self._reader_fd, self._readable)
 
     def stop(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         if self._loop is not None and self._reader_fd is not None:
             if not self._loop.is_closed():
                 self._loop.remove_reader(self._reader_fd)

@@ -355,7 +355,8 @@ def test_default_filter_is_the_callers_own_namespace(lab):
 
 
 @privileged
-def test_asyncio_reader_delivers_events(lab, tracers):
+@pytest.mark.parametrize("batch_delay", [0.0, 0.005])
+def test_asyncio_reader_delivers_events(lab, tracers, batch_delay):
     node = lab["node"]
     t = tracers(node.netns_cookie())
     t.watch(VIP4, PORT)
@@ -363,6 +364,7 @@ def test_asyncio_reader_delivers_events(lab, tracers):
 
     async def main():
         loop = asyncio.get_running_loop()
+        t.start(batch_delay=batch_delay)
         it = t.events().__aiter__()
         first = asyncio.ensure_future(it.__anext__())
         ports = []
