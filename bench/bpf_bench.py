@@ -131,8 +131,8 @@ class Bench:
         ctx = bytes(L.XdpMd(data=0, data_end=len(data), ingress_ifindex=self.ns.ifindex))
         return self.ns.call(lambda: prog.test_run(data, repeat=repeat, ctx=ctx))
 
-    def wrap(self, target, pristine: bytes, nflows: int = 0) -> None:
-        cfg = pristine[:64].ljust(64, b"\0") + struct.pack("=II", nflows, 0)
+    def wrap(self, target, pristine: bytes, nflows: int = 0, vary_seq: bool = False) -> None:
+        cfg = pristine[:64].ljust(64, b"\0") + struct.pack("=II", nflows, int(vary_seq))
         self.floor.map("wrap_cfg").update(struct.pack("=I", 0), cfg)
         self.floor.map("wrap_iter").update(struct.pack("=I", 0), struct.pack("=I", 0))
         self.floor.map("wrap_target").update(struct.pack("=I", 0),
@@ -262,8 +262,10 @@ def run_all(b: Bench, lb: Balancer, flows: list[int], args) -> int:
     b.measure("dr: TCP SYN, new tuple each: table path + conntrack insert, TX", W,
               tcp(flags="S"), XDP_TX, lb=lb, want={"ct_miss": 1, "ct_insert": 1, "tx": 1},
               wrapped=True, anchor=ANCHORS["syn"], before_run=fresh)
+    # a new connection on the same tuple: another sequence number every iteration (the
+    # same SYN again would be its retransmission, which keeps the entry)
     syn = tcp(flags="S")
-    b.wrap(P, syn)
+    b.wrap(P, syn, vary_seq=True)
     assert b.run(W, syn, 1).retval == XDP_TX  # (re)create the entry it overwrites
     b.measure("dr: TCP SYN, same tuple: table path + conntrack overwrite, TX", W, syn,
               XDP_TX, lb=lb, want={"ct_reselect": 1, "ct_insert": 1, "tx": 1}, wrapped=True,

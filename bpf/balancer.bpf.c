@@ -457,10 +457,11 @@ int meshlb_balancer(struct xdp_md *ctx)
 	int nat;
 
 	/* Conntrack first: a hit needs neither the VIP hash lookup nor the table. The
-	 * entry is trusted only while its VIP exists in the same mode (gen), and
-	 * never for a SYN: a reused tuple starts over on the table. */
+	 * entry is trusted only while its VIP exists in the same mode (gen), and for a
+	 * SYN only if it is the flow's own SYN retransmitted (same sequence number): a
+	 * new connection on a reused tuple starts over on the table. */
 	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, &p.key);
-	if (ct && !syn) {
+	if (ct && (!syn || ct->syn_seq == p.tcp_seq)) {
 		vip_id = ct->vip_id;
 		bid = ct->backend_id;
 		struct vip_meta *vi = bpf_map_lookup_elem(&vip_info, &vip_id);
@@ -483,11 +484,14 @@ int meshlb_balancer(struct xdp_md *ctx)
 	vip_id = vip->vip_id;
 	nat = vip->flags & MLB_VIP_F_NAT;
 
-	/* A late segment of a flow that closed (its entry was evicted): to the same
-	 * backend as before, and nothing is inserted. */
-	if (!ct && !syn && p.key.proto == MLB_IPPROTO_TCP) {
+	/* A late segment of a flow that closed (its entry was evicted), or its SYN
+	 * retransmitted late (a client retransmits a SYN whose answer was slow; the
+	 * copy may arrive after the connection ended): to the same backend as before,
+	 * and nothing is inserted, since no socket will close to evict it again. */
+	if (!ct && p.key.proto == MLB_IPPROTO_TCP) {
 		struct ct_value *cl = bpf_map_lookup_elem(&ct_closed, &p.key);
-		if (cl && cl->vip_id == vip_id && cl->vip_gen == vip->gen) {
+		if (cl && cl->vip_id == vip_id && cl->vip_gen == vip->gen &&
+		    (!syn || cl->syn_seq == p.tcp_seq)) {
 			bid = cl->backend_id;
 			be = bpf_map_lookup_elem(&backends, &bid);
 			if (backend_usable(be)) {
@@ -527,6 +531,7 @@ int meshlb_balancer(struct xdp_md *ctx)
 		nv.backend_id = bid;
 		nv.vip_id = vip_id;
 		nv.vip_gen = vip->gen;
+		nv.syn_seq = syn ? p.tcp_seq : 0;
 		if (nat && !(be->flags & MLB_BE_F_LOCAL) && p.key.proto == MLB_IPPROTO_TCP && !syn) {
 			/* A full-NAT TCP flow starts with a SYN; a later segment without its
 			 * entry (evicted at close, or an agent-less restart) would get a fresh

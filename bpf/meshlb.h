@@ -145,7 +145,9 @@ struct ct_value {
 	__u32 vip_gen;      /* vip_meta.gen when the flow was set up */
 	__u16 snat_port;    /* network order */
 	__u16 pad;
-	__u32 pad2;
+	__u32 syn_seq;      /* sequence number of the SYN that set the flow up (host
+	                     * order; 0: picked up mid-flow): a retransmitted SYN carries
+	                     * the same one, a new connection on the same tuple another */
 };
 
 /* Per-CPU cache of bpf_fib_lookup results by destination address (a backend, or a
@@ -223,8 +225,9 @@ enum mlb_counter {
 	MLB_CNT_CT_SKIP_CLOSING,   /* dr/local miss on FIN/RST: forwarded, not remembered */
 	MLB_CNT_PASS_NAT_NO_FLOW,  /* nat miss on a non-SYN TCP packet: no translation
 	                            * can be right, the local stack answers with RST */
-	MLB_CNT_CT_CLOSED_HIT,     /* miss on a segment of a flow closed and evicted:
-	                            * sent to its old backend, not re-inserted */
+	MLB_CNT_CT_CLOSED_HIT,     /* miss on a segment (or a retransmitted SYN) of a flow
+	                            * closed and evicted: sent to its old backend, not
+	                            * re-inserted */
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };

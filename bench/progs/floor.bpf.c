@@ -29,7 +29,7 @@ struct {
 struct wrap_cfg {
 	__u8 pristine[WRAP_BYTES];
 	__u32 nflows;  /* 0: same flow every iteration; else cycle through nflows */
-	__u32 pad;
+	__u32 vary_seq;  /* 1: another TCP sequence number every iteration (a new SYN) */
 };
 
 struct {
@@ -139,6 +139,12 @@ int bench_wrap(struct xdp_md *ctx)
 		*it = i + 1 >= cfg->nflows ? 0 : i + 1;
 		*(__u16 *)(data + 28) = (__u16)(i >> 16);
 		*(__u16 *)(data + 34) = (__u16)i;
+	}
+	if (cfg->vary_seq) {
+		/* IPv4/TCP without VLAN: the sequence number at 38 */
+		__u32 i = *it;
+		*it = i + 1;
+		*(__u32 *)(data + 38) = i;
 	}
 	bpf_tail_call(ctx, &wrap_target, 0);
 	return XDP_ABORTED;

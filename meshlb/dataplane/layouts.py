@@ -205,7 +205,7 @@ class CtValue(_Struct):
         ("vip_gen", u32),
         ("snat_port", u16),
         ("pad", u16),
-        ("pad2", u32),
+        ("syn_seq", u32),
     ]
 
 

@@ -186,8 +186,13 @@ def test_syn_reselects_reused_tuple(lb):
     setup_vip(lb, "v4", "dr", table_backend=1)
     assert lb.run(tcp4(flags="S")).retval == XDP_TX
     lb.lb.set_vip_table(5, [2] * RING)
+    # the same SYN retransmitted (same sequence number) is the same connection
     before = lb.counters()
     r = lb.run(tcp4(flags="S"))
+    assert r.retval == XDP_TX and lb.delta(before)["ct_hit"] == 1
+    # a new connection on the tuple (another initial sequence number) starts over
+    before = lb.counters()
+    r = lb.run(tcp4(flags="S", seq=777777))
     assert r.retval == XDP_REDIRECT and Ether(r.data).dst == MAC_BE_REDIR
     assert lb.delta(before) == {"rx": 1, "ct_reselect": 1, "ct_insert": 1, "redirect": 1}
     # (first packet to backend 2: a real fib lookup, not the cache)
@@ -408,8 +413,15 @@ def test_dr_segment_after_eviction_follows_old_backend_without_reinsert(lb, fam)
     d = lb.delta(before)
     assert d["ct_closed_hit"] == 1 and "ct_insert" not in d, d
     assert lb.lb.conntrack_count() == 0
-    # a SYN reusing the tuple is a new connection: the table decides and it is kept
+    # the flow's own SYN retransmitted late: to its old backend, nothing inserted
+    before = lb.counters()
     r = lb.run(f["tcp"](flags="S"))
+    assert r.retval == XDP_TX and Ether(r.data).dst == MAC_BE_TX
+    d = lb.delta(before)
+    assert d["ct_closed_hit"] == 1 and "ct_insert" not in d, d
+    assert lb.lb.conntrack_count() == 0
+    # a SYN reusing the tuple is a new connection: the table decides and it is kept
+    r = lb.run(f["tcp"](flags="S", seq=424242))
     assert r.retval == XDP_REDIRECT and lb.lb.conntrack_lookup(key_of(f["tcp"]())).backend_id == 2
 
 

@@ -167,9 +167,9 @@ def lb(netns):
         h.close()
 
 
-def tcp4(src=CLIENT4, dst=VIP4, sport=40000, dport=80, flags="A", payload=b"hello", **ip):
+def tcp4(src=CLIENT4, dst=VIP4, sport=40000, dport=80, flags="A", payload=b"hello", seq=1000, **ip):
     return (Ether(src=CLIENT_MAC, dst=MAC_A) / IP(src=src, dst=dst, ttl=61, id=7, **ip)
-            / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000) / payload)
+            / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=2000) / payload)
 
 
 def udp4(src=CLIENT4, dst=VIP4, sport=40000, dport=53, payload=b"query", **ip):
@@ -177,9 +177,9 @@ def udp4(src=CLIENT4, dst=VIP4, sport=40000, dport=53, payload=b"query", **ip):
             / UDP(sport=sport, dport=dport) / payload)
 
 
-def tcp6(src=CLIENT6, dst=VIP6, sport=40000, dport=80, flags="A", payload=b"hello", **ip):
+def tcp6(src=CLIENT6, dst=VIP6, sport=40000, dport=80, flags="A", payload=b"hello", seq=1000, **ip):
     return (Ether(src=CLIENT_MAC, dst=MAC_A) / IPv6(src=src, dst=dst, hlim=61, **ip)
-            / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000) / payload)
+            / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=2000) / payload)
 
 
 def udp6(src=CLIENT6, dst=VIP6, sport=40000, dport=53, payload=b"query", **ip):
