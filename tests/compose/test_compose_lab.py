@@ -5,7 +5,8 @@ installs Debian's docker.io and starts dockerd when none runs), the base image a
 wheelhouse (scripts/docker-base.sh: debootstrap, since no image registry is reachable
 here) and the BPF objects (make). It then builds the image on the local base, brings
 the lab up under a project name of its own, and checks it from the inside: all three
-mixes alive in `meshlb members`, and requests through each VIP answered by every mix.
+mixes alive in `meshlb members`, requests through each VIP (client -> router -> ECMP)
+answered by every mix.
 
 Everything the project made (containers, network, volume) is removed however the test
 ends, and a dockerd this test started is stopped by its PID. The images stay: they are
@@ -189,6 +190,12 @@ def test_compose_lab_balances_over_every_mix(capsys):
                 assert not missing, (
                     f"{mode} VIP {vip}: {missing} never answered in {len(answered[vip])} requests: {answered[vip]}"
                 )
+
+            # the path: client -> router (one next hop) -> ECMP over the three mixes
+            route = project.exec("client", "ip", "route", "get", "198.19.0.1").stdout
+            assert "via 198.18.0.3" in route, route
+            ecmp = project.exec("router", "ip", "route", "show", "198.19.0.1").stdout
+            assert all(f"via {a}" in ecmp for a in ("198.18.0.11", "198.18.0.12", "198.18.0.13")), ecmp
 
             # the human view: the table, from another mix than the one polled above
             table = project.exec("mix2", "meshlb", "members").stdout
