@@ -5,8 +5,8 @@
 
 Reads docs/img/lab_bench.json (bench/lab_bench.py) and docs/img/table_bench.json
 (bench/table_bench.py), whichever exist, and writes PNGs next to them:
-lab_throughput.png, lab_latency.png (and *_x3.png from lab_bench_x3.json, the keep-alive
-run with "direct x3"), table_rebuild.png, flow_movement.png.
+lab_throughput.png, lab_latency.png (and *_x3.png from a lab_bench_x3.json, if present),
+table_rebuild.png, flow_movement.png.
 Needs matplotlib (``pip install matplotlib``); nothing else in meshlb does.
 """
 from __future__ import annotations

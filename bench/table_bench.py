@@ -8,7 +8,7 @@ and the share of established flows that move when a member joins or leaves.
 Rebuild + swap follows the agent's own path (Agent._rebuild_now/_install): plan the
 tables with ``meshlb.forwarding.plan`` (cold: its table cache is cleared first), write
 each VIP's backends (``Balancer.set_backend``), translate member indices to backend ids,
-and swap each table in with ``Balancer.set_vip_table`` (a fresh inner array filled with
+and swap the tables in with ``Balancer.set_vip_tables``, as the agent does (a fresh inner array filled with
 one batch update, then one update of the outer map). The balancer is loaded but not
 attached (no pins, no interface): the maps are the real kernel maps the XDP program
 reads. Two backend layouts are timed: every VIP served by the same 100 members (the
@@ -72,7 +72,8 @@ def rebuild_and_swap(lb: Balancer, specs: list[VipSpec], serving, vip_ids: dict[
     plans = forwarding.plan(specs, list(serving), serving)
     t1 = time.perf_counter()
     backend_ids: dict[str, int] = {}
-    t_backends = t_translate = t_swap = 0.0
+    t_backends = t_translate = 0.0
+    tables: dict[int, list[int]] = {}
     for key, p in plans.items():
         a = time.perf_counter()
         ids = []
@@ -80,16 +81,17 @@ def rebuild_and_swap(lb: Balancer, specs: list[VipSpec], serving, vip_ids: dict[
             bid = backend_ids.get(name)
             if bid is None:
                 bid = backend_ids[name] = len(backend_ids) % L.MLB_MAX_BACKENDS  # ids wrap: timing only
-            lb.set_backend(bid, member_addr(name, bid), 0)
+                lb.set_backend(bid, member_addr(name, bid), 0)  # once per member, as the agent does
             ids.append(bid)
         b = time.perf_counter()
-        table = [ids[i] for i in p.table] if ids else [NO_BACKEND] * len(p.table)
+        tables[vip_ids[key]] = [ids[i] for i in p.table] if ids else [NO_BACKEND] * len(p.table)
         c = time.perf_counter()
-        lb.set_vip_table(vip_ids[key], table)
-        d = time.perf_counter()
         t_backends += b - a
         t_translate += c - b
-        t_swap += d - c
+    # all tables in one call, as the agent swaps them (identical tables share one array)
+    c = time.perf_counter()
+    lb.set_vip_tables(tables)
+    t_swap = time.perf_counter() - c
     total = time.perf_counter() - t0
     return {"plan": t1 - t0, "set_backends": t_backends, "translate": t_translate, "swap": t_swap,
             "total": total}
