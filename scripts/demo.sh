@@ -7,7 +7,7 @@ bash scripts/install-deps.sh
 meshlb lab down >/dev/null 2>&1 || true
 meshlb lab up --nodes 3
 echo
-echo "== 9 requests from the client to the dr VIP 198.19.0.1 (ECMP spreads them over the mixes)"
+echo "== 9 requests from the client to the dr VIP 198.19.0.1 (the lab router's ECMP spreads them over the mixes)"
 for i in $(seq 1 9); do meshlb lab exec client -- curl -s --max-time 2 http://198.19.0.1/; done
 echo
 echo "== 9 requests to the nat VIP 198.19.0.2"
