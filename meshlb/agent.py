@@ -42,11 +42,6 @@ TRACER_SUBDIR = "tracer"
 # The local end of a struct flow_key: dst address, then dport and proto (sport between)
 _DST = slice(L.FlowKey.dst.offset, L.FlowKey.dst.offset + L.FlowKey.dst.size)
 _DPORT_PROTO = slice(L.FlowKey.dport.offset, L.FlowKey.proto.offset + L.FlowKey.proto.size)
-
-
-def _local_end(key: bytes) -> bytes:
-    return key[_DST] + key[_DPORT_PROTO]
-
 MARKS_PIN = "eviction_marks"
 MARKS_MAX = 65536  # origins; allocated as used
 MARKS_SAVE_INTERVAL_S = 1.0
@@ -890,6 +885,10 @@ def _member_addr(m: Any, v6: bool) -> str | None:
         if (":" in addr) == v6 and not addr.lower().startswith("fe80"):
             return addr
     return None
+
+
+def _local_end(key: bytes) -> bytes:
+    return key[_DST] + key[_DPORT_PROTO]
 
 
 def _hostport(addr: Any, port: int) -> str:

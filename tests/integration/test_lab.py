@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from meshlb.lab.lab import APP_PORT, VIP_DR, VIP_NAT
+from meshlb.lab.lab import APP_PORT, VIP_DR
 from tests.integration.lab_helpers import (
-    VIPS, ab, call, client_run, conntrack_counts, curl_many, digests, members_view, mixes,
+    VIPS, ab, call, conntrack_counts, curl_many, digests, members_view, mixes,
     parse_wrk, running_lab, wait_for,
 )
 
