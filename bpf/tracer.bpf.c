@@ -180,15 +180,21 @@ static __always_inline int report_close(const struct sock *sk, int oldstate, __u
 	return 0;
 }
 
+static __always_inline __u64 *seen_slot(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&primary_seen, &zero);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(meshlb_sock_close, const struct sock *sk, int oldstate, int newstate)
 {
-	__u32 zero = 0;
 	__u64 *seen;
 
 	if (newstate != TCP_CLOSE_STATE)
 		return 0;
-	seen = bpf_map_lookup_elem(&primary_seen, &zero);
+	seen = seen_slot();
 	if (seen)
 		*seen = (__u64)sk;
 	return report_close(sk, oldstate, TRACER_STAT_EMITTED);
@@ -197,12 +203,11 @@ int BPF_PROG(meshlb_sock_close, const struct sock *sk, int oldstate, int newstat
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(meshlb_sock_close_backup, const struct sock *sk, int oldstate, int newstate)
 {
-	__u32 zero = 0;
 	__u64 *seen;
 
 	if (newstate != TCP_CLOSE_STATE)
 		return 0;
-	seen = bpf_map_lookup_elem(&primary_seen, &zero);
+	seen = seen_slot();
 	if (!seen || *seen == (__u64)sk)
 		return 0;
 	return report_close(sk, oldstate, TRACER_STAT_RECOVERED);

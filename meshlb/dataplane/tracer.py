@@ -39,7 +39,6 @@ PROGRAM = "meshlb_sock_close"
 # Attached after PROGRAM; reports what the kernel's recursion guard made PROGRAM
 # miss (bpf/tracer.bpf.c says how).
 PROGRAM_BACKUP = "meshlb_sock_close_backup"
-MAP_PRIMARY_SEEN = "primary_seen"
 MAP_WATCHED = "watched_endpoints"
 MAP_EVENTS = "sock_events"
 MAP_STATS = "tracer_stats"
