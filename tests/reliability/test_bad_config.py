@@ -224,7 +224,9 @@ def test_sighup_with_a_bad_file_keeps_the_running_config():
         path = Path(info["config"])
         good = path.read_text()
         def vips_now():
-            return [(v["vip"], v["mode"], v["backends"]) for v in call(lab, node, "vips")["vips"]]
+            # what the config decides; the backends follow the cluster's health view,
+            # which may change for a moment on a loaded machine whatever the config does
+            return [(v["vip"], v["mode"]) for v in call(lab, node, "vips")["vips"]]
 
         vips_before = vips_now()
         log = Path(info["log"])
