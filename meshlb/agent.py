@@ -48,6 +48,8 @@ MARKS_SAVE_INTERVAL_S = 1.0
 # Socket closes are read at most every 5 ms: a burst costs one loop wakeup per batch,
 # not per close, and 5 ms is nothing against the eviction's trip through the cluster.
 TRACER_BATCH_DELAY_S = 0.005
+# Longest a batch of socket closes waits in the ring for its evictions to go out.
+CLOSES_HOLD_MAX_S = 1.0
 PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
 REBUILD_DEBOUNCE_S = 0.02
@@ -101,6 +103,9 @@ class Agent:
         self.changed_sysctls: dict[str, str] = {}
         self._inherited: dict[tuple[str, int], int] = {}  # (addr, port) -> id, from pins
         self._vip_endpoint_cache: tuple[Any, frozenset[bytes]] | None = None
+        self._published_seq = 0  # number of this run's last own eviction
+        self._held_through: int | None = None  # the held batch of closes waits for this one
+        self._hold_timer: asyncio.TimerHandle | None = None
         self.data_addresses: list[str] = []
         self._stop = asyncio.Event()
         self._leave_requested = False
@@ -160,11 +165,14 @@ class Agent:
         if self.health:
             with contextlib.suppress(Exception):
                 await self.health.stop()
+        if self.tracer:
+            # closes not yet read, or read but unsent, stay in the ring for the next agent
+            self.tracer.stop()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         if self.driver and not self._leave_requested:
             with contextlib.suppress(Exception):
                 await self.driver.stop(leave=False)
-        if self.tracer:
-            self.tracer.stop()
         if self._leave_requested:
             self._teardown_dataplane()
         else:
@@ -508,7 +516,35 @@ class Agent:
     # ------------------------------------------------------------------ evictions
 
     def _start_tracer_reader(self) -> None:
-        self.tracer.start(callback=self._on_sock_event, batch_delay=TRACER_BATCH_DELAY_S)
+        # Each batch of socket closes stays in the pinned ring buffer until the
+        # evictions it published have gone out: an agent killed in between leaves
+        # them for the next one to read and publish again, instead of taking them along.
+        self.driver.on_sent = self._release_closes
+        self.tracer.start(callback=self._on_sock_event, batch_delay=TRACER_BATCH_DELAY_S,
+                          on_batch=self._hold_closes)
+
+    def _hold_closes(self) -> None:
+        self._held_through = self._published_seq
+        self._hold_timer = asyncio.get_running_loop().call_later(CLOSES_HOLD_MAX_S, self._release_held_closes)
+        self._release_closes()
+
+    def _release_closes(self) -> None:
+        need = self._held_through
+        if need is not None and self.driver.evictions_sent_through() >= need:
+            self._release_held_closes(sent=True)
+
+    def _release_held_closes(self, sent: bool = False) -> None:
+        if self._held_through is None:
+            return
+        if not sent:
+            # gossip is stuck or nobody has answered the join: local evictions must
+            # not stall behind it
+            self.evictions["closes_released_unsent"] += 1
+        self._held_through = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self.tracer.commit()
 
     def _on_sock_event(self, ev: SockEvent) -> None:
         from meshlb.cluster.node import FlowTuple  # noqa: PLC0415
@@ -523,15 +559,22 @@ class Agent:
         # the program wrote the key exactly as conntrack keys the flow
         if self._evict_key(ev.raw_key):
             self.evictions["applied_local"] += 1
-        self.driver.publish_eviction(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
+        if not self.driver.running:
+            self.evictions["unpublished_left_cluster"] += 1  # closes after the leave
+            return
+        self._published_seq = self.driver.publish_eviction(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
         self.evictions["sent"] += 1
 
     def _is_balanced_flow(self, f: Any) -> bool:
         """A closed socket whose local end is a VIP is a balanced flow. One whose local
         end is this node's nat backend endpoint is one only if its remote end is a SNAT
         source: the tracer already keeps remote ports to the SNAT range; the address
-        must be a member's."""
+        must be a member's. Until the join is answered the members are unknown (a
+        restarted agent replaying the closes its previous life left unsent): an
+        eviction too many costs a lookup, one too few leaves a flow behind."""
         if any(f.dst == s.address and f.dport == s.port for s in self.vips):
+            return True
+        if not self.driver.joined:
             return True
         return any(f.src in (m.address[0], *m.meta.addresses) for m in self.driver.members())
 

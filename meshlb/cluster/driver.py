@@ -108,6 +108,9 @@ class GossipDriver:
         self._incarnation = incarnation
         self._rng = rng or random.Random()
         self.on_event = on_event
+        # called after each batch of datagrams handed to the transport (see
+        # evictions_sent_through)
+        self.on_sent: Callable[[], None] | None = None
         self._event_queue: asyncio.Queue | None = None
         self._event_queue_size = event_queue
         self.resolve_retry = resolve_retry
@@ -190,6 +193,11 @@ class GossipDriver:
     @property
     def address(self) -> tuple[str, int]:
         return self.transport.address
+
+    @property
+    def joined(self) -> bool:
+        """The join was answered (or there was nobody to ask): members() is the cluster."""
+        return self.node is not None and bool(self.node.joined)
 
     @property
     def running(self) -> bool:
@@ -373,6 +381,12 @@ class GossipDriver:
                 tr.send_group(o.data)
             else:
                 tr.send(o.data, o.dest)
+        if out and self.on_sent is not None:
+            try:
+                self.on_sent()
+            except Exception:
+                self.counters["callback_errors"] += 1
+                log.exception("on_sent callback failed")
         try:
             events = node.take_events()
         except Exception:
@@ -497,9 +511,16 @@ class GossipDriver:
         self._wake()
 
     # -- public API -----------------------------------------------------------------------
-    def publish_eviction(self, flow: Any) -> None:
-        """Tell the cluster that ``flow`` (a FlowTuple) must be evicted everywhere."""
-        self._call("publish_eviction", flow)
+    def publish_eviction(self, flow: Any) -> int:
+        """Tell the cluster that ``flow`` (a FlowTuple) must be evicted everywhere;
+        returns the eviction's number (see :meth:`evictions_sent_through`)."""
+        return self._call("publish_eviction", flow)
+
+    def evictions_sent_through(self) -> int:
+        """Own evictions up to this number have left in a datagram (or never will)."""
+        if self.node is None:
+            return 0
+        return int(self.node.evictions_sent_through())
 
     def update_meta(self, meta: Any) -> None:
         self._call("update_meta", meta)

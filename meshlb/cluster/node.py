@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import random
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -173,6 +173,8 @@ class Node:
             repair_max=config.eviction_repair_max, origins_max=config.eviction_origins_max)
         self._epoch = int(incarnation)
         self._ev_seq = 0
+        # own evictions not yet in any datagram, oldest first (see evictions_sent_through)
+        self._ev_unsent: deque[int] = deque()
         self._group_pending: list[bytes] = []
         self._counters: Counter[str] = Counter()
         self._out: list[Outgoing] = []
@@ -372,7 +374,8 @@ class Node:
         ev, self._events = self._events, []
         return ev
 
-    def publish_eviction(self, key: FlowTuple, now: float) -> None:
+    def publish_eviction(self, key: FlowTuple, now: float) -> int:
+        """Queue an eviction of ``key`` for every member; returns its number."""
         if key.proto not in (6, 17):
             raise ValueError("proto must be 6 (TCP) or 17 (UDP)")
         if not (0 <= key.client_port <= 65535 and 0 <= key.vip_port <= 65535):
@@ -391,6 +394,22 @@ class Node:
                 del self._group_pending[0]
                 self._counters["group_evictions_dropped"] += 1
         self._queue_eviction(ev, enc, now)
+        self._ev_unsent.append(self._ev_seq)
+        return self._ev_seq
+
+    def evictions_sent_through(self) -> int:
+        """The number of this member's own evictions up to which every one has gone
+        out in at least one datagram, or will never go (dropped from a full queue),
+        or has nobody to go to (a joined member alone). A reader of socket closes
+        keeps each close it acted on until this passes the eviction it published, so
+        a close is never lost with a process killed before telling its peers."""
+        q = self._ev_unsent
+        if self._joined and self.table.live_count() <= 1:
+            q.clear()
+        bq, name, epoch = self._bq, self.name, self._epoch
+        while q and bq.transmits(("e", name, epoch, q[0])) != 0:
+            q.popleft()
+        return q[0] - 1 if q else self._ev_seq
 
     def eviction_marks(self) -> list[DigestEntry]:
         """Per other origin, the eviction number up to which every eviction was seen.

@@ -14,7 +14,9 @@ the one it was loaded with, which defaults to the cookie of the loader's namespa
 
 State outlives the agent: :meth:`Tracer.pin` pins the maps and the link under a
 directory of bpffs and :meth:`Tracer.adopt` picks them up again in a new process,
-keeping the events that arrived in between (they wait in the ring buffer).
+keeping the events that arrived in between (they wait in the ring buffer). A reader
+started with ``on_batch`` leaves each batch in the ring until it commits it, so the
+events a killed process had read but not yet acted on are read again by the next.
 """
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ import contextlib
 import errno
 import ipaddress
 import os
+import select
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from . import layouts as L
-from .libbpf import BpfError, BpfObject, Link, Map, Program, RingBuffer
+from .libbpf import BpfError, BpfObject, Link, Map, Program, RingReader
 
 __all__ = ["Tracer", "SockEvent", "Flow", "TracerStats", "own_netns_cookie",
            "endpoint_key", "TRACER_OBJECT", "TCP_STATES"]
@@ -168,7 +171,7 @@ class Tracer:
         self._events: Map | None = None
         self._stats: Map | None = None
         self._links: dict[str, Link] = {}  # program name -> its attachment
-        self._rb: RingBuffer | None = None
+        self._rb: RingReader | None = None
         self._pending: list[SockEvent] = []
         self._callback: Callable[[SockEvent], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,6 +183,8 @@ class Tracer:
         self._pin_dir: Path | None = None
         self._batch_delay = 0.0
         self._batch_timer: asyncio.TimerHandle | None = None
+        self._on_batch: Callable[[], None] | None = None
+        self._registered = False
 
     # ------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -350,10 +355,10 @@ class Tracer:
                            recovered=total(STAT_RECOVERED), missed=missed)
 
     # --------------------------------------------------------------- reading
-    def _ring(self) -> RingBuffer:
+    def _ring(self) -> RingReader:
         if self._rb is None:
             self._require_maps("read")
-            self._rb = RingBuffer(self._events, self._on_record)
+            self._rb = RingReader(self._events)
         return self._rb
 
     def _on_record(self, record: bytes) -> None:
@@ -368,6 +373,14 @@ class Tracer:
         else:
             self._pending.append(ev)
 
+    def _consume(self) -> int:
+        rb = self._ring()
+        try:
+            return rb.read(self._on_record)
+        finally:
+            if self._on_batch is None:
+                rb.commit()
+
     def poll(self, timeout_ms: int = 0) -> list[SockEvent]:
         """Wait up to ``timeout_ms`` for records; return those decoded.
 
@@ -375,32 +388,53 @@ class Tracer:
         """
         if self._loop is not None:
             raise RuntimeError("poll() while an asyncio reader is registered")
-        self._ring().poll(timeout_ms)
+        rb = self._ring()
+        if timeout_ms != 0 and rb.committed == rb.position:
+            p = select.poll()
+            p.register(rb.fd, select.POLLIN)
+            p.poll(timeout_ms)
+        self._consume()
         out, self._pending = self._pending, []
         return out
 
     def start(self, callback: Callable[[SockEvent], None] | None = None,
-              loop: asyncio.AbstractEventLoop | None = None, batch_delay: float = 0.0) -> None:
+              loop: asyncio.AbstractEventLoop | None = None, batch_delay: float = 0.0,
+              on_batch: Callable[[], None] | None = None) -> None:
         """Read on ``loop`` (default: the running one): each event goes to
         ``callback`` or, without one, to the queue behind :meth:`events`.
 
         ``batch_delay`` > 0: after a wakeup, wait that long before reading, so that
         under load one wakeup of the loop reads many records instead of one each
-        (the cost of a busy host's thousands of closes a second is mostly wakeups)."""
+        (the cost of a busy host's thousands of closes a second is mostly wakeups).
+
+        ``on_batch``: called after each batch of records; the batch stays in the
+        ring (a process that takes over reads it again) and nothing more is read
+        until :meth:`commit`. Without it every batch is committed as it is read."""
         if self._loop is not None:
             raise RuntimeError("reader already started")
         self._batch_delay = batch_delay
+        self._on_batch = on_batch
         loop = loop or asyncio.get_running_loop()
         rb = self._ring()
         if callback is None:
             self._queue = asyncio.Queue(self._queue_size)
             callback = self._enqueue
         self._callback = callback
-        fd = rb.epoll_fd()
-        loop.add_reader(fd, self._readable)
-        self._loop, self._reader_fd = loop, fd
+        self._loop, self._reader_fd = loop, rb.fd
         # Records written before we registered would not wake epoll again.
-        self._readable()
+        self._read_batch()
+
+    def commit(self) -> None:
+        """Release the batch handed to ``on_batch`` and read on."""
+        if self._rb is None:
+            return
+        self._rb.commit()
+        if self._loop is not None and self._batch_timer is None:
+            self._resume()
+
+    def holding(self) -> bool:
+        """A batch was read and awaits :meth:`commit`."""
+        return self._rb is not None and self._rb.uncommitted()
 
     def _enqueue(self, ev: SockEvent) -> None:
         assert self._queue is not None
@@ -409,33 +443,55 @@ class Tracer:
         except asyncio.QueueFull:
             self._queue_dropped += 1
 
+    def _pause(self) -> None:
+        if self._registered and self._loop is not None and self._reader_fd is not None:
+            self._loop.remove_reader(self._reader_fd)
+            self._registered = False
+
+    def _resume(self) -> None:
+        if not self._registered and self._loop is not None and self._reader_fd is not None:
+            # level-triggered: records that came meanwhile wake the reader again at once
+            self._loop.add_reader(self._reader_fd, self._readable)
+            self._registered = True
+
     def _readable(self) -> None:
         if self._rb is None:
             return
-        if self._batch_delay > 0 and self._loop is not None and self._reader_fd is not None:
-            self._loop.remove_reader(self._reader_fd)
+        if self._batch_delay > 0 and self._loop is not None:
+            self._pause()
             self._batch_timer = self._loop.call_later(self._batch_delay, self._read_batch)
             return
-        self._rb.consume()
+        self._read_batch()
 
     def _read_batch(self) -> None:
         self._batch_timer = None
-        if self._rb is None or self._loop is None or self._reader_fd is None:
+        if self._rb is None or self._loop is None:
             return
-        self._rb.consume()
-        # level-triggered: records that came meanwhile wake the reader again at once
-        self._loop.add_reader(self._reader_fd, self._readable)
+        try:
+            self._consume()
+        finally:
+            if self._on_batch is not None and self._rb.uncommitted():
+                # the ring stays readable until the commit: stop listening till then
+                self._pause()
+                try:
+                    self._on_batch()
+                except BaseException:
+                    self.commit()
+                    raise
+            else:
+                self._resume()
 
     def stop(self) -> None:
         if self._batch_timer is not None:
             self._batch_timer.cancel()
             self._batch_timer = None
-        if self._loop is not None and self._reader_fd is not None:
-            if not self._loop.is_closed():
-                self._loop.remove_reader(self._reader_fd)
+        if self._loop is not None and not self._loop.is_closed():
+            self._pause()
+        self._registered = False
         self._loop = None
         self._reader_fd = None
         self._callback = None
+        self._on_batch = None
 
     async def events(self) -> AsyncIterator[SockEvent]:
         """Async iterator over events; starts the reader if needed."""

@@ -43,6 +43,7 @@ from meshlb.dataplane.libbpf import (
     Map,
     Program,
     RingBuffer,
+    RingReader,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -766,6 +767,84 @@ def test_ringbuf_callback_exception_is_reraised_and_stream_continues(loaded):
         assert got == [b"x", b"y"]
     with pytest.raises(BpfError):
         RingBuffer(loaded.map("verdicts"), cb)
+
+
+def _payloads(got: list[bytes]) -> list[bytes]:
+    return [EVENT.unpack(r)[2].rstrip(b"\0") for r in got]
+
+
+@pytestmark_priv
+def test_ring_reader_commits_only_when_told(loaded):
+    events = loaded.map("events")
+    with RingReader(events) as first:
+        emit_events(loaded, [b"a", b"b", b"c"])
+        got: list[bytes] = []
+        assert first.read(got.append) == 3
+        assert _payloads(got) == [b"a", b"b", b"c"]
+        assert first.uncommitted()
+        assert first.read(got.append) == 0  # the read position moved on
+        # a reader that takes over (a restarted agent) gets what was read but not committed
+        with RingReader(events) as second:
+            again: list[bytes] = []
+            assert second.read(again.append) == 3
+            assert again == got
+        first.commit()
+        assert not first.uncommitted()
+        with RingReader(events) as third:
+            assert third.read(got.append) == 0
+
+
+@pytestmark_priv
+def test_ring_reader_partial_commit_limit_rewind_and_discard(loaded):
+    with RingReader(loaded.map("events")) as r:
+        emit_events(loaded, [b"one", b"\xddgone", b"two", b"three"])
+        got: list[bytes] = []
+        assert r.read(got.append, limit=1) == 1
+        mid = r.position
+        assert r.read(got.append) == 2  # the discarded record is skipped, not delivered
+        assert _payloads(got) == [b"one", b"two", b"three"]
+        r.commit(mid)
+        r.rewind()
+        again: list[bytes] = []
+        assert r.read(again.append) == 2
+        assert _payloads(again) == [b"two", b"three"]
+        with pytest.raises(ValueError):
+            r.commit(mid - 8)  # behind what is committed
+        r.commit()
+
+
+@pytestmark_priv
+def test_ring_reader_reads_records_that_wrap_the_ring(loaded):
+    events = loaded.map("events")  # 4096 bytes: 170 records of 24
+    seen: list[int] = []
+    with RingReader(events) as r:
+        for rnd in range(5):
+            emit_events(loaded, [f"r{rnd}n{i}".encode() for i in range(100)])
+            got: list[bytes] = []
+            assert r.read(got.append) == 100
+            assert _payloads(got) == [f"r{rnd}n{i}".encode() for i in range(100)]
+            seen += [EVENT.unpack(g)[1] for g in got]
+            r.commit()
+        assert r.committed > events.max_entries  # it went round the ring
+    assert seen == list(range(seen[0], seen[0] + 500))
+
+
+@pytestmark_priv
+def test_ring_reader_fd_is_readable_while_uncommitted(loaded):
+    import select
+
+    with RingReader(loaded.map("events")) as r:
+        p = select.poll()
+        p.register(r.fd, select.POLLIN)
+        assert p.poll(0) == []
+        emit_events(loaded, [b"x"])
+        assert p.poll(100)
+        r.read(lambda _: None)
+        assert p.poll(0)  # read but not committed: still there for a successor
+        r.commit()
+        assert p.poll(0) == []
+    with pytest.raises(BpfError):
+        RingReader(loaded.map("verdicts"))
 
 
 # ------------------------------------------------------------------ logging

@@ -449,6 +449,47 @@ def test_evictions_are_batched_and_go_to_group_immediately():
     assert n == 100
 
 
+def test_evictions_sent_through_follows_the_first_datagram_of_each_eviction():
+    net = Network(seed=22)
+    net.cluster(3)
+    run_until(net, lambda: converged(net), limit=5.0)
+    a = net.nodes["n00"]
+    before = a.evictions_sent_through()
+    seqs = [a.publish_eviction(flow(i), net.now) for i in range(3)]
+    assert seqs == [before + 1, before + 2, before + 3]
+    assert a.evictions_sent_through() == before  # queued, in no datagram yet
+    net._collect("n00")
+    assert a.evictions_sent_through() == before
+    net.run(0.1)  # the expedited gossip round goes out
+    assert a.evictions_sent_through() == seqs[-1]
+    net.run(0.1)
+    assert {(o, f) for o, _, f in received(net, "n01")} >= {("n00", flow(i)) for i in range(3)}
+
+
+def test_evictions_sent_through_does_not_wait_for_nobody():
+    net = Network(seed=23)
+    net.cluster(1)
+    a = net.nodes["n00"]
+    run_until(net, lambda: a.joined, limit=2.0)
+    s = a.publish_eviction(flow(1), net.now)
+    assert a.evictions_sent_through() == s  # a cluster of one: no datagram will carry it
+
+
+def test_evictions_sent_through_waits_while_the_join_is_unanswered():
+    net = Network(seed=24)
+    net.cluster(2)
+    run_until(net, lambda: converged(net), limit=5.0)
+    # a restarted member, its seed not answering yet: what it publishes must wait
+    net.cut |= {("n00", "n09"), ("n09", "n00")}
+    b = net.add("n09", 9, peers=[net.addr(0)], incarnation=5)
+    s = b.publish_eviction(flow(7), net.now)
+    net.run(0.5)
+    assert not b.joined and b.evictions_sent_through() == s - 1
+    net.cut.clear()
+    run_until(net, lambda: b.evictions_sent_through() == s, limit=5.0)
+    run_until(net, lambda: ("n09", s, flow(7)) in received(net, "n00"), limit=5.0)
+
+
 def test_missed_evictions_are_repaired_by_push_pull():
     cfg = ProtocolConfig.lan(push_pull_interval=2.0)
     net = Network(seed=21, config=cfg)

@@ -386,6 +386,64 @@ def test_asyncio_reader_delivers_events(lab, tracers, batch_delay):
 
 
 @privileged
+def test_held_batch_waits_for_commit_and_an_adopter_reads_it_again(lab):
+    """With ``on_batch`` the reader holds each batch until commit(): more closes wait in
+    the ring meanwhile, and what a killed reader had read but not committed is read
+    again by the process that adopts the pins."""
+    node = lab["node"]
+    pin_dir = f"/sys/fs/bpf/mlbtr{os.getpid()}-held"
+    first = Tracer(node.netns_cookie())
+    adopted = None
+    srv = Server(node)
+    try:
+        first.load()
+        first.attach()
+        first.watch(VIP4, PORT)
+        first.pin(pin_dir)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            got: list[SockEvent] = []
+            batches: list[int] = []
+            held = asyncio.Event()
+
+            def on_batch():
+                batches.append(len(got))
+                held.set()
+
+            first.start(callback=got.append, on_batch=on_batch)
+            p1 = (await loop.run_in_executor(None, connect_and_close, srv, socket.AF_INET, CLIENT4, VIP4))[1]
+            await asyncio.wait_for(held.wait(), 3)
+            assert [e.flow.sport for e in got] == [p1] and first.holding()
+            held.clear()
+            p2 = (await loop.run_in_executor(None, connect_and_close, srv, socket.AF_INET, CLIENT4, VIP4))[1]
+            await asyncio.sleep(0.3)
+            assert len(got) == 1  # held: the second close waits in the ring
+            first.commit()
+            await asyncio.wait_for(held.wait(), 3)
+            assert [e.flow.sport for e in got] == [p1, p2] and batches == [1, 2]
+            first.stop()  # "killed" holding the batch with p2
+            return p2
+
+        p2 = asyncio.run(main())
+        first.close()
+        adopted = Tracer.adopt(pin_dir)
+        (ev,) = collect(adopted, 1)
+        assert ev.flow.sport == p2
+        assert settle(adopted) == []
+        adopted.unpin()
+    finally:
+        srv.close()
+        first.close()
+        if adopted is not None:
+            adopted.close()
+        if os.path.isdir(pin_dir):
+            for f in os.listdir(pin_dir):
+                os.unlink(os.path.join(pin_dir, f))
+            os.rmdir(pin_dir)
+
+
+@privileged
 def test_ring_buffer_overflow_is_counted(lab, tracers):
     node = lab["node"]
     t = tracers(node.netns_cookie(), ring_size=4096)  # one page: ~56 records
