@@ -50,6 +50,10 @@ struct endpoint_filter {
 /* Ring-buffer record of the socket-release tracer: a TCP socket whose local end is
  * a watched endpoint entered CLOSE. key.src/sport is the remote peer, key.dst/dport
  * the local endpoint, so for a dr VIP it is exactly the balancer's conntrack key. */
+/* sock_event.oldstate of a segment no socket took (the kernel answered it with a
+ * reset): not a TCP state, those start at 1. */
+#define MLB_SOCK_EVENT_RESET 0
+
 struct sock_event {
 	struct flow_key key;
 	__u64 netns_cookie;

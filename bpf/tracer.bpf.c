@@ -26,6 +26,8 @@ enum meshlb_tracer_stat {
 	TRACER_STAT_EMITTED = 0,
 	TRACER_STAT_RINGBUF_FULL = 1,
 	TRACER_STAT_RECOVERED = 2,  /* emitted by the backup: the primary missed it */
+	TRACER_STAT_RESET = 3,      /* emitted for a segment no socket took (see below) */
+	TRACER_STAT_RESET_LIMITED = 4,
 	TRACER_STAT_MAX,
 };
 
@@ -74,6 +76,26 @@ struct {
 	__type(value, __u64);
 } primary_seen SEC(".maps");
 
+/*
+ * Resets reported per CPU and 100 ms at most: stray segments sent at a VIP (a scan,
+ * an ACK flood) are each answered with a reset, and must not each become an eviction
+ * every member receives.
+ */
+#define RESET_BUDGET 256
+#define RESET_WINDOW_NS 100000000ULL
+
+struct reset_budget {
+	__u64 window_start;
+	__u64 used;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct reset_budget);
+} reset_budget SEC(".maps");
+
 static __always_inline void bump(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&tracer_stats, &idx);
@@ -99,10 +121,72 @@ static __always_inline __u64 sock_netns_cookie(const struct sock *sk)
 	return cookie;
 }
 
+/* A flow of a watched endpoint ended (or was refused): one ring-buffer record. */
+static __always_inline bool take_reset_budget(void)
+{
+	__u32 zero = 0;
+	struct reset_budget *b = bpf_map_lookup_elem(&reset_budget, &zero);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!b)
+		return false;
+	if (now - b->window_start >= RESET_WINDOW_NS) {
+		b->window_start = now;
+		b->used = 0;
+	}
+	if (b->used >= RESET_BUDGET)
+		return false;
+	b->used++;
+	return true;
+}
+
+static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
+				const __u32 raddr[4], __u16 rport, int oldstate, __u32 stat)
+{
+	struct sock_event *ev;
+
+	if (!rport)
+		return 0;
+	struct endpoint_filter *filter = bpf_map_lookup_elem(&watched_endpoints, local);
+	if (!filter)
+		return 0;
+	if (filter->rport_hi) {
+		__u16 rp = bpf_ntohs(rport);
+		if (rp < filter->rport_lo || rp > filter->rport_hi)
+			return 0;
+	}
+	if (stat == TRACER_STAT_RESET && !take_reset_budget()) {
+		bump(TRACER_STAT_RESET_LIMITED);
+		return 0;
+	}
+
+	ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
+	if (!ev) {
+		bump(TRACER_STAT_RINGBUF_FULL);
+		return 0;
+	}
+	__builtin_memcpy(ev->key.src, raddr, 16);
+	__builtin_memcpy(ev->key.dst, local->addr, 16);
+	ev->key.sport = rport;
+	ev->key.dport = local->port;
+	ev->key.proto = IPPROTO_TCP_NUM;
+	ev->key.family = local->family;
+	ev->key.pad[0] = 0;
+	ev->key.pad[1] = 0;
+	ev->netns_cookie = cookie;
+	ev->timestamp_ns = bpf_ktime_get_ns();
+	ev->oldstate = oldstate;
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+	bump(TRACER_STAT_EMITTED);
+	if (stat != TRACER_STAT_EMITTED)
+		bump(stat);
+	return 0;
+}
+
 static __always_inline int report_close(const struct sock *sk, int oldstate, __u32 stat)
 {
 	struct endpoint_key local = {};
-	struct sock_event *ev;
 	__u32 raddr[4] = {};
 	__u16 family, rport;
 	__u64 cookie;
@@ -144,40 +228,7 @@ static __always_inline int report_close(const struct sock *sk, int oldstate, __u
 	local.port = BPF_CORE_READ((const struct inet_sock *)sk, inet_sport);
 	local.proto = IPPROTO_TCP_NUM;
 	rport = BPF_CORE_READ(sk, __sk_common.skc_dport);
-	if (!rport)
-		return 0;
-
-	struct endpoint_filter *filter = bpf_map_lookup_elem(&watched_endpoints, &local);
-	if (!filter)
-		return 0;
-	if (filter->rport_hi) {
-		__u16 rp = bpf_ntohs(rport);
-		if (rp < filter->rport_lo || rp > filter->rport_hi)
-			return 0;
-	}
-
-	ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
-	if (!ev) {
-		bump(TRACER_STAT_RINGBUF_FULL);
-		return 0;
-	}
-	__builtin_memcpy(ev->key.src, raddr, sizeof(raddr));
-	__builtin_memcpy(ev->key.dst, local.addr, sizeof(local.addr));
-	ev->key.sport = rport;
-	ev->key.dport = local.port;
-	ev->key.proto = IPPROTO_TCP_NUM;
-	ev->key.family = local.family;
-	ev->key.pad[0] = 0;
-	ev->key.pad[1] = 0;
-	ev->netns_cookie = cookie;
-	ev->timestamp_ns = bpf_ktime_get_ns();
-	ev->oldstate = oldstate;
-	ev->pad = 0;
-	bpf_ringbuf_submit(ev, 0);
-	bump(TRACER_STAT_EMITTED);
-	if (stat != TRACER_STAT_EMITTED)
-		bump(stat);
-	return 0;
+	return emit(cookie, &local, raddr, rport, oldstate, stat);
 }
 
 static __always_inline __u64 *seen_slot(void)
@@ -211,6 +262,77 @@ int BPF_PROG(meshlb_sock_close_backup, const struct sock *sk, int oldstate, int 
 	if (!seen || *seen == (__u64)sk)
 		return 0;
 	return report_close(sk, oldstate, TRACER_STAT_RECOVERED);
+}
+
+/*
+ * A segment of a balanced flow that no socket here takes (a flow that moved to this
+ * backend mid-connection because a mix's table or a router's next hops changed, a
+ * handshake whose ACK went elsewhere) is answered with a reset and the flow is over
+ * for its client; no socket of it will ever close here. Reported like a close, so
+ * that every mix evicts the entry, instead of keeping it until the idle sweep.
+ * Only resets without a socket or from a listener: a socket of the flow that exists
+ * reports its own close.
+ */
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(meshlb_reset_sent, const struct sock *sk, const struct sk_buff *skb)
+{
+	struct endpoint_key local = {};
+	__u32 raddr[4] = {};
+	struct tcphdr th;
+	unsigned char *head;
+	__u16 nh, toff;
+	__u8 version;
+	__u64 cookie = 0;
+
+	if (!skb)
+		return 0;  /* an active reset of a socket: it reports its own close */
+	if (sk && BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN_STATE)
+		return 0;
+	if (sk) {
+		cookie = sock_netns_cookie(sk);
+	} else {
+		/* no socket: the namespace the segment arrived in (skb->dev is not
+		 * set on every reset path, the listener's among them) */
+		struct net *net = BPF_CORE_READ(skb, dev, nd_net.net);
+
+		if (!net)
+			return 0;
+		bpf_core_read(&cookie, sizeof(cookie), &net->net_cookie);
+	}
+	if (tracer_cfg.netns_cookie && cookie != tracer_cfg.netns_cookie)
+		return 0;
+
+	head = BPF_CORE_READ(skb, head);
+	nh = BPF_CORE_READ(skb, network_header);
+	toff = BPF_CORE_READ(skb, transport_header);
+	if (bpf_probe_read_kernel(&version, 1, head + nh))
+		return 0;
+	version >>= 4;
+	if (version == 4) {
+		struct iphdr ip;
+
+		if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh) || ip.protocol != IPPROTO_TCP_NUM)
+			return 0;
+		raddr[0] = ip.saddr;
+		local.addr[0] = ip.daddr;
+		local.family = AF_INET;
+	} else if (version == 6) {
+		struct ipv6hdr ip6;
+
+		/* transport_header is past any extension headers */
+		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh))
+			return 0;
+		__builtin_memcpy(raddr, ip6.saddr.in6_u.u6_addr32, 16);
+		__builtin_memcpy(local.addr, ip6.daddr.in6_u.u6_addr32, 16);
+		local.family = AF_INET6;
+	} else {
+		return 0;
+	}
+	if (bpf_probe_read_kernel(&th, sizeof(th), head + toff) || th.rst)
+		return 0;
+	local.port = th.dest;
+	local.proto = IPPROTO_TCP_NUM;
+	return emit(cookie, &local, raddr, th.source, MLB_SOCK_EVENT_RESET, TRACER_STAT_RESET);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

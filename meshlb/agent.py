@@ -555,7 +555,9 @@ class Agent:
             # gossiping it would only cost every member a useless eviction
             self.evictions["socket_closed_unbalanced"] += 1
             return
-        self.evictions["socket_closed"] += 1
+        # a segment no socket took here: the flow is over for its client (reset) and no
+        # socket of it will close here; evicted like a close
+        self.evictions["flow_refused" if ev.refused else "socket_closed"] += 1
         # the program wrote the key exactly as conntrack keys the flow
         if self._evict_key(ev.raw_key):
             self.evictions["applied_local"] += 1
@@ -812,7 +814,8 @@ class Agent:
     def _tracer_stats(self) -> dict[str, int]:
         t = self.tracer.stats()
         return {"emitted": t.emitted, "ringbuf_full": t.ringbuf_full, "queue_dropped": t.queue_dropped,
-                "recovered": t.recovered, "missed": t.missed}
+                "recovered": t.recovered, "missed": t.missed, "resets": t.resets,
+                "resets_limited": t.resets_limited}
 
     async def _op_members(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.time()

@@ -42,6 +42,8 @@ PROGRAM = "meshlb_sock_close"
 # Attached after PROGRAM; reports what the kernel's recursion guard made PROGRAM
 # miss (bpf/tracer.bpf.c says how).
 PROGRAM_BACKUP = "meshlb_sock_close_backup"
+# Reports segments of watched endpoints that no socket took (the kernel reset them).
+PROGRAM_RESET = "meshlb_reset_sent"
 MAP_WATCHED = "watched_endpoints"
 MAP_EVENTS = "sock_events"
 MAP_STATS = "tracer_stats"
@@ -50,13 +52,16 @@ MAP_CONFIG = ".rodata"   # holds tracer_cfg; pinned so an adopter can read the f
 PIN_CONFIG = "config"
 PIN_LINK = "link"
 PIN_LINK_BACKUP = "link_backup"
-LINK_PINS = {PROGRAM: PIN_LINK, PROGRAM_BACKUP: PIN_LINK_BACKUP}
+PIN_LINK_RESET = "link_reset"
+LINK_PINS = {PROGRAM: PIN_LINK, PROGRAM_BACKUP: PIN_LINK_BACKUP, PROGRAM_RESET: PIN_LINK_RESET}
 # What pin() leaves in its directory; adopt() and unpin() expect exactly these.
-PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_BACKUP)
+PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_BACKUP, PIN_LINK_RESET)
 
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; not in Python 3.11
 IPPROTO_TCP = 6
-STAT_EMITTED, STAT_RINGBUF_FULL, STAT_RECOVERED = 0, 1, 2
+STAT_EMITTED, STAT_RINGBUF_FULL, STAT_RECOVERED, STAT_RESET, STAT_RESET_LIMITED = 0, 1, 2, 3, 4
+# SockEvent.oldstate of a segment no socket took (MLB_SOCK_EVENT_RESET): not a TCP state
+RESET = 0
 
 # enum tcp_state (include/net/tcp_states.h), for readable oldstate values.
 TCP_STATES = {
@@ -117,12 +122,20 @@ class SockEvent:
     flow: Flow
     netns_cookie: int
     timestamp_ns: int   # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
-    oldstate: int       # TCP state the socket left; see TCP_STATES
+    oldstate: int       # TCP state the socket left (TCP_STATES), or RESET: no socket
+                        # took a segment of the flow and the kernel answered it with a reset
     raw_key: bytes      # the flow_key exactly as the program wrote it
 
     @property
     def oldstate_name(self) -> str:
+        if self.oldstate == RESET:
+            return "RESET"
         return TCP_STATES.get(self.oldstate, str(self.oldstate))
+
+    @property
+    def refused(self) -> bool:
+        """The flow was refused here (no socket), not closed by one."""
+        return self.oldstate == RESET
 
     @classmethod
     def decode(cls, record: bytes) -> "SockEvent":
@@ -144,8 +157,10 @@ class TracerStats:
     queue_dropped: int  # decoded events lost because the asyncio queue was full
     bad_records: int    # records that did not decode (skipped)
     recovered: int = 0  # of emitted: closes the primary program missed, the backup caught
-    missed: int = 0     # runs the kernel skipped (recursion), both programs: these
+    missed: int = 0     # runs the kernel skipped (recursion), every program: closes
                         # are lost only where the other program missed the same one
+    resets: int = 0     # of emitted: segments no socket took, reset by the kernel
+    resets_limited: int = 0  # resets not reported: over the per-CPU budget
 
 
 class Tracer:
@@ -205,9 +220,10 @@ class Tracer:
             raise
         self._obj = obj
 
-    def attach(self, programs: tuple[str, ...] = (PROGRAM, PROGRAM_BACKUP)) -> Link:
+    def attach(self, programs: tuple[str, ...] = (PROGRAM, PROGRAM_BACKUP, PROGRAM_RESET)) -> Link:
         """Attach the primary program, then the backup (order matters: the backup
-        must run after the primary for each event). Returns the first link.
+        must run after the primary for each event), then the reset reporter.
+        Returns the first link.
         Tracepoint links cannot be detached: they go when the last reference (fd
         or pin) does, see :meth:`unpin` and :meth:`close`."""
         if self._obj is None:
@@ -352,7 +368,8 @@ class Tracer:
                     prog.close()
         return TracerStats(emitted=total(STAT_EMITTED), ringbuf_full=total(STAT_RINGBUF_FULL),
                            queue_dropped=self._queue_dropped, bad_records=self._bad_records,
-                           recovered=total(STAT_RECOVERED), missed=missed)
+                           recovered=total(STAT_RECOVERED), missed=missed,
+                           resets=total(STAT_RESET), resets_limited=total(STAT_RESET_LIMITED))
 
     # --------------------------------------------------------------- reading
     def _ring(self) -> RingReader:

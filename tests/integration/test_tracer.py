@@ -16,6 +16,7 @@ import pytest
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.tracer import (
     PROGRAM_BACKUP,
+    RESET,
     TCP_STATES,
     TRACER_OBJECT,
     Flow,
@@ -383,6 +384,72 @@ def test_asyncio_reader_delivers_events(lab, tracers, batch_delay):
         srv.close()
     assert [e.flow.sport for e in got] == ports
     assert all(e.flow.dst == VIP4 for e in got)
+
+
+def send_raw_tcp(ns, src, sport, dst, dport, flags, count=1):
+    """Segments built by scapy, sent from ``ns`` through a raw socket (no socket of
+    ours owns the tuple, so the kernel answers what no socket takes with a reset)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+
+    v6 = ":" in dst
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    # IPPROTO_RAW: the whole packet as built, source address included
+    raw = ns.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    l3 = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+    # built first, sent in a tight loop: a burst, as a flood would come
+    segs = [bytes(l3 / TCP(sport=sport + i, dport=dport, flags=flags, seq=1000, ack=2000)) for i in range(count)]
+    try:
+        for seg in segs:
+            raw.sendto(seg, (dst, 0))
+    finally:
+        raw.close()
+
+
+@privileged
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_segment_no_socket_takes_is_reported_as_refused(lab, tracers, family):
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    vip, client = (VIP4, CLIENT4) if family == "v4" else (VIP6, CLIENT6)
+    t.watch(vip, PORT)
+    t.watch(vip, PORT + 1)
+    srv = Server(node, socket.AF_INET if family == "v4" else socket.AF_INET6, vip, PORT)
+    try:
+        # an ACK the listener has no connection for (a flow that moved here mid-way)
+        send_raw_tcp(node, client, 40001, vip, PORT, "A")
+        # a SYN to a watched port nobody listens on
+        send_raw_tcp(node, client, 40002, vip, PORT + 1, "S")
+        # no reset answers a reset, and an unwatched port is not reported
+        send_raw_tcp(node, client, 40003, vip, PORT, "R")
+        send_raw_tcp(node, client, 40004, vip, PORT + 2, "S")
+        got = collect(t, 2)
+        assert settle(t) == []
+    finally:
+        srv.close()
+    assert sorted((e.flow.sport, e.flow.dport) for e in got) == [(40001, PORT), (40002, PORT + 1)]
+    assert all(e.refused and e.oldstate == RESET and e.oldstate_name == "RESET" for e in got)
+    assert all(e.flow.src == client and e.flow.dst == vip for e in got)
+    assert got[0].raw_key == Flow(got[0].flow.family, 6, client, got[0].flow.sport, vip, got[0].flow.dport).key()
+    st = t.stats()
+    assert st.resets == 2 and st.emitted == 2, st
+
+
+@privileged
+def test_refusals_are_reported_to_their_namespace_only_and_within_a_budget(lab, tracers):
+    node, other = lab["node"], lab["other"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    send_raw_tcp(other, CLIENT4, 41000, VIP4, PORT, "S")  # the same endpoint, another namespace
+    assert settle(t) == []
+    # a burst of stray segments: each is answered with a reset, not each is reported
+    n = 1200
+    send_raw_tcp(node, CLIENT4, 42000, VIP4, PORT, "A", count=n)
+    time.sleep(0.3)
+    got = collect(t, 10**9, timeout=0.5)
+    st = t.stats()
+    assert st.resets == len(got) and st.resets + st.resets_limited == n, st
+    assert st.resets_limited > 0 and st.resets <= 2 * 256 * os.cpu_count(), st
 
 
 @privileged

@@ -248,6 +248,17 @@ def conntrack_where(lab: Lab, nodes: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
+def conntrack_entries_of(lab: Lab, nodes: list[str], backends: set[str], limit: int = 10) -> list[dict]:
+    """The entries (with the node holding them) whose backend is in ``backends``: what a
+    missed eviction left, for the report."""
+    out = []
+    for n in nodes:
+        for e in call(lab, n, "conntrack_list", limit=100000)["entries"]:
+            if e["backend"] in backends and len(out) < limit:
+                out.append({"on": n, **e})
+    return out
+
+
 def landing_mixes(lab: Lab, vip: str) -> dict[int, str]:
     """Client port -> the mix holding the flow in conntrack (where ECMP sent it)."""
     out = {}

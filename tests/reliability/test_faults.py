@@ -32,7 +32,7 @@ from pyroute2 import netns as pr_netns
 from meshlb.lab.lab import APP_PORT, CLIENT4, VIP_DR
 from tests.reliability.faults import (
     Load, LoadResult, Nft, agents_rss_kb, agreed, call, client_next_hops, conntrack_by_backend, conntrack_total,
-    conntrack_where,
+    conntrack_entries_of, conntrack_where,
     freeze,
     gossip_loss, keep_v6_addresses_on_down, landing_mixes, link, mixes, partition, record, reliability_lab,
     thaw, view, wait_until,
@@ -86,6 +86,7 @@ def _finish(lab, name, res: LoadResult, *, t_fault, victims, survivors, t_digest
         repaired_s = time.monotonic() - t0
         by_backend = conntrack_by_backend(lab, survivors)
         left = sum(by_backend.values())
+    live_left = conntrack_entries_of(lab, survivors, set(by_backend) - victims) if set(by_backend) - victims else []
     row = record(
         f"fault: {name}",
         requests=res.requests(),
@@ -98,6 +99,7 @@ def _finish(lab, name, res: LoadResult, *, t_fault, victims, survivors, t_digest
         conntrack_left_by_backend=by_backend,
         missed_evictions_repaired_s=round(repaired_s, 2),
         conntrack_left_on=where,
+        conntrack_left_live=live_left,
         agent_rss_kb=agents_rss_kb(lab, survivors),
         wrk=res.wrk,
         **extra,
