@@ -141,7 +141,8 @@ static __always_inline bool take_reset_budget(void)
 }
 
 static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
-				const __u32 raddr[4], __u16 rport, int oldstate, __u32 stat)
+				const __u32 raddr[4], __u16 rport, int oldstate, __u32 stat,
+				bool vip_only)
 {
 	struct sock_event *ev;
 
@@ -149,6 +150,9 @@ static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 		return 0;
 	struct endpoint_filter *filter = bpf_map_lookup_elem(&watched_endpoints, local);
 	if (!filter)
+		return 0;
+	/* endpoints with a remote-port filter are nat backend endpoints */
+	if (vip_only && filter->rport_hi)
 		return 0;
 	if (filter->rport_hi) {
 		__u16 rp = bpf_ntohs(rport);
@@ -228,7 +232,7 @@ static __always_inline int report_close(const struct sock *sk, int oldstate, __u
 	local.port = BPF_CORE_READ((const struct inet_sock *)sk, inet_sport);
 	local.proto = IPPROTO_TCP_NUM;
 	rport = BPF_CORE_READ(sk, __sk_common.skc_dport);
-	return emit(cookie, &local, raddr, rport, oldstate, stat);
+	return emit(cookie, &local, raddr, rport, oldstate, stat, false);
 }
 
 static __always_inline __u64 *seen_slot(void)
@@ -271,7 +275,11 @@ int BPF_PROG(meshlb_sock_close_backup, const struct sock *sk, int oldstate, int 
  * for its client; no socket of it will ever close here. Reported like a close, so
  * that every mix evicts the entry, instead of keeping it until the idle sweep.
  * Only resets without a socket or from a listener: a socket of the flow that exists
- * reports its own close.
+ * reports its own close. A listener also resets a stray segment (say a late ACK of
+ * an older connection on the same tuple) that meets a handshake in progress, which
+ * the kernel keeps: evicting that flow is harmless in dr (its next packets find the
+ * closed-flow entry and go to the same backend) but would take a nat flow's reply
+ * translation, so a listener's resets count on dr VIP endpoints only.
  */
 SEC("tp_btf/tcp_send_reset")
 int BPF_PROG(meshlb_reset_sent, const struct sock *sk, const struct sk_buff *skb)
@@ -332,7 +340,8 @@ int BPF_PROG(meshlb_reset_sent, const struct sock *sk, const struct sk_buff *skb
 		return 0;
 	local.port = th.dest;
 	local.proto = IPPROTO_TCP_NUM;
-	return emit(cookie, &local, raddr, th.source, MLB_SOCK_EVENT_RESET, TRACER_STAT_RESET);
+	return emit(cookie, &local, raddr, th.source, MLB_SOCK_EVENT_RESET, TRACER_STAT_RESET,
+		    sk != NULL);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -436,6 +436,26 @@ def test_segment_no_socket_takes_is_reported_as_refused(lab, tracers, family):
 
 
 @privileged
+def test_on_a_nat_backend_endpoint_only_resets_without_a_listener_count(lab, tracers):
+    """A listener also resets a stray segment that meets a handshake in progress; on a
+    nat backend endpoint evicting that flow would take its reply translation."""
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT, remote_ports=(40000, 49999))
+    t.watch(VIP4, PORT + 1, remote_ports=(40000, 49999))
+    srv = Server(node, socket.AF_INET, VIP4, PORT)
+    try:
+        send_raw_tcp(node, CLIENT4, 40001, VIP4, PORT, "A")      # a listener's reset
+        send_raw_tcp(node, CLIENT4, 40002, VIP4, PORT + 1, "A")  # no socket at all
+        send_raw_tcp(node, CLIENT4, 50003, VIP4, PORT + 1, "A")  # outside the port filter
+        got = collect(t, 1)
+        assert settle(t) == []
+    finally:
+        srv.close()
+    assert [(e.flow.sport, e.flow.dport, e.refused) for e in got] == [(40002, PORT + 1, True)]
+
+
+@privileged
 def test_refusals_are_reported_to_their_namespace_only_and_within_a_budget(lab, tracers):
     node, other = lab["node"], lab["other"]
     t = tracers(node.netns_cookie())
