@@ -363,6 +363,23 @@ static __always_inline __u16 snat_claim(const struct flow_key *k, __u32 hash,
 	return 0;
 }
 
+/* Remove a flow's entries (its packet in hand is still forwarded with what they said). */
+static __always_inline void forget_flow(const struct flow_key *k, const struct backend *be,
+					int nat, __u16 snat_port)
+{
+	count(MLB_CNT_CT_HANDSHAKE_RESET);
+	bpf_map_delete_elem(&conntrack, k);
+	if (nat && snat_port && !(be->flags & MLB_BE_F_LOCAL)) {
+		struct snat_config *sc = snat_for(k->family);
+		struct flow_key rk;
+
+		if (!sc)
+			return;
+		rev_key(&rk, be, be->port ? be->port : k->dport, sc, snat_port, k);
+		bpf_map_delete_elem(&nat_reverse, &rk);
+	}
+}
+
 /* Reply from a nat backend to our SNAT address: back to VIP -> client. */
 static __always_inline int nat_reply(struct xdp_md *ctx, struct pkt *p)
 {
@@ -454,7 +471,7 @@ int meshlb_balancer(struct xdp_md *ctx)
 	struct backend *be = NULL;
 	__u32 bid = 0, vip_id;
 	__u16 snat_port = 0;
-	int nat;
+	int nat, handshake_reset = 0;
 
 	/* Conntrack first: a hit needs neither the VIP hash lookup nor the table. The
 	 * entry is trusted only while its VIP exists in the same mode (gen), and for a
@@ -473,6 +490,13 @@ int meshlb_balancer(struct xdp_md *ctx)
 				ct->last_seen_ns = now;
 			nat = vi->flags & MLB_VIP_F_NAT;
 			snat_port = ct->snat_port;
+			/* The client resets a handshake it gave up (its RST carries the
+			 * SYN's sequence number + 1; a blind one would have to guess it).
+			 * The backend drops its half-open request: no socket of the flow
+			 * ever existed there, so no close will evict the entry. This is
+			 * the flow's last packet: forward it, then forget the flow. */
+			handshake_reset = (p.tcp_flags & MLB_TCP_RST) && ct->syn_seq &&
+					  p.tcp_seq == ct->syn_seq + 1;
 			goto selected;
 		}
 	}
@@ -581,6 +605,8 @@ selected:
 		return XDP_DROP;  /* unreachable; keeps the verifier's view simple */
 	stats_add(&vip_stats, vip_id, bytes);
 	stats_add(&backend_stats, bid, bytes);
+	if (handshake_reset)
+		forget_flow(&p.key, be, nat, snat_port);
 	if (be->flags & MLB_BE_F_LOCAL) {
 		/* The VIP is on this node's loopback: the local app takes it as is (in nat
 		 * mode too: a local backend needs no translation). */

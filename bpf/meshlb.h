@@ -232,6 +232,8 @@ enum mlb_counter {
 	MLB_CNT_CT_CLOSED_HIT,     /* miss on a segment (or a retransmitted SYN) of a flow
 	                            * closed and evicted: sent to its old backend, not
 	                            * re-inserted */
+	MLB_CNT_CT_HANDSHAKE_RESET, /* the client reset a handshake (its RST carries the
+	                             * SYN's sequence number + 1): forwarded, entry removed */
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };

@@ -27,6 +27,7 @@ MLB_CT_DEFAULT_SIZE = 262144
 MLB_CT_CLOSED_SIZE = 65536
 MLB_FIB_RC_SLOTS = 16
 MLB_SNAT_PROBES = 4
+MLB_SOCK_EVENT_RESET = 0  # sock_event.oldstate: a segment no socket took (not a TCP state)
 MLB_HASH_SEED = 0x6D6C6221
 MLB_V4_MARK = 0x8000
 MLB_V6_MARK = 0x6D1B5
@@ -82,7 +83,8 @@ class Counter(enum.IntEnum):
     CT_SKIP_CLOSING = 28
     PASS_NAT_NO_FLOW = 29
     CT_CLOSED_HIT = 30
-    FIB_RC = 31  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
+    CT_HANDSHAKE_RESET = 31
+    FIB_RC = 32  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
 
 
 MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS

@@ -60,8 +60,8 @@ PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; not in Python 3.11
 IPPROTO_TCP = 6
 STAT_EMITTED, STAT_RINGBUF_FULL, STAT_RECOVERED, STAT_RESET, STAT_RESET_LIMITED = 0, 1, 2, 3, 4
-# SockEvent.oldstate of a segment no socket took (MLB_SOCK_EVENT_RESET): not a TCP state
-RESET = 0
+# SockEvent.oldstate of a segment no socket took: not a TCP state
+RESET = L.MLB_SOCK_EVENT_RESET
 
 # enum tcp_state (include/net/tcp_states.h), for readable oldstate values.
 TCP_STATES = {

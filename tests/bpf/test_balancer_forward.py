@@ -457,3 +457,31 @@ def test_nat_segment_after_close_keeps_its_snat_port(lb):
     assert d["ct_closed_hit"] == 1 and "ct_insert" not in d and "pass_nat_no_flow" not in d, d
     assert lb.lb.conntrack_count() == 0 and lb.lb.nat_entries() == []
     assert lb.lb.conntrack_flush() == 0 and lb.lb.closed_lookup(key_of(pkt)) is None
+
+
+# ------------------------------------------------------- handshakes the client reset
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+@pytest.mark.parametrize("mode", ["dr", "nat"])
+def test_client_reset_of_a_handshake_is_forwarded_and_forgets_the_flow(lb, fam, mode):
+    f = setup_vip(lb, fam, mode, table_backend=1, **({"nat_port": 8080} if mode == "nat" else {}))
+    syn = f["tcp"](flags="S", seq=5000, payload=b"")
+    assert lb.run(syn).retval == XDP_TX
+    k = key_of(syn)
+    sp = snat_port_of(lb, syn) if mode == "nat" else None
+    # resets that do not carry the SYN's sequence number + 1 (blind, or of a flow
+    # that sent data): forwarded, the entry stays
+    for seq in (5000, 5002, 77):
+        before = lb.counters()
+        assert lb.run(f["tcp"](flags="R", seq=seq, payload=b"")).retval == XDP_TX
+        assert "ct_handshake_reset" not in lb.delta(before)
+        assert lb.lb.conntrack_lookup(k) is not None
+    # the client gave the handshake up: its reset still reaches the backend (with the
+    # flow's SNAT port in nat), then neither entry is left
+    before = lb.counters()
+    r = lb.run(f["tcp"](flags="R", seq=5001, payload=b""))
+    assert r.retval == XDP_TX and Ether(r.data).dst == MAC_BE_TX
+    if mode == "nat":
+        assert Ether(r.data)[TCP].sport == sp and checksums_valid(r.data)
+    d = lb.delta(before)
+    assert d["ct_handshake_reset"] == 1 and d["ct_hit"] == 1, d
+    assert lb.lb.conntrack_lookup(k) is None and lb.lb.nat_entries() == []
