@@ -95,12 +95,14 @@ def test_ab_load_then_conntrack_empties_within_a_second(lab, mode):
     except AssertionError:
         left = conntrack_counts(lab)
         tracer = [call(lab, m, "stats")["tracer"] for m in mixes(lab)]
-        # More than 1% of the flows is a regression (before this suite's fixes: 1.6-3.7%
-        # in nat); fewer is the open gap of docs/benchmarks.md ("Conntrack after load":
-        # a few flows with no socket on any mix afterwards), reported with its figure.
-        assert sum(left.values()) <= 0.01 * 8000, f"{mode}: conntrack entries left 5 s after the load: {left}; tracer: {tracer}"
+        # None is left since the causes docs/benchmarks.md ("Conntrack after load") lists
+        # were fixed (the last: handshakes ab gave up at its end). More than 0.1% of the
+        # flows fails; fewer is reported as an expected failure with the entries, for
+        # the cause to be found.
+        entries = [e for m in mixes(lab) for e in call(lab, m, "conntrack_list", limit=10)["entries"]]
+        assert sum(left.values()) <= 0.001 * 8000, f"{mode}: conntrack entries left 5 s after the load: {left}; tracer: {tracer}"
         pytest.xfail(f"open gap (issue 4): {mode}: {sum(left.values())} of 8000 conntrack entries stay "
-                     f"after the load ({left}); no socket exists for them on any mix")
+                     f"after the load ({left}), cause not traced: {entries[:10]}")
     took = time.monotonic() - ended
     print(f"{mode}: every conntrack empty {took:.3f} s after ab ended")
     # goal 1 s; the half second on top is what asking three agents costs on a loaded CI box
