@@ -53,7 +53,9 @@ def _row(r: dict[str, Any]) -> tuple[str, str, str, str, str]:
     if kind == "fault":
         wrk = r.get("wrk") or {}
         wrk_err = sum(wrk.get(k, 0) for k in ("connect", "read", "write", "timeout", "non2xx"))
-        load = f"{r['requests']} probe requests, {wrk.get('requests', 0)} wrk requests"
+        load = f"{r['requests']} probe requests, " + (
+            "wrk hung after its duration (killed, no figures)" if wrk.get("hung_killed")
+            else f"{wrk.get('requests', 0)} wrk requests")
         lost = f"{r['failed_off_failed_node']} failed off the failed node"
         if r.get("failed_on_failed_node"):
             lost += f"; {r['failed_on_failed_node']} on it"
