@@ -134,6 +134,10 @@ class RingReader:
     def uncommitted(self) -> bool:
         return self._read != self._cons[0]
 
+    def available(self) -> bool:
+        """Records were written past the read position."""
+        return self._prod[0] > self._read
+
     def read(self, callback: Callable[[bytes], None], limit: int = 0) -> int:
         """Hand each record from the read position on to ``callback`` (at most
         ``limit`` when > 0); returns how many. Nothing is committed. An exception

@@ -448,6 +448,19 @@ class Tracer:
         self._rb.commit()
         if self._loop is not None and self._batch_timer is None:
             self._resume()
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """The kernel wakes a ring's reader only for a record written while the
+        consumer position was up to date: records written during a read, or while a
+        batch was held, wake nobody. So after every commit the reader looks at the
+        producer itself (an event loop that re-arms a descriptor without asking the
+        kernel again, as libuv may, would otherwise never see them)."""
+        rb = self._rb
+        if rb is None or self._loop is None or self._batch_timer is not None or not rb.available():
+            return
+        self._pause()
+        self._batch_timer = self._loop.call_later(self._batch_delay, self._read_batch)
 
     def holding(self) -> bool:
         """A batch was read and awaits :meth:`commit`."""
@@ -472,7 +485,7 @@ class Tracer:
             self._registered = True
 
     def _readable(self) -> None:
-        if self._rb is None:
+        if self._rb is None or self._batch_timer is not None:
             return
         if self._batch_delay > 0 and self._loop is not None:
             self._pause()
@@ -484,6 +497,8 @@ class Tracer:
         self._batch_timer = None
         if self._rb is None or self._loop is None:
             return
+        if self._on_batch is not None and self._rb.uncommitted():
+            return  # a batch is held: commit() reads on
         try:
             self._consume()
         finally:
@@ -497,6 +512,7 @@ class Tracer:
                     raise
             else:
                 self._resume()
+                self._catch_up()
 
     def stop(self) -> None:
         if self._batch_timer is not None:
