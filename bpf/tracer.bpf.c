@@ -151,7 +151,7 @@ static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 	struct endpoint_filter *filter = bpf_map_lookup_elem(&watched_endpoints, local);
 	if (!filter)
 		return 0;
-	/* endpoints with a remote-port filter are nat backend endpoints */
+	/* a remote-port filter marks a nat endpoint (see meshlb_reset_sent) */
 	if (vip_only && filter->rport_hi)
 		return 0;
 	if (filter->rport_hi) {
@@ -279,7 +279,8 @@ int BPF_PROG(meshlb_sock_close_backup, const struct sock *sk, int oldstate, int 
  * an older connection on the same tuple) that meets a handshake in progress, which
  * the kernel keeps: evicting that flow is harmless in dr (its next packets find the
  * closed-flow entry and go to the same backend) but would take a nat flow's reply
- * translation, so a listener's resets count on dr VIP endpoints only.
+ * translation, so a listener's resets count on endpoints watched without a remote-port
+ * filter only: dr VIPs (the agent gives nat VIPs the filter that passes every port).
  */
 SEC("tp_btf/tcp_send_reset")
 int BPF_PROG(meshlb_reset_sent, const struct sock *sk, const struct sk_buff *skb)

@@ -339,7 +339,10 @@ class Agent:
     def _watch(self, spec: VipSpec) -> None:
         if spec.proto != "tcp":
             return
-        self.tracer.watch(spec.address, spec.port)
+        # A listener's reset on a nat VIP answers a segment the balancer passed up for
+        # want of a translation (a stray of a flow it forgot); its tuple may be a new
+        # connection's by now, and evicting that one would take its reply translation.
+        self.tracer.watch(spec.address, spec.port, listener_resets=spec.mode != "nat")
         if spec.mode == "nat":
             # the backend side of nat flows: only connections from SNAT source ports
             # (the range is cluster-wide) are balanced flows

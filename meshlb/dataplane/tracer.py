@@ -328,10 +328,16 @@ class Tracer:
             raise RuntimeError(f"{op}: tracer is neither loaded nor adopted")
 
     def watch(self, addr, port: int, proto: int = IPPROTO_TCP,
-              remote_ports: tuple[int, int] | None = None) -> None:
+              remote_ports: tuple[int, int] | None = None, listener_resets: bool = True) -> None:
         """Report closes of sockets whose local end is (addr, port); with
-        ``remote_ports`` (lo, hi) only those whose remote port is in that range."""
+        ``remote_ports`` (lo, hi) only those whose remote port is in that range.
+        Resets from a listener of the endpoint are reported only with
+        ``listener_resets`` and no ``remote_ports`` (bpf/tracer.bpf.c says why): the
+        program tells the two kinds apart by the presence of a port filter, so without
+        one they get the filter that passes every port."""
         self._require_maps("watch")
+        if remote_ports is None and not listener_resets:
+            remote_ports = (1, 65535)
         lo, hi = remote_ports or (0, 0)
         if remote_ports is not None and not 1 <= lo <= hi <= 65535:
             raise ValueError(f"bad remote port range {lo}-{hi}")

@@ -436,23 +436,29 @@ def test_segment_no_socket_takes_is_reported_as_refused(lab, tracers, family):
 
 
 @privileged
-def test_on_a_nat_backend_endpoint_only_resets_without_a_listener_count(lab, tracers):
-    """A listener also resets a stray segment that meets a handshake in progress; on a
-    nat backend endpoint evicting that flow would take its reply translation."""
+@pytest.mark.parametrize("endpoint", ["nat backend", "nat vip"])
+def test_on_nat_endpoints_only_resets_without_a_listener_count(lab, tracers, endpoint):
+    """A listener also resets a stray segment whose tuple may belong to a new connection
+    by now; on nat endpoints evicting that flow would take its reply translation."""
     node = lab["node"]
     t = tracers(node.netns_cookie())
-    t.watch(VIP4, PORT, remote_ports=(40000, 49999))
-    t.watch(VIP4, PORT + 1, remote_ports=(40000, 49999))
+    kw = dict(remote_ports=(40000, 49999)) if endpoint == "nat backend" else dict(listener_resets=False)
+    t.watch(VIP4, PORT, **kw)
+    t.watch(VIP4, PORT + 1, **kw)
     srv = Server(node, socket.AF_INET, VIP4, PORT)
     try:
         send_raw_tcp(node, CLIENT4, 40001, VIP4, PORT, "A")      # a listener's reset
         send_raw_tcp(node, CLIENT4, 40002, VIP4, PORT + 1, "A")  # no socket at all
-        send_raw_tcp(node, CLIENT4, 50003, VIP4, PORT + 1, "A")  # outside the port filter
-        got = collect(t, 1)
+        send_raw_tcp(node, CLIENT4, 50003, VIP4, PORT + 1, "A")  # outside the backend's port filter
+        _, p = connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)  # closes still count
+        want = 3 if endpoint == "nat vip" else 2
+        got = collect(t, want)
         assert settle(t) == []
     finally:
         srv.close()
-    assert [(e.flow.sport, e.flow.dport, e.refused) for e in got] == [(40002, PORT + 1, True)]
+    refused = sorted(e.flow.sport for e in got if e.refused)
+    assert refused == ([40002, 50003] if endpoint == "nat vip" else [40002])
+    assert [e.flow.sport for e in got if not e.refused] == ([p] if endpoint == "nat vip" or 40000 <= p <= 49999 else [])
 
 
 @privileged
