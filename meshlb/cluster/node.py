@@ -395,6 +395,8 @@ class Node:
                 self._counters["group_evictions_dropped"] += 1
         self._queue_eviction(ev, enc, now)
         self._ev_unsent.append(self._ev_seq)
+        if len(self._ev_unsent) > self.config.broadcast_queue_max:
+            self._prune_unsent()  # nobody asks (a simulator, a bench): stay bounded
         return self._ev_seq
 
     def evictions_sent_through(self) -> int:
@@ -406,10 +408,14 @@ class Node:
         q = self._ev_unsent
         if self._joined and self.table.live_count() <= 1:
             q.clear()
-        bq, name, epoch = self._bq, self.name, self._epoch
+        self._prune_unsent()
+        return q[0] - 1 if q else self._ev_seq
+
+    def _prune_unsent(self) -> None:
+        # an item gone from the queue went out as often as it should, or was dropped
+        q, bq, name, epoch = self._ev_unsent, self._bq, self.name, self._epoch
         while q and bq.transmits(("e", name, epoch, q[0])) != 0:
             q.popleft()
-        return q[0] - 1 if q else self._ev_seq
 
     def eviction_marks(self) -> list[DigestEntry]:
         """Per other origin, the eviction number up to which every eviction was seen.

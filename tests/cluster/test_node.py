@@ -490,6 +490,17 @@ def test_evictions_sent_through_waits_while_the_join_is_unanswered():
     run_until(net, lambda: ("n09", s, flow(7)) in received(net, "n00"), limit=5.0)
 
 
+def test_unsent_evictions_stay_bounded_when_nobody_asks():
+    net = Network(seed=25)
+    net.cluster(1)
+    b = net.add("n09", 9, peers=[net.addr(5)])  # its seed never answers: nothing goes out
+    for i in range(3 * net.config.broadcast_queue_max):
+        b.publish_eviction(flow(i), net.now)
+    assert len(b._ev_unsent) <= net.config.broadcast_queue_max + 1
+    # those the full queue dropped will never go: they no longer hold the mark back
+    assert b.evictions_sent_through() >= 2 * net.config.broadcast_queue_max - 1
+
+
 def test_missed_evictions_are_repaired_by_push_pull():
     cfg = ProtocolConfig.lan(push_pull_interval=2.0)
     net = Network(seed=21, config=cfg)

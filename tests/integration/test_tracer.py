@@ -164,6 +164,13 @@ def connect_and_close(srv: Server, family, client_addr, server_addr, port=PORT, 
     return name
 
 
+def remove_pins(pin_dir: str) -> None:
+    if os.path.isdir(pin_dir):
+        for f in os.listdir(pin_dir):
+            os.unlink(os.path.join(pin_dir, f))
+        os.rmdir(pin_dir)
+
+
 def collect(t: Tracer, want: int, timeout=3.0) -> list[SockEvent]:
     out: list[SockEvent] = []
     deadline = time.monotonic() + timeout
@@ -545,10 +552,7 @@ def test_held_batch_waits_for_commit_and_an_adopter_reads_it_again(lab, loop_fac
         first.close()
         if adopted is not None:
             adopted.close()
-        if os.path.isdir(pin_dir):
-            for f in os.listdir(pin_dir):
-                os.unlink(os.path.join(pin_dir, f))
-            os.rmdir(pin_dir)
+        remove_pins(pin_dir)
 
 
 @privileged
@@ -648,7 +652,4 @@ def test_pinned_tracer_survives_its_loader_and_is_adopted(lab):
     finally:
         if adopted is not None:
             adopted.close()
-        if os.path.isdir(pin_dir):
-            for f in os.listdir(pin_dir):
-                os.unlink(os.path.join(pin_dir, f))
-            os.rmdir(pin_dir)
+        remove_pins(pin_dir)
