@@ -88,7 +88,7 @@ from .libbpf_prog import (  # noqa: F401
     xdp_detach,
     xdp_query,
 )
-from .libbpf_ringbuf import RingBuffer, RingReader  # noqa: F401
+from .libbpf_ringbuf import RingReader  # noqa: F401
 
 
 BTF_KIND_VAR = 14
@@ -379,7 +379,7 @@ def get_pinned_fd(path: str) -> int:
 
 __all__ = sorted(
     {n for n in globals() if n.isupper() and not n.startswith("_")} | {
-        "BpfError", "BpfObject", "Map", "Program", "Link", "RingBuffer", "RingReader", "TestRunResult",
+        "BpfError", "BpfObject", "Map", "Program", "Link", "RingReader", "TestRunResult",
         "num_possible_cpus", "xdp_query", "xdp_detach", "xdp_attach_netlink",
         "obj_pinned_type", "prog_info", "link_info", "pinned_map_or_none", "get_pinned_fd",
     } - {"BTF_KIND_VAR", "BTF_KIND_DATASEC"}

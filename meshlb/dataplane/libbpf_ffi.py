@@ -255,7 +255,6 @@ class btf_var_secinfo(Structure):
 
 
 PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
-RINGBUF_SAMPLE_FN = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
 
 # (name, restype, argtypes). Pointers to opaque libbpf objects are c_void_p.
 _P = c_void_p
@@ -318,11 +317,6 @@ _PROTOS: list[tuple[str, object, list]] = [
     ("bpf_xdp_query", c_int, [c_int, c_int, POINTER(bpf_xdp_query_opts)]),
     ("bpf_xdp_attach", c_int, [c_int, c_int, c_uint32, POINTER(bpf_xdp_attach_opts)]),
     ("bpf_xdp_detach", c_int, [c_int, c_uint32, POINTER(bpf_xdp_attach_opts)]),
-    ("ring_buffer__new", _P, [c_int, RINGBUF_SAMPLE_FN, c_void_p, c_void_p]),
-    ("ring_buffer__poll", c_int, [_P, c_int]),
-    ("ring_buffer__consume", c_int, [_P]),
-    ("ring_buffer__epoll_fd", c_int, [_P]),
-    ("ring_buffer__free", None, [_P]),
 ]
 
 _lock = threading.Lock()

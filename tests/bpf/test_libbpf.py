@@ -6,7 +6,6 @@ live under /sys/fs/bpf/meshlb-test-<pid>-*/. Everything is removed in teardown.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import errno
@@ -42,7 +41,6 @@ from meshlb.dataplane.libbpf import (
     Link,
     Map,
     Program,
-    RingBuffer,
     RingReader,
 )
 
@@ -706,67 +704,6 @@ def emit_events(obj: BpfObject, payloads: list[bytes]) -> None:
     for p in payloads:
         pkt = b"\xee" + p.ljust(7, b"\0")[:7] + b"\0" * 12
         assert prog.test_run(pkt).retval == XDP_PASS
-
-
-@pytestmark_priv
-def test_ringbuf_poll(loaded):
-    got = []
-    with RingBuffer(loaded.map("events"), got.append) as rb:
-        assert rb.poll(0) == 0
-        emit_events(loaded, [b"one", b"two", b"three"])
-        assert rb.poll(100) == 3
-    recs = [EVENT.unpack(r) for r in got]
-    assert [r[0] for r in recs] == [20, 20, 20]
-    assert [r[1] for r in recs] == [7, 8, 9]  # data_var starts at 7
-    assert [r[2].rstrip(b"\0") for r in recs] == [b"one", b"two", b"three"]
-
-
-@pytestmark_priv
-def test_ringbuf_asyncio_add_reader(loaded):
-    async def main() -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        got: list[bytes] = []
-        done = loop.create_future()
-
-        def on_record(rec: bytes) -> None:
-            got.append(rec)
-            if len(got) == 4 and not done.done():
-                done.set_result(None)
-
-        rb = RingBuffer(loaded.map("events"), on_record)
-        loop.add_reader(rb.epoll_fd(), rb.consume)
-        try:
-            loop.call_later(0.05, emit_events, loaded, [b"a", b"b"])
-            loop.call_later(0.10, emit_events, loaded, [b"c", b"d"])
-            await asyncio.wait_for(done, 5)
-        finally:
-            loop.remove_reader(rb.epoll_fd())
-            rb.close()
-        return got
-
-    got = asyncio.run(main())
-    assert [EVENT.unpack(r)[2].rstrip(b"\0") for r in got] == [b"a", b"b", b"c", b"d"]
-
-
-@pytestmark_priv
-def test_ringbuf_callback_exception_is_reraised_and_stream_continues(loaded):
-    got = []
-
-    def cb(rec: bytes) -> None:
-        payload = EVENT.unpack(rec)[2].rstrip(b"\0")
-        if payload == b"bad":
-            raise RuntimeError("callback failed")
-        got.append(payload)
-
-    with RingBuffer(loaded.map("events"), cb) as rb:
-        emit_events(loaded, [b"x", b"bad", b"y"])
-        with pytest.raises(RuntimeError, match="callback failed"):
-            rb.poll(100)
-        assert got == [b"x"]
-        assert rb.consume() == 1  # the record after the failing one is still there
-        assert got == [b"x", b"y"]
-    with pytest.raises(BpfError):
-        RingBuffer(loaded.map("verdicts"), cb)
 
 
 def _payloads(got: list[bytes]) -> list[bytes]:
