@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Conntrack after load: how fast every mix's conntrack empties once the connections of
-a burst have closed, with the periodic sweep off (only socket-release events, the
-closed-flow map and gossip can empty it).
+a burst have closed, with the periodic idle sweep off (only socket-release events, the
+closed-flow map and gossip can empty it, and for handshakes nobody finished, the
+handshake timeout).
 
     sudo python3 bench/conntrack_drain.py [--rounds 5] [--concurrency 500] [--requests 8000] \
-        [--modes dr,nat] [--json docs/img/conntrack_drain.json]
+        [--modes dr,nat] [--handshake-timeout 10] [--json docs/img/conntrack_drain.json]
 
 One netns lab (3 mixes, prefix ``cd<pid>``, ``idle_timeout_s = 0``). Each round runs
 ``ab -r -c C -n N`` from the client through a VIP, then polls every mix's conntrack count
-until all are 0 (or 10 s pass), and reads the agents' counters before and after: tracer
+until all are 0 (or 20 s pass), and reads the agents' counters before and after: tracer
 records, the backup program's recoveries, kernel recursion misses, late segments
 routed by ct_closed. Markdown on stdout, every round in the JSON. Everything is removed
 at the end.
@@ -34,7 +35,7 @@ from meshlb.lab.lab import VIP_DR, VIP_NAT, Lab, LabOptions  # noqa: E402
 
 VIPS = {"dr": VIP_DR, "nat": VIP_NAT}
 POLL_S = 0.05
-GIVE_UP_S = 10.0
+GIVE_UP_S = 20.0
 
 
 def call(lab: Lab, node: str, op: str) -> Any:
@@ -52,7 +53,7 @@ def agent_counters(lab: Lab) -> dict[str, int]:
         for k, v in s["tracer"].items():
             out[f"tracer_{k}"] = out.get(f"tracer_{k}", 0) + v
         out["ct_closed_hit"] = out.get("ct_closed_hit", 0) + s["dataplane"].get("ct_closed_hit", 0)
-        for k in ("socket_closed", "received", "applied"):
+        for k in ("socket_closed", "received", "applied", "handshake_timeout"):
             out[f"evictions_{k}"] = out.get(f"evictions_{k}", 0) + s["evictions"].get(k, 0)
     return out
 
@@ -101,6 +102,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=500)
     ap.add_argument("--requests", type=int, default=8000)
     ap.add_argument("--modes", default="dr,nat")
+    ap.add_argument("--handshake-timeout", type=float, default=10.0,
+                    help="conntrack.handshake_timeout_s of the agents (default: the product's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -108,7 +111,8 @@ def main() -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     prefix = f"cd{os.getpid() % 100000}"
-    lab = Lab(LabOptions(prefix=prefix, nodes=3, idle_timeout_s=0, health_interval_s=0.5))
+    lab = Lab(LabOptions(prefix=prefix, nodes=3, idle_timeout_s=0, health_interval_s=0.5,
+                         handshake_timeout_s=args.handshake_timeout))
     rounds: list[dict[str, Any]] = []
     try:
         lab.up(wait_s=90)
@@ -126,8 +130,9 @@ def main() -> int:
                                                "cpus": os.cpu_count(), "rounds": rounds}, indent=1))
     print(f"\n`sudo python3 bench/conntrack_drain.py {' '.join(sys.argv[1:])}`\n")
     print("| mode | rounds | failed requests | left 1 s after ab | every mix at 0 after, median (max) "
-          "| closes recovered by the backup | recursion misses | late segments via ct_closed |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| handshakes expired | closes recovered by the backup | recursion misses "
+          "| late segments via ct_closed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         rs = [r for r in rounds if r["mode"] == mode]
         if not rs:
@@ -139,6 +144,7 @@ def main() -> int:
             took_s += f"; {never} round(s) not empty in {GIVE_UP_S:g} s"
         print(f"| {mode} | {len(rs)} | {sum(int(r['ab']['failed'] or 0) for r in rs)} | "
               f"{max(r['left_after_1s'] for r in rs)} max | {took_s} | "
+              f"{sum(r['delta'].get('evictions_handshake_timeout', 0) for r in rs)} | "
               f"{sum(r['delta'].get('tracer_recovered', 0) for r in rs)} | "
               f"{sum(r['delta'].get('tracer_missed', 0) for r in rs)} | "
               f"{sum(r['delta'].get('ct_closed_hit', 0) for r in rs)} |")

@@ -488,6 +488,11 @@ int meshlb_balancer(struct xdp_md *ctx)
 			count(MLB_CNT_CT_HIT);
 			if (ct->last_seen_ns != now)
 				ct->last_seen_ns = now;
+			/* A plain ACK (no SYN, no RST) can only come from a client whose
+			 * handshake completed; a reset of the handshake does not count. */
+			if (!(ct->flags & MLB_CT_F_ESTABLISHED) &&
+			    (p.tcp_flags & (MLB_TCP_SYN | MLB_TCP_RST | MLB_TCP_ACK)) == MLB_TCP_ACK)
+				ct->flags |= MLB_CT_F_ESTABLISHED;
 			nat = vi->flags & MLB_VIP_F_NAT;
 			snat_port = ct->snat_port;
 			/* The client resets a handshake it gave up (its RST carries the
@@ -556,6 +561,7 @@ int meshlb_balancer(struct xdp_md *ctx)
 		nv.vip_id = vip_id;
 		nv.vip_gen = vip->gen;
 		nv.syn_seq = syn ? p.tcp_seq : 0;
+		nv.flags = syn ? 0 : MLB_CT_F_ESTABLISHED;  /* UDP, or picked up mid-flow */
 		if (nat && !(be->flags & MLB_BE_F_LOCAL) && p.key.proto == MLB_IPPROTO_TCP && !syn) {
 			/* A full-NAT TCP flow starts with a SYN; a later segment without its
 			 * entry (evicted at close, or an agent-less restart) would get a fresh
@@ -584,7 +590,7 @@ int meshlb_balancer(struct xdp_md *ctx)
 				stats_add(&vip_stats, vip_id, bytes);
 				return XDP_DROP;
 			}
-			nv.flags = MLB_CT_F_NAT;
+			nv.flags |= MLB_CT_F_NAT;
 			nv.snat_port = snat_port;
 		}
 		if ((!nat || (be->flags & MLB_BE_F_LOCAL)) && p.key.proto == MLB_IPPROTO_TCP &&

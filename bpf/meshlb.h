@@ -139,6 +139,12 @@ struct backend {
 
 /* ct_value.flags */
 #define MLB_CT_F_NAT          (1u << 0) /* snat_port is valid, a reverse entry exists */
+#define MLB_CT_F_ESTABLISHED  (1u << 1) /* the client acknowledged the handshake (or the
+                                          * flow is not a TCP one set up by a SYN here):
+                                          * without it the agent expires the entry after
+                                          * conntrack.handshake_timeout_s, as LVS does
+                                          * SYN_RECV, since a handshake nobody finishes
+                                          * leaves no socket whose close would evict it */
 
 /* conntrack: struct flow_key (client -> VIP, as received) -> ct_value */
 struct ct_value {

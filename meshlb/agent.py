@@ -129,8 +129,7 @@ class Agent:
             await self.rebuild()
             self._tasks.append(asyncio.create_task(self._warm_neighbours_loop(), name="neighbours"))
             self._tasks.append(asyncio.create_task(self._save_marks_loop(), name="eviction-marks"))
-            if self.cfg.conntrack.idle_timeout_s > 0:
-                self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
+            self._tasks.append(asyncio.create_task(self._expiry_loop(), name="conntrack-expiry"))
             loop.add_signal_handler(signal.SIGTERM, self.request_leave)
             loop.add_signal_handler(signal.SIGINT, self.request_leave)
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
@@ -639,18 +638,34 @@ class Agent:
             for s in socks.values():
                 s.close()
 
-    async def _sweep_loop(self) -> None:
-        idle_ns = int(self.cfg.conntrack.idle_timeout_s * 1e9)
+    async def _expiry_loop(self) -> None:
+        """Two backstops that need no close: the idle sweep (flows whose close was
+        missed) and the handshake timeout (a SYN nobody finished: a client that gave
+        up, a spoofed source). Reads the config on every round, so that a reload that
+        switches either on, off or to another period takes effect."""
+        last_sweep = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.conntrack.sweep_interval_s)
+            ct = self.cfg.conntrack
+            periods = [ct.sweep_interval_s] if ct.idle_timeout_s > 0 else []
+            if ct.handshake_timeout_s > 0:
+                periods.append(max(0.25, ct.handshake_timeout_s / 4))
+            await asyncio.sleep(min(periods, default=1.0))
+            ct = self.cfg.conntrack
+            sweep = ct.idle_timeout_s > 0 and time.monotonic() - last_sweep >= ct.sweep_interval_s
+            if not sweep and ct.handshake_timeout_s <= 0:
+                continue
             try:
-                now = time.monotonic_ns()
-                stale = [k for k, v in self.balancer.conntrack_entries() if now - v.last_seen_ns > idle_ns]
-                if stale:
-                    n = self.balancer.conntrack_delete_many(stale)
-                    self.evictions["swept"] += n
+                idle, half_open = self.balancer.conntrack_stale(
+                    time.monotonic_ns(), int(ct.idle_timeout_s * 1e9) if sweep else 0,
+                    int(ct.handshake_timeout_s * 1e9))
+                if idle:
+                    self.evictions["swept"] += self.balancer.conntrack_expire(idle)
+                if half_open:
+                    self.evictions["handshake_timeout"] += self.balancer.conntrack_expire(half_open)
             except Exception:
-                log.exception("conntrack sweep failed")
+                log.exception("conntrack expiry failed")
+            if sweep:
+                last_sweep = time.monotonic()
 
     # ------------------------------------------------------------------ health
 
@@ -867,6 +882,7 @@ class Agent:
                 "vip": _hostport(dst, L.port_host(k.dport)),
                 "proto": PROTO_NAME.get(k.proto, str(k.proto)),
                 "backend": names.get(v.backend_id, str(v.backend_id)),
+                "state": _ct_state(k, v),
                 "idle_s": max(0.0, (now - v.last_seen_ns) / 1e9),
             })
         return {"entries": out, "total": len(entries), "truncated": len(entries) > limit}
@@ -938,6 +954,14 @@ def _member_addr(m: Any, v6: bool) -> str | None:
 
 def _local_end(key: bytes) -> bytes:
     return key[_DST] + key[_DPORT_PROTO]
+
+
+def _ct_state(k: L.FlowKey, v: L.CtValue) -> str:
+    """As LVS names them: a TCP flow is SYN_RECV until its client acknowledges the
+    handshake (what conntrack.handshake_timeout_s expires), then ESTABLISHED."""
+    if k.proto != L.IPPROTO_TCP:
+        return PROTO_NAME.get(k.proto, str(k.proto)).upper()
+    return "ESTABLISHED" if v.flags & L.MLB_CT_F_ESTABLISHED else "SYN_RECV"
 
 
 def _hostport(addr: Any, port: int) -> str:

@@ -186,8 +186,9 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
     if args.format == "json":
         _print_json(result)
         return 0
-    rows = [[e["client"], e["vip"], e["proto"], e["backend"], f"{e['idle_s']:.1f}s"] for e in result["entries"]]
-    print(_table(rows, ["CLIENT", "VIP", "PROTO", "BACKEND", "IDLE"]))
+    rows = [[e["client"], e["vip"], e["proto"], e["backend"], e["state"], f"{e['idle_s']:.1f}s"]
+            for e in result["entries"]]
+    print(_table(rows, ["CLIENT", "VIP", "PROTO", "BACKEND", "STATE", "IDLE"]))
     if result.get("truncated"):
         print(f"(first {len(rows)} of {result['total']})")
     return 0

@@ -184,6 +184,8 @@ class ConntrackConfig:
     max_entries: int = 262144
     idle_timeout_s: float = 300.0
     sweep_interval_s: float = 30.0
+    # a TCP entry whose handshake the client never acknowledged; 0 keeps them
+    handshake_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -626,12 +628,14 @@ def _parse_health(p: _Parser, raw: Any) -> HealthConfig:
 
 
 def _parse_conntrack(p: _Parser, raw: Any) -> ConntrackConfig:
-    t = p.table(raw, "conntrack", ("max_entries", "idle_timeout_s", "sweep_interval_s"))
+    t = p.table(raw, "conntrack", ("max_entries", "idle_timeout_s", "sweep_interval_s",
+                                   "handshake_timeout_s"))
     d = ConntrackConfig
     return ConntrackConfig(
         max_entries=p.integer(t, "conntrack", "max_entries", d.max_entries, 1, 1 << 28),
         idle_timeout_s=p.number(t, "conntrack", "idle_timeout_s", d.idle_timeout_s),
         sweep_interval_s=p.number(t, "conntrack", "sweep_interval_s", d.sweep_interval_s, positive=True),
+        handshake_timeout_s=p.number(t, "conntrack", "handshake_timeout_s", d.handshake_timeout_s),
     )
 
 
@@ -812,7 +816,7 @@ _LIVE_FIELDS = {
     "node": {"log_level"},
     "cluster": {"key_file", "peers", "preset", "max_datagram", "timings"},
     "health": {f.name for f in dataclasses.fields(HealthConfig)},
-    "conntrack": {"idle_timeout_s", "sweep_interval_s"},
+    "conntrack": {"idle_timeout_s", "sweep_interval_s", "handshake_timeout_s"},
     "drain": {"timeout_s"},
 }
 

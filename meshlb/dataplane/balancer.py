@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 
 from . import layouts as L
 from .layouts import (
-    AF_INET, AF_INET6, Backend, Counter, CtValue, FlowKey, LbStats, NatRevValue,
+    AF_INET, AF_INET6, IPPROTO_TCP, Backend, Counter, CtValue, FlowKey, LbStats, NatRevValue,
     SnatConfig, VipKey, VipMeta,
 )
 from .libbpf import (
@@ -37,6 +37,8 @@ PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
           L.IPPROTO_TCP: L.IPPROTO_TCP, L.IPPROTO_UDP: L.IPPROTO_UDP}
 
 _U32 = struct.Struct("=I")
+_CT_SEEN = struct.Struct("=Q")  # ct_value.last_seen_ns, its first field
+assert CtValue.last_seen_ns.offset == 0
 # A table slot with no backend (a VIP whose backends are all gone): outside the
 # backends array, so the data plane finds nothing there and counts DROP_NO_BACKEND.
 NO_BACKEND = 0xFFFFFFFF
@@ -493,6 +495,49 @@ class Balancer:
 
     def conntrack_delete_many(self, keys: Iterable[FlowKey]) -> int:
         return self.maps["conntrack"].delete_batch([bytes(k) for k in keys])
+
+    def conntrack_stale(self, now_ns: int, idle_ns: int = 0, handshake_ns: int = 0
+                        ) -> tuple[list[tuple[FlowKey, CtValue]], list[tuple[FlowKey, CtValue]]]:
+        """Entries to expire at ``now_ns`` (CLOCK_MONOTONIC): (idle longer than
+        ``idle_ns``, TCP handshakes the client has not acknowledged for
+        ``handshake_ns``); 0 disables either. Filtered on the raw bytes: a full map
+        is a quarter million entries, and most of them are neither."""
+        idle: list[tuple[FlowKey, CtValue]] = []
+        half_open: list[tuple[FlowKey, CtValue]] = []
+        if not idle_ns and not handshake_ns:
+            return idle, half_open
+        seen_at, fl_at = _CT_SEEN.unpack_from, CtValue.flags.offset
+        proto_at = FlowKey.proto.offset
+        for k, v in self.maps["conntrack"].lookup_batch():
+            age = now_ns - seen_at(v)[0]
+            if idle_ns and age > idle_ns:
+                idle.append((FlowKey.from_bytes(k), CtValue.from_bytes(v)))
+            elif (handshake_ns and age > handshake_ns and k[proto_at] == IPPROTO_TCP
+                  and not v[fl_at] & L.MLB_CT_F_ESTABLISHED):
+                half_open.append((FlowKey.from_bytes(k), CtValue.from_bytes(v)))
+        return idle, half_open
+
+    def conntrack_expire(self, entries: Iterable[tuple[FlowKey, CtValue]]) -> int:
+        """Delete entries found by :meth:`conntrack_stale`, with their nat reverse
+        entries, unless a packet touched them since (the client's ACK may land between
+        the scan and the delete; removing a nat flow then would reset it). Returns how
+        many were deleted. Expired flows do not go to ``ct_closed``: nothing of them
+        ended, and a retransmitted SYN should be balanced afresh."""
+        ct_map = self.maps["conntrack"]
+        n = 0
+        for key, seen in entries:
+            kb = bytes(key)
+            raw = ct_map.lookup(kb)
+            if raw is None:
+                continue
+            cur = CtValue.from_bytes(raw)
+            if cur.last_seen_ns != seen.last_seen_ns or cur.flags != seen.flags:
+                continue
+            if ct_map.delete(kb):
+                n += 1
+                if cur.flags & L.MLB_CT_F_NAT:
+                    self._delete_reverse_of(key, cur)
+        return n
 
     def conntrack_flush(self) -> int:
         """Delete every conntrack and nat reverse entry; returns conntrack count."""

@@ -45,6 +45,7 @@ MLB_BE_F_LOCAL = 1 << 1
 MLB_BE_F_DOWN = 1 << 2
 
 MLB_CT_F_NAT = 1 << 0
+MLB_CT_F_ESTABLISHED = 1 << 1
 
 MLB_SNAT_F_VALID = 1 << 0
 

@@ -80,6 +80,7 @@ class LabOptions:
     discovery: str = "unicast"
     preset: str = "lan"
     idle_timeout_s: float = 300.0
+    handshake_timeout_s: float = 10.0
     health_interval_s: float = 1.0
     extra_toml: str = ""  # appended to every mix's cluster file (tests tune timings with it)
     vips: list[dict[str, Any]] = field(
@@ -135,6 +136,7 @@ def mix_config(opts: LabOptions, i: int, sdir: Path) -> str:
         "",
         "[conntrack]",
         f"idle_timeout_s = {opts.idle_timeout_s}",
+        f"handshake_timeout_s = {opts.handshake_timeout_s}",
         "",
     ]
     for vip in opts.vips:

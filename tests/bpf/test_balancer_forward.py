@@ -2,6 +2,8 @@
 conntrack stickiness, SYN re-selection, nat replies, anti ping-pong, fib failures."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -485,3 +487,62 @@ def test_client_reset_of_a_handshake_is_forwarded_and_forgets_the_flow(lb, fam, 
     d = lb.delta(before)
     assert d["ct_handshake_reset"] == 1 and d["ct_hit"] == 1, d
     assert lb.lb.conntrack_lookup(k) is None and lb.lb.nat_entries() == []
+
+
+# -------------------------------------------------- handshakes nobody acknowledged
+def _established(lb, k) -> bool:
+    return bool(lb.lb.conntrack_lookup(k).flags & L.MLB_CT_F_ESTABLISHED)
+
+
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+@pytest.mark.parametrize("mode", ["dr", "nat"])
+def test_entry_is_established_by_the_clients_ack_only(lb, fam, mode):
+    f = setup_vip(lb, fam, mode, table_backend=1, **({"nat_port": 8080} if mode == "nat" else {}))
+    k = key_of(f["tcp"](flags="S", seq=5000, payload=b""))
+    assert lb.run(f["tcp"](flags="S", seq=5000, payload=b"")).retval == XDP_TX
+    assert not _established(lb, k)
+    # the SYN again, a reset that is not the handshake's, a SYN+ACK (not the client's):
+    # none of them says the client finished its handshake
+    for flags, seq in (("S", 5000), ("R", 77), ("RA", 5001 + 9), ("SA", 5000)):
+        lb.run(f["tcp"](flags=flags, seq=seq, payload=b""))
+        assert lb.lb.conntrack_lookup(k) is not None and not _established(lb, k), flags
+    assert lb.run(f["tcp"](flags="A", seq=5001, payload=b"")).retval == XDP_TX
+    assert _established(lb, k)
+    lb.run(f["tcp"](flags="PA", seq=5001, payload=b"GET /"))
+    ct = lb.lb.conntrack_lookup(k)
+    assert ct.flags & L.MLB_CT_F_ESTABLISHED and bool(ct.flags & L.MLB_CT_F_NAT) == (mode == "nat")
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_entries_not_set_up_by_a_syn_are_established(lb, proto):
+    """UDP has no handshake; a dr TCP flow picked up mid-flow (after a restart of the
+    map, or moved here by the router) already had one."""
+    f = setup_vip(lb, "v4", "dr", proto=proto, port=80)
+    pkt = f["udp"](dport=80) if proto == "udp" else f["tcp"](flags="A")
+    assert lb.run(pkt).retval == XDP_TX
+    assert _established(lb, key_of(pkt))
+
+
+def test_stale_scan_and_expiry(lb):
+    """conntrack_stale picks idle entries and unacknowledged TCP handshakes by age;
+    conntrack_expire removes them with their nat reverse entries, but not an entry a
+    packet touched after the scan."""
+    f = setup_vip(lb, "v4", "nat", nat_port=8080)
+    syns = [f["tcp"](flags="S", sport=41000 + i, seq=9000 + i, payload=b"") for i in range(3)]
+    done = f["tcp"](flags="S", sport=41010, seq=7000, payload=b"")
+    for p in (*syns, done):
+        assert lb.run(p).retval == XDP_TX
+    assert lb.run(f["tcp"](flags="A", sport=41010, seq=7001, payload=b"")).retval == XDP_TX
+    now = time.monotonic_ns()
+    assert lb.lb.conntrack_stale(now, 0, 0) == ([], [])
+    idle, half = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 10**9)
+    assert idle == [] and {L.port_host(k.sport) for k, _ in half} == {p[TCP].sport for p in syns}
+    idle, half = lb.lb.conntrack_stale(now + 5 * 10**9, 2 * 10**9, 10**9)
+    assert len(idle) == 4 and half == []  # an idle entry is swept, whatever its state
+    _, half = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 10**9)
+    time.sleep(0.02)  # a tick of the coarse clock
+    lb.run(syns[0])  # retransmitted after the scan: kept
+    assert lb.lb.conntrack_expire(half) == 2
+    left = {L.port_host(k.sport) for k, _ in lb.lb.conntrack_entries()}
+    assert left == {syns[0][TCP].sport, 41010}
+    assert len(lb.lb.nat_entries()) == 2  # the expired flows' reverse entries went too

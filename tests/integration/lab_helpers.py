@@ -21,6 +21,9 @@ def unique_prefix(tag: str) -> str:
 
 @contextlib.contextmanager
 def running_lab(tag: str, **kw: Any) -> Iterator[Lab]:
+    """A lab whose conntrack entries only closes remove unless the test says otherwise:
+    the handshake timeout is off unless given (the idle sweep is the caller's choice)."""
+    kw.setdefault("handshake_timeout_s", 0)
     opts = LabOptions(prefix=unique_prefix(tag), **kw)
     lab = Lab(opts)
     try:

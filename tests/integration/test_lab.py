@@ -17,7 +17,7 @@ import pytest
 
 from meshlb.lab.lab import APP_PORT, VIP_DR
 from tests.integration.lab_helpers import (
-    VIPS, ab, call, conntrack_counts, curl_many, digests, members_view, mixes,
+    VIPS, ab, call, client_run, conntrack_counts, curl_many, digests, members_view, mixes,
     parse_wrk, running_lab, wait_for,
 )
 
@@ -169,6 +169,83 @@ def test_agent_kill_and_restart_under_wrk_has_no_socket_errors(lab, mode):
     lab.wait_converged(30)
     stats = call(lab, "mix2", "stats")
     assert stats["xdp_mode"] == "adopted", stats["xdp_mode"]
+
+
+_HALF_OPEN_CLIENT = """
+import socket, sys
+vip, base, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for port in range(base, base + n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, bytes(8))  # close = reset, no orphan
+    s.bind(("", port))
+    s.settimeout(3)
+    s.connect((vip, %d))  # completes here; the ACK that would tell the mix is dropped
+    s.close()
+""" % APP_PORT
+
+
+def _reload_all(lab, text_of):
+    for m in mixes(lab):
+        path = lab.state["nodes"][m]["config"]
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text_of(text))
+        res = call(lab, m, "reload")
+        assert not res.get("error") and not res["needs_restart"], res
+
+
+@pytest.mark.parametrize("mode", ["dr", "nat"])
+def test_unacknowledged_handshakes_expire_and_established_flows_stay(lab, mode):
+    """A SYN whose handshake the client never acknowledges leaves no socket to close:
+    its entry expires after conntrack.handshake_timeout_s (switched on here by a
+    reload, the lab starts with it off), while idle established flows stay and work."""
+    from tests.reliability.faults import Nft  # noqa: PLC0415
+
+    timeout = 2.0
+    on = lambda t: t.replace("handshake_timeout_s = 0\n", f"handshake_timeout_s = {timeout}\n")  # noqa: E731
+    off = lambda t: t.replace(f"handshake_timeout_s = {timeout}\n", "handshake_timeout_s = 0\n")  # noqa: E731
+    # above the ephemeral range: ab's TIME_WAIT sockets hold ports inside it
+    vip, base, n = VIPS[mode], 61000 if mode == "dr" else 61100, 8
+    client = lab.namespace("client")
+    held = client.popen([sys.executable, "-c", _persistent_client_script(vip, 6)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held.stdin.write("round\n")
+        held.stdin.flush()
+        first = json.loads(held.stdout.readline())
+        assert not any(v.startswith("ERROR") for v in first.values()), first
+        _reload_all(lab, on)
+        with Nft(lab) as nft:
+            nft.add("client", "output", f"ip daddr {vip} tcp sport {base}-{base + n - 1} "
+                    "tcp flags & syn == 0 counter drop")
+            res = client_run(lab, [sys.executable, "-c", _HALF_OPEN_CLIENT, vip, str(base), str(n)])
+            assert res.returncode == 0, res.stderr[-2000:]
+
+            def half_open():
+                return {(m, e["client"]): e["state"] for m in mixes(lab)
+                        for e in call(lab, m, "conntrack_list", limit=100000)["entries"]
+                        if base <= int(e["client"].rsplit(":", 1)[1]) < base + n}
+
+            seen = half_open()
+            assert len(seen) == n and set(seen.values()) == {"SYN_RECV"}, seen
+            expired = wait_for(lambda: not half_open(), timeout + 5, what="half-open entries expired")
+            assert expired >= timeout * 0.5, expired  # not removed by something else at once
+            assert nft.counter_packets("client") >= n  # the ACKs were really withheld
+        counts = {m: call(lab, m, "stats")["evictions"].get("handshake_timeout", 0) for m in mixes(lab)}
+        assert sum(counts.values()) >= n, counts
+        time.sleep(timeout + 0.5)
+        established = [e for m in mixes(lab) for e in call(lab, m, "conntrack_list", limit=100000)["entries"]
+                       if e["vip"] == f"{vip}:{APP_PORT}" and e["state"] == "ESTABLISHED"]
+        assert len(established) >= 6, established  # idle longer than the timeout, kept
+        held.stdin.write("round\n")
+        held.stdin.flush()
+        second = json.loads(held.stdout.readline())
+        assert second == first, (first, second)  # same backends, no connection reset
+    finally:
+        _reload_all(lab, off)
+        held.stdin.close()
+        held.wait(timeout=10)
 
 
 def _persistent_client_script(vip: str, n: int) -> str:

@@ -43,7 +43,9 @@ def reliability_lab(tag: str, *, conntrack: dict[str, Any] | None = None, wait_s
                     **kw: Any) -> Iterator[Lab]:
     """A lab like tests.integration.lab_helpers.running_lab, plus [conntrack] keys the
     lab's options do not expose (map size, sweep interval): the generated cluster file
-    is edited on its way to disk, since a pinned map's size is fixed at creation."""
+    is edited on its way to disk, since a pinned map's size is fixed at creation. The
+    handshake timeout is off unless given, as there."""
+    kw.setdefault("handshake_timeout_s", 0)
     opts = LabOptions(prefix=unique_prefix(tag), **kw)
     lab = Lab(opts)
     original = lab_mod.mix_config

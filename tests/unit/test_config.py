@@ -188,6 +188,8 @@ def test_unknown_keys_at_every_level(text, where):
         (BASE + "[conntrack]\nidle_timeout_s = -1\n", "conntrack.idle_timeout_s: expected a number >= 0, got -1"),
         (BASE + "[conntrack]\nsweep_interval_s = 0\n", "conntrack.sweep_interval_s: expected a number > 0"),
         (BASE + "[conntrack]\nidle_timeout_s = nan\n", "conntrack.idle_timeout_s: expected a finite number"),
+        (BASE + "[conntrack]\nhandshake_timeout_s = -2\n", "conntrack.handshake_timeout_s: expected a number >= 0"),
+        (BASE + "[conntrack]\nhandshake_timeout_s = \"10s\"\n", "conntrack.handshake_timeout_s: expected a number"),
         (BASE + "[drain]\ntimeout_s = false\n", "drain.timeout_s: expected a number, got false"),
         (BASE + "[drain]\ntimeout_s = -2\n", "drain.timeout_s: expected a number >= 0"),
         ("vips = 3\n" + BASE, "vips: expected an array of tables"),
@@ -536,7 +538,7 @@ def test_diff_live_and_restart():
         + 'peers = ["10.0.0.3"]\nlabel = "other"\n'
         + "[cluster.timings]\nprobe_interval = 2\ngossip_nodes = 5\n"
         + vip('ring_size = 251') + vip(address="10.0.0.2")
-        + "[health]\ninterval = 5.0\n[conntrack]\nmax_entries = 1000\nidle_timeout_s = 0\n[drain]\ntimeout_s = 1\n"
+        + "[health]\ninterval = 5.0\n[conntrack]\nmax_entries = 1000\nidle_timeout_s = 0\nhandshake_timeout_s = 3\n[drain]\ntimeout_s = 1\n"
     )
     applied, restart = diff_live(old, new)
     assert applied == [
@@ -546,6 +548,7 @@ def test_diff_live_and_restart():
         "cluster.timings.probe_interval",
         "health.interval",
         "conntrack.idle_timeout_s",
+        "conntrack.handshake_timeout_s",
         "drain.timeout_s",
         "vips: add 10.0.0.2:80/tcp",
         "vips: change 10.0.0.1:80/tcp (ring_size)",
