@@ -29,6 +29,7 @@ from meshlb import control, forwarding, metrics, vipnet
 from meshlb import config as config_mod
 from meshlb.dataplane import bpffs
 from meshlb.dataplane import layouts as L
+from meshlb.looplag import LoopLag
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
 from meshlb.dataplane.libbpf import BpfError, Link
 from meshlb.dataplane.marks import MarkStore
@@ -48,6 +49,9 @@ MARKS_SAVE_INTERVAL_S = 1.0
 # Socket closes are read at most every 5 ms: a burst costs one loop wakeup per batch,
 # not per close, and 5 ms is nothing against the eviction's trip through the cluster.
 TRACER_BATCH_DELAY_S = 0.005
+# At most this many closes per batch: a reader behind a backlog of thousands must not
+# hold the loop for all of them while probes wait (peers would suspect a busy member).
+TRACER_MAX_BATCH = 256
 # Longest a batch of socket closes waits in the ring for its evictions to go out.
 CLOSES_HOLD_MAX_S = 1.0
 PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -95,6 +99,8 @@ class Agent:
         self.digest = ""
         self.table_changes = 0
         self.evictions: Counter[str] = Counter()
+        self._to_publish: list[Any] = []
+        self.loop_lag = LoopLag()
         self.health_checks: Counter[tuple[str, str]] = Counter()
         self.added_vips: list[str] = []
         self.draining = False
@@ -130,6 +136,7 @@ class Agent:
             self._tasks.append(asyncio.create_task(self._warm_neighbours_loop(), name="neighbours"))
             self._tasks.append(asyncio.create_task(self._save_marks_loop(), name="eviction-marks"))
             self._tasks.append(asyncio.create_task(self._expiry_loop(), name="conntrack-expiry"))
+            self._tasks.append(asyncio.create_task(self.loop_lag.run(), name="loop-lag"))
             loop.add_signal_handler(signal.SIGTERM, self.request_leave)
             loop.add_signal_handler(signal.SIGINT, self.request_leave)
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
@@ -523,9 +530,10 @@ class Agent:
         # them for the next one to read and publish again, instead of taking them along.
         self.driver.on_sent = self._release_closes
         self.tracer.start(callback=self._on_sock_event, batch_delay=TRACER_BATCH_DELAY_S,
-                          on_batch=self._hold_closes)
+                          on_batch=self._hold_closes, max_batch=TRACER_MAX_BATCH)
 
     def _hold_closes(self) -> None:
+        self._publish_batch()
         self._held_through = self._published_seq
         self._hold_timer = asyncio.get_running_loop().call_later(CLOSES_HOLD_MAX_S, self._release_held_closes)
         self._release_closes()
@@ -563,11 +571,21 @@ class Agent:
         # the program wrote the key exactly as conntrack keys the flow
         if self._evict_key(ev.raw_key):
             self.evictions["applied_local"] += 1
-        if not self.driver.running:
-            self.evictions["unpublished_left_cluster"] += 1  # closes after the leave
+        # published with the rest of its batch (_hold_closes): one flush of the
+        # protocol per batch, not per close
+        self._to_publish.append(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
+
+    def _publish_batch(self) -> None:
+        flows, self._to_publish = self._to_publish, []
+        if not flows:
             return
-        self._published_seq = self.driver.publish_eviction(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
-        self.evictions["sent"] += 1
+        if not self.driver.running:
+            self.evictions["unpublished_left_cluster"] += len(flows)  # closes after the leave
+            return
+        seq = self.driver.publish_evictions(flows)
+        if seq:
+            self._published_seq = seq
+        self.evictions["sent"] += len(flows)
 
     def _is_balanced_flow(self, f: Any) -> bool:
         """A closed socket whose local end is a VIP is a balanced flow. One whose local
@@ -584,7 +602,7 @@ class Agent:
 
     def _evict(self, t: Any) -> bool:
         try:
-            key = bytes(L.flow_key(t.client, t.client_port, t.vip, t.vip_port, t.proto))
+            key = L.flow_key_bytes(t.client, t.client_port, t.vip, t.vip_port, t.proto)
         except (ValueError, TypeError):
             self.evictions["malformed"] += 1
             return False
@@ -594,10 +612,9 @@ class Agent:
         """Drop a flow: a dr/nat forward entry keyed (client -> VIP), or, for a nat flow
         whose backend socket closed, the entry whose reply tuple this is. Which one the
         key is follows from its destination: a VIP, or a backend endpoint."""
-        fk = L.FlowKey.from_bytes(key)
         if _local_end(key) in self._vip_endpoints():
-            return self.balancer.conntrack_delete(fk)
-        return self.balancer.nat_delete_backend_side(fk)
+            return self.balancer.conntrack_delete(key)
+        return self.balancer.nat_delete_backend_side(L.FlowKey.from_bytes(key))
 
     def _vip_endpoints(self) -> frozenset[bytes]:
         """(dst address words, dst port, proto) bytes of every VIP, as they stand in a
@@ -852,6 +869,7 @@ class Agent:
             "evictions": dict(self.evictions),
             "tracer": self._tracer_stats(),
             "gossip": dict(self.driver.stats),
+            "loop_lag": self.loop_lag.as_json(),
         }
 
     async def _op_vips(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -931,6 +949,7 @@ class Agent:
             gossip_drops=drops,
             health=health,
             health_checks=dict(self.health_checks),
+            loop_lag=self.loop_lag,
         )
 
 

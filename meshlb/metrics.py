@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
+
+from meshlb.looplag import LoopLag
 
 log = logging.getLogger("meshlb.metrics")
 
@@ -39,6 +43,7 @@ class Snapshot:
     gossip_drops: Mapping[str, int] = field(default_factory=dict)  # reason -> count
     health: Mapping[str, bool] = field(default_factory=dict)  # target -> up
     health_checks: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (target, result) -> count
+    loop_lag: LoopLag | None = None
 
 
 class AgentCollector(Collector):
@@ -101,6 +106,13 @@ class AgentCollector(Collector):
         for (target, result), n in sorted(s.health_checks.items()):
             checks.add_metric([target, result], n)
         yield checks
+
+        if s.loop_lag is not None:
+            lag = HistogramMetricFamily(
+                "meshlb_event_loop_lag_seconds",
+                "How late the agent's event loop fired a timer due every 0.1 s (a busy loop answers probes late)")
+            lag.add_metric([], s.loop_lag.cumulative(), s.loop_lag.total_s)
+            yield lag
 
 
 def render(snapshot: Callable[[], Snapshot]) -> bytes:

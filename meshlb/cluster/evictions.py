@@ -115,6 +115,11 @@ class EvictionTracker:
                 self._give_up_lowest_hole(o, now)
                 if not o.above:
                     self._gappy.discard(name)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        # the buffer's part of expire(): on every receipt of a full buffer, without
+        # also walking the origins with holes
         order = self._order
         while order and (self._buffered > self.buffer_max or now - order[0][0] > self.buffer_ttl):
             _, origin, key = order.popleft()
@@ -147,7 +152,7 @@ class EvictionTracker:
             self._buffered += 1
             self._order.append((now, ev.origin, key))
             if self._buffered > self.buffer_max:
-                self.expire(now)
+                self._trim(now)
 
     # ---- repair ----------------------------------------------------------------------
 

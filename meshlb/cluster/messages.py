@@ -316,10 +316,21 @@ def _port(v: Any) -> int:
     return p
 
 
+_IP_TEXT: dict[bytes, str] = {}  # clients and VIPs repeat in eviction after eviction
+
+
 def _ip_bytes(v: Any) -> str:
-    if type(v) is not bytes or len(v) not in (4, 16):
+    if type(v) is not bytes:
         raise _Malformed
-    return socket.inet_ntop(socket.AF_INET if len(v) == 4 else socket.AF_INET6, v)
+    text = _IP_TEXT.get(v)
+    if text is None:
+        if len(v) not in (4, 16):
+            raise _Malformed
+        text = socket.inet_ntop(socket.AF_INET if len(v) == 4 else socket.AF_INET6, v)
+        if len(_IP_TEXT) >= _CACHE_MAX:
+            _IP_TEXT.clear()
+        _IP_TEXT[v] = text
+    return text
 
 
 MAX_ADDRESSES = 8

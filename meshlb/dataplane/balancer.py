@@ -433,16 +433,18 @@ class Balancer:
         raw = self.maps["conntrack"].lookup(bytes(key))
         return CtValue.from_bytes(raw) if raw is not None else None
 
-    def conntrack_delete(self, key: FlowKey) -> bool:
+    def conntrack_delete(self, key: FlowKey | bytes) -> bool:
         """Forget a flow (and its nat reverse entry): its next SYN re-selects, and a
-        late segment of it still reaches its old backend through ``ct_closed``."""
-        kb = bytes(key)
+        late segment of it still reaches its old backend through ``ct_closed``.
+        Takes the key's bytes too: most evictions a member receives are of flows it
+        does not hold, and a miss then costs one lookup and nothing else."""
+        kb = key if type(key) is bytes else bytes(key)
         raw = self.maps["conntrack"].lookup(kb)
         if raw is None:
             return False
         ct = CtValue.from_bytes(raw)
         if ct.flags & L.MLB_CT_F_NAT:
-            self._delete_reverse_of(key, ct)
+            self._delete_reverse_of(FlowKey.from_bytes(kb), ct)
         self.maps["ct_closed"].update(kb, raw)
         return self.maps["conntrack"].delete(kb)
 

@@ -361,6 +361,36 @@ def flow_key(src, sport: int, dst, dport: int, proto: int) -> FlowKey:
     return k
 
 
+_FLOW_KEY = struct.Struct("!16s16sHHBB2x")  # struct flow_key; ports in network order
+_PACKED: dict[str, bytes] = {}  # address text -> 16 bytes as in a flow key
+
+
+def flow_key_bytes(src: str, sport: int, dst: str, dport: int, proto: int) -> bytes:
+    """bytes(flow_key(...)) for text addresses, without the ctypes structure: the
+    agent builds one for every eviction it receives, and clients and VIPs repeat."""
+    s = _PACKED.get(src)
+    if s is None:
+        s = _packed16(src)
+    d = _PACKED.get(dst)
+    if d is None:
+        d = _packed16(dst)
+    if s[0] != d[0]:
+        raise ValueError("src and dst of a flow must be the same family")
+    try:
+        return _FLOW_KEY.pack(s[1:], d[1:], sport, dport, proto, s[0])
+    except struct.error as exc:
+        raise ValueError(f"flow key: {exc}") from None
+
+
+def _packed16(text: str) -> bytes:
+    raw = packed_addr(text)
+    v = bytes([AF_INET if len(raw) == 4 else AF_INET6]) + raw.ljust(16, b"\0")
+    if len(_PACKED) >= 4096:
+        _PACKED.clear()
+    _PACKED[text] = v
+    return v
+
+
 def describe_flow(k: FlowKey) -> dict:
     return {
         "src": words_text(k.src, k.family), "sport": port_host(k.sport),

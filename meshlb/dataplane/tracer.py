@@ -197,6 +197,7 @@ class Tracer:
         self._bad_records = 0
         self._pin_dir: Path | None = None
         self._batch_delay = 0.0
+        self._max_batch = 0
         self._batch_timer: asyncio.TimerHandle | None = None
         self._on_batch: Callable[[], None] | None = None
         self._registered = False
@@ -399,7 +400,7 @@ class Tracer:
     def _consume(self) -> int:
         rb = self._ring()
         try:
-            return rb.read(self._on_record)
+            return rb.read(self._on_record, limit=self._max_batch)
         finally:
             if self._on_batch is None:
                 rb.commit()
@@ -422,7 +423,7 @@ class Tracer:
 
     def start(self, callback: Callable[[SockEvent], None] | None = None,
               loop: asyncio.AbstractEventLoop | None = None, batch_delay: float = 0.0,
-              on_batch: Callable[[], None] | None = None) -> None:
+              on_batch: Callable[[], None] | None = None, max_batch: int = 0) -> None:
         """Read on ``loop`` (default: the running one): each event goes to
         ``callback`` or, without one, to the queue behind :meth:`events`.
 
@@ -432,10 +433,15 @@ class Tracer:
 
         ``on_batch``: called after each batch of records; the batch stays in the
         ring (a process that takes over reads it again) and nothing more is read
-        until :meth:`commit`. Without it every batch is committed as it is read."""
+        until :meth:`commit`. Without it every batch is committed as it is read.
+
+        ``max_batch`` > 0: read at most that many records per batch, the rest in the
+        next one (``batch_delay`` later): a reader that fell behind must not hold the
+        loop for the whole backlog while probes and datagrams wait."""
         if self._loop is not None:
             raise RuntimeError("reader already started")
         self._batch_delay = batch_delay
+        self._max_batch = max_batch
         self._on_batch = on_batch
         loop = loop or asyncio.get_running_loop()
         rb = self._ring()

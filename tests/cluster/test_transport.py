@@ -395,6 +395,15 @@ def test_three_drivers_join_evict_leave_and_crash(loop_kind):
                 assert (ev.tuple, ev.origin) == (flow, "b")
             assert not kinds(events, "b", "EvictionReceived")
 
+            # A batch of them in one call; a flow the node refuses is counted and skipped.
+            batch = [FlowTuple("198.18.3.4", 52000 + i, "10.255.0.1", 443, 6) for i in range(5)]
+            last = b.publish_evictions([*batch[:2], FlowTuple("198.18.3.4", 1, "10.255.0.1", 443, 1),
+                                        *batch[2:]])
+            assert last == 6  # the one before, then five
+            assert b.counters["evictions_refused"] == 1
+            assert await wait_for(lambda: {e.tuple for e in kinds(events, "a", "EvictionReceived")}
+                                  >= set(batch), 5)
+
             # c leaves gracefully: seen LEFT, never suspected.
             t0 = time.monotonic()
             await c.stop(leave=True, timeout=2.0)

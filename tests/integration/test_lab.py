@@ -324,3 +324,32 @@ def test_crashed_mix_is_detected_and_flows_to_survivors_carry_on():
         finally:
             proc.kill()
             proc.communicate()
+
+
+def test_metrics_endpoint_exposes_the_agents_state(lab):
+    """A scrape of a mix's metrics port parses as Prometheus text and says what the
+    control socket says: members, tables, evictions, and the event loop's lag."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    assert curl_many(lab, VIP_DR, 6).get("FAIL", 0) == 0  # some closes to count
+    before = call(lab, "mix1", "stats")["evictions"]
+    res = subprocess.run(["ip", "netns", "exec", lab.state["nodes"]["mix1"]["netns"], "curl", "-s",
+                          "--max-time", "5", "http://127.0.0.1:9477/metrics"],
+                         capture_output=True, text=True, timeout=20)
+    assert res.returncode == 0, res.stderr
+    fams = {f.name: f for f in text_string_to_metric_families(res.stdout)}
+    stats = call(lab, "mix1", "stats")
+    members = {s.labels["status"]: s.value for s in fams["meshlb_members"].samples}
+    assert members["alive"] == 3, members
+    info = fams["meshlb_table_info"].samples[0].labels
+    assert info["digest"] == stats["table_digest"] and info["node"] == "mix1"
+    evictions = {s.labels["kind"]: s.value for s in fams["meshlb_evictions"].samples}
+    later = call(lab, "mix1", "stats")["evictions"]  # counters only grow
+    assert evictions.get("sent", 0) + evictions.get("received", 0) > 0
+    assert all(before.get(k, 0) <= v <= later[k] for k, v in evictions.items()), (before, evictions, later)
+    lag = {s.name: s for s in fams["meshlb_event_loop_lag_seconds"].samples if not s.labels.get("le")}
+    count = lag["meshlb_event_loop_lag_seconds_count"].value
+    assert count > 0 and abs(count - stats["loop_lag"]["samples"]) <= 20
+    buckets = [s.value for s in fams["meshlb_event_loop_lag_seconds"].samples
+               if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == count  # cumulative, +Inf = count

@@ -556,6 +556,39 @@ def test_held_batch_waits_for_commit_and_an_adopter_reads_it_again(lab, loop_fac
 
 
 @privileged
+def test_max_batch_splits_a_backlog_into_held_batches(lab, tracers):
+    """A backlog is read max_batch records at a time, each batch held until commit()."""
+    node = lab["node"]
+    tr = tracers(node.netns_cookie())
+    tr.watch(VIP4, PORT)
+    srv = Server(node)
+    try:
+        ports = [connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)[1] for _ in range(5)]
+
+        async def main():
+            got: list[SockEvent] = []
+            sizes: list[int] = []
+
+            def on_batch():
+                sizes.append(len(got) - sum(sizes))
+                asyncio.get_running_loop().call_soon(tr.commit)
+
+            tr.start(callback=got.append, on_batch=on_batch, max_batch=2)
+            for _ in range(100):
+                if len(got) >= 5:
+                    break
+                await asyncio.sleep(0.02)
+            tr.stop()
+            return got, sizes
+
+        got, sizes = asyncio.run(main())
+        assert sorted(e.flow.sport for e in got) == sorted(ports)
+        assert sizes == [2, 2, 1], sizes
+    finally:
+        srv.close()
+
+
+@privileged
 def test_ring_buffer_overflow_is_counted(lab, tracers):
     node = lab["node"]
     t = tracers(node.netns_cookie(), ring_size=4096)  # one page: ~56 records

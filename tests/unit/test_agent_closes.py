@@ -20,9 +20,17 @@ class FakeDriver:
         self.on_sent = None
         self._members = []
 
+        self.flushes = 0
+
     def publish_eviction(self, flow) -> int:
         self.seq += 1
         return self.seq
+
+    def publish_evictions(self, flows) -> int:
+        self.flushes += 1
+        for f in flows:
+            self.publish_eviction(f)
+        return self.seq if flows else 0
 
     def evictions_sent_through(self) -> int:
         return self.sent_through
@@ -54,6 +62,7 @@ def make_agent() -> Agent:
     a._published_seq = 0
     a._held_through = None
     a._hold_timer = None
+    a._to_publish = []
     a.driver.on_sent = a._release_closes
     return a
 
@@ -107,3 +116,26 @@ def test_before_the_join_every_backend_side_close_counts_as_balanced():
     assert not a._is_balanced_flow(close)  # known, and 10.9.9.9 is none of them
     a.driver._members = [SimpleNamespace(address=("10.9.9.9", 7946), meta=SimpleNamespace(addresses=()))]
     assert a._is_balanced_flow(close)
+
+
+def test_closes_of_a_batch_are_published_together_when_it_ends():
+    async def main():
+        a = make_agent()
+        a._is_balanced_flow = lambda f: True
+        a._evict_key = lambda key: False
+        for port in (40001, 40002, 40003):
+            flow = SimpleNamespace(src="198.18.1.2", sport=port, dst="198.19.0.1", dport=80, proto=6)
+            a._on_sock_event(SimpleNamespace(flow=flow, refused=False, raw_key=b""))
+        assert a.driver.seq == 0  # nothing published while the batch is being read
+        a._hold_closes()
+        assert a.driver.flushes == 1 and a.driver.seq == 3 and a.evictions["sent"] == 3
+        assert a._held_through == 3 and a.tracer.commits == 0
+        a.driver.send_all()
+        assert a.tracer.commits == 1
+        # after a leave, closes are counted, not published
+        a.driver.running = False
+        a._on_sock_event(SimpleNamespace(flow=flow, refused=False, raw_key=b""))
+        a._hold_closes()
+        assert a.evictions["unpublished_left_cluster"] == 1 and a.driver.seq == 3
+
+    asyncio.run(main())
