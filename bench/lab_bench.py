@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         res["after_load"] = {n: proc_status(p) for n, p in rig.agent_pids().items()}
         res["agent_stats_after_load"] = {
             n: {k: v for k, v in control.call(rig.lab.state["nodes"][n]["control"], "stats", timeout=10).items()
-                if k in ("evictions", "gossip", "conntrack_entries", "tracer")}
+                if k in ("evictions", "gossip", "conntrack_entries", "tracer", "loop_lag", "table_changes")}
             for n in rig.agent_pids()}
         if not args.skip_idle:
             res["idle_after_load"] = rig.idle_footprint()

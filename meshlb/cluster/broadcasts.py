@@ -93,12 +93,14 @@ class BroadcastQueue:
 
     def take(self, budget: int, overhead: int, n_members: int,
              skip: Callable[[Hashable], bool] | None = None,
-             taken: set[Hashable] | None = None, copies: int = 1) -> list[bytes]:
+             taken: set[Hashable] | None = None, copies: int = 1,
+             final: Callable[[Hashable], bool] | None = None) -> list[bytes]:
         """Pick updates whose sizes (+overhead each) fit in budget bytes and count
         ``copies`` transmits for each (the caller sends the result to that many
-        members); items reaching their limit leave the queue. With ``taken``, items
-        whose key is in it are passed over and the picked keys are added (several
-        datagrams to one member never repeat an update)."""
+        members); items reaching their limit leave the queue, and so do the picked
+        items whose key ``final`` accepts. With ``taken``, items whose key is in it
+        are passed over and the picked keys are added (several datagrams to one
+        member never repeat an update)."""
         if taken is not None:
             outer = skip
             skip = (lambda k: k in taken or outer(k)) if outer is not None else taken.__contains__
@@ -141,7 +143,7 @@ class BroadcastQueue:
             limit = limits.get(item.mult)
             if limit is None:
                 limit = limits[item.mult] = retransmit_limit(item.mult, n_members)
-            if item.transmits >= limit:
+            if item.transmits >= limit or (final is not None and final(item.key)):
                 del self._where[item.key]
             else:
                 self._buckets.setdefault(item.transmits, OrderedDict())[item.key] = item

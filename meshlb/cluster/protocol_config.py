@@ -90,6 +90,11 @@ class ProtocolConfig:
     # often, so an eviction that gossip missed (rare, but not impossible under loss)
     # is repaired in seconds rather than at the next push-pull. Idle: nothing sent.
     eviction_sync_interval: float = 5.0
+    # In a gossip round that reaches every member (a cluster no larger than
+    # gossip_nodes + 1), send each eviction in that round only, not in as many rounds
+    # as the retransmit budget allows: one copy per member instead of several. A
+    # lost copy waits for the digest repair (seconds) instead of the next round.
+    eviction_once_to_all: bool = True
 
     # Bounds on per-probe state.
     pending_probes_max: int = 1024
@@ -99,6 +104,10 @@ class ProtocolConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.type in (bool, "bool"):
+                if not isinstance(v, bool):
+                    raise ValueError(f"ProtocolConfig.{f.name} must be true or false, got {v!r}")
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"ProtocolConfig.{f.name} must be a finite non-negative number, got {v!r}")
         if self.probe_interval <= 0 or self.gossip_interval <= 0 or self.push_pull_interval <= 0:
