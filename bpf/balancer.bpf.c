@@ -461,6 +461,12 @@ int meshlb_balancer(struct xdp_md *ctx)
 			return not_vip(ctx, &p);
 		stats_add(&vip_stats, vip->vip_id, bytes);
 		unmark(ctx, &p);
+		/* This mix balances the flow to itself too (the router moved it): the
+		 * peer that sent this holds an entry of it, so when the flow closes
+		 * here the agent must tell the cluster, not only forget its own. */
+		struct ct_value *own = bpf_map_lookup_elem(&conntrack, &p.key);
+		if (own && !(own->flags & MLB_CT_F_PEER_SEEN))
+			own->flags |= MLB_CT_F_PEER_SEEN;
 		count(MLB_CNT_PASS_FROM_PEER);
 		return XDP_PASS;
 	}
@@ -561,7 +567,8 @@ int meshlb_balancer(struct xdp_md *ctx)
 		nv.vip_id = vip_id;
 		nv.vip_gen = vip->gen;
 		nv.syn_seq = syn ? p.tcp_seq : 0;
-		nv.flags = syn ? 0 : MLB_CT_F_ESTABLISHED;  /* UDP, or picked up mid-flow */
+		/* UDP, or picked up mid-flow (it began elsewhere: another mix may hold it) */
+		nv.flags = syn ? 0 : MLB_CT_F_ESTABLISHED | MLB_CT_F_PEER_SEEN;
 		if (nat && !(be->flags & MLB_BE_F_LOCAL) && p.key.proto == MLB_IPPROTO_TCP && !syn) {
 			/* A full-NAT TCP flow starts with a SYN; a later segment without its
 			 * entry (evicted at close, or an agent-less restart) would get a fresh

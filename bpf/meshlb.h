@@ -145,6 +145,10 @@ struct backend {
                                           * conntrack.handshake_timeout_s, as LVS does
                                           * SYN_RECV, since a handshake nobody finishes
                                           * leaves no socket whose close would evict it */
+#define MLB_CT_F_PEER_SEEN    (1u << 2) /* packets of this flow also came here from a peer
+                                          * (or the entry was set up mid-flow): another
+                                          * mix may hold it, so its close is gossiped
+                                          * even when this mix forwarded it to itself */
 
 /* conntrack: struct flow_key (client -> VIP, as received) -> ct_value */
 struct ct_value {

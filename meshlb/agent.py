@@ -95,6 +95,7 @@ class Agent:
         self.metrics: metrics.MetricsServer | None = None
         self.vip_ids: dict[str, int] = {}
         self.backend_ids: dict[tuple[str, str, int], int] = {}
+        self._local_bids: set[int] = set()  # ids of this node's own backends
         self.plans: dict[str, forwarding.VipPlan] = {}
         self.digest = ""
         self.table_changes = 0
@@ -466,6 +467,8 @@ class Agent:
             used = set(self.backend_ids.values()) | set(self._inherited.values())
             bid = next(i for i in range(L.MLB_MAX_BACKENDS) if i not in used)
         self.backend_ids[key] = bid
+        if name == self.name:
+            self._local_bids.add(bid)
         return bid
 
     def _forget_unused_backends(self, members: dict[str, Any]) -> None:
@@ -476,6 +479,7 @@ class Agent:
             if key[0] not in members:
                 self.balancer.remove_backend(bid)
                 del self.backend_ids[key]
+                self._local_bids.discard(bid)
 
     # ------------------------------------------------------------------ gossip
 
@@ -569,11 +573,33 @@ class Agent:
         # socket of it will close here; evicted like a close
         self.evictions["flow_refused" if ev.refused else "socket_closed"] += 1
         # the program wrote the key exactly as conntrack keys the flow
-        if self._evict_key(ev.raw_key):
+        key = ev.raw_key
+        if _local_end(key) in self._vip_endpoints():
+            ct = self.balancer.conntrack_evict(key)
+            found = ct is not None
+            if found and not ev.refused and self._balanced_here_only(ct):
+                # the router brought every packet of it here and this mix passed them
+                # to itself: no other mix holds the flow, nobody needs to hear of it
+                self.evictions["applied_local"] += 1
+                self.evictions["local_only"] += 1
+                return
+        else:
+            found = self.balancer.nat_delete_backend_side(L.FlowKey.from_bytes(key))
+        if found:
             self.evictions["applied_local"] += 1
         # published with the rest of its batch (_hold_closes): one flush of the
         # protocol per batch, not per close
         self._to_publish.append(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
+
+    def _balanced_here_only(self, ct: Any) -> bool:
+        """An entry set up here by the flow's SYN, for this node's own backend, that
+        never saw a packet of the flow come from a peer (the data plane marks that, and
+        entries picked up mid-flow). A flow whose SYN reached another mix first and
+        whose retransmitted SYN came here (the router changed its mind in between)
+        leaves that mix an entry that never saw the client's ACK: the handshake
+        timeout removes it."""
+        return (ct.syn_seq != 0 and not ct.flags & L.MLB_CT_F_PEER_SEEN
+                and ct.backend_id in self._local_bids)
 
     def _publish_batch(self) -> None:
         flows, self._to_publish = self._to_publish, []

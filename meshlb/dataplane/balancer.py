@@ -438,15 +438,20 @@ class Balancer:
         late segment of it still reaches its old backend through ``ct_closed``.
         Takes the key's bytes too: most evictions a member receives are of flows it
         does not hold, and a miss then costs one lookup and nothing else."""
+        return self.conntrack_evict(key) is not None
+
+    def conntrack_evict(self, key: FlowKey | bytes) -> CtValue | None:
+        """:meth:`conntrack_delete` that returns the entry it removed (None: none)."""
         kb = key if type(key) is bytes else bytes(key)
         raw = self.maps["conntrack"].lookup(kb)
         if raw is None:
-            return False
+            return None
         ct = CtValue.from_bytes(raw)
         if ct.flags & L.MLB_CT_F_NAT:
             self._delete_reverse_of(FlowKey.from_bytes(kb), ct)
         self.maps["ct_closed"].update(kb, raw)
-        return self.maps["conntrack"].delete(kb)
+        self.maps["conntrack"].delete(kb)
+        return ct
 
     def closed_lookup(self, key: FlowKey) -> CtValue | None:
         raw = self.maps["ct_closed"].lookup(bytes(key))

@@ -546,3 +546,31 @@ def test_stale_scan_and_expiry(lb):
     left = {L.port_host(k.sport) for k, _ in lb.lb.conntrack_entries()}
     assert left == {syns[0][TCP].sport, 41010}
     assert len(lb.lb.nat_entries()) == 2  # the expired flows' reverse entries went too
+
+
+
+# ------------------------------------------- flows another mix may hold as well
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_peer_seen_marks_flows_another_mix_may_hold(lb, fam):
+    """The agent gossips a local close only for flows another mix may hold: entries
+    picked up mid-flow, or that packets from a peer reached as well."""
+    f = setup_vip(lb, fam, "dr", table_backend=3)  # this node's own backend
+    peer_seen = lambda k: bool(lb.lb.conntrack_lookup(k).flags & L.MLB_CT_F_PEER_SEEN)  # noqa: E731
+    syn = f["tcp"](flags="S", seq=100, payload=b"")
+    k = key_of(syn)
+    assert lb.run(syn).retval == XDP_PASS  # local backend
+    assert lb.run(f["tcp"](flags="A", seq=101, payload=b"")).retval == XDP_PASS
+    assert not peer_seen(k)
+    # the router moved the flow: a peer balances it now and sends it here marked
+    assert lb.run(marked(f["tcp"](flags="PA", seq=101, payload=b"x"))).retval == XDP_PASS
+    assert peer_seen(k)
+    assert lb.run(f["tcp"](flags="A", seq=102, payload=b"")).retval == XDP_PASS
+    assert peer_seen(k)  # stays
+    # a flow whose first packet here is not its SYN began elsewhere
+    mid = f["tcp"](flags="A", sport=40500, payload=b"")
+    assert lb.run(mid).retval == XDP_PASS
+    assert peer_seen(key_of(mid))
+    # a marked packet of a flow this mix does not hold creates nothing
+    other = marked(f["tcp"](flags="A", sport=40600, payload=b""))
+    assert lb.run(other).retval == XDP_PASS
+    assert lb.lb.conntrack_lookup(key_of(f["tcp"](flags="A", sport=40600, payload=b""))) is None

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 from meshlb import agent as agent_mod
 from meshlb.agent import Agent, vip_specs
-from meshlb.config import default_config
+from meshlb.config import default_config, parse
+from meshlb.dataplane import layouts as L
 
 
 class FakeDriver:
@@ -52,6 +53,27 @@ class FakeTracer:
         self.commits += 1
 
 
+class FakeBalancer:
+    """conntrack_evict answers with a given entry (None: the flow is not held here)."""
+
+    def __init__(self, ct) -> None:
+        self.ct = ct
+        self.evicted: list[bytes] = []
+
+    def conntrack_evict(self, key):
+        self.evicted.append(key)
+        return self.ct
+
+    def nat_delete_backend_side(self, key) -> bool:
+        return False
+
+
+def close_of(flow, refused=False):
+    """A tracer event of ``flow`` (to a VIP of the default config's)."""
+    key = L.flow_key_bytes(flow.src, flow.sport, flow.dst, flow.dport, flow.proto)
+    return SimpleNamespace(flow=flow, refused=refused, raw_key=key)
+
+
 def make_agent() -> Agent:
     a = Agent.__new__(Agent)
     a.cfg = default_config()
@@ -63,6 +85,8 @@ def make_agent() -> Agent:
     a._held_through = None
     a._hold_timer = None
     a._to_publish = []
+    a._local_bids = {7}
+    a._vip_endpoint_cache = None
     a.driver.on_sent = a._release_closes
     return a
 
@@ -122,10 +146,10 @@ def test_closes_of_a_batch_are_published_together_when_it_ends():
     async def main():
         a = make_agent()
         a._is_balanced_flow = lambda f: True
-        a._evict_key = lambda key: False
+        a.balancer = FakeBalancer(None)
         for port in (40001, 40002, 40003):
             flow = SimpleNamespace(src="198.18.1.2", sport=port, dst="198.19.0.1", dport=80, proto=6)
-            a._on_sock_event(SimpleNamespace(flow=flow, refused=False, raw_key=b""))
+            a._on_sock_event(close_of(flow))
         assert a.driver.seq == 0  # nothing published while the batch is being read
         a._hold_closes()
         assert a.driver.flushes == 1 and a.driver.seq == 3 and a.evictions["sent"] == 3
@@ -134,8 +158,43 @@ def test_closes_of_a_batch_are_published_together_when_it_ends():
         assert a.tracer.commits == 1
         # after a leave, closes are counted, not published
         a.driver.running = False
-        a._on_sock_event(SimpleNamespace(flow=flow, refused=False, raw_key=b""))
+        a._on_sock_event(close_of(flow))
         a._hold_closes()
         assert a.evictions["unpublished_left_cluster"] == 1 and a.driver.seq == 3
 
     asyncio.run(main())
+
+
+def _vip_flow(a: Agent, port: int = 40001):
+    vip = a.vips[0]
+    return SimpleNamespace(src="198.18.1.2" if ":" not in vip.address else "fd00::2", sport=port,
+                           dst=vip.address, dport=vip.port, proto=6)
+
+
+def test_a_close_no_other_mix_can_hold_is_not_gossiped():
+    """Set up here by its SYN, for this node's own backend, never seen from a peer:
+    forgotten locally, not published. Any of those three missing: published."""
+    a = make_agent()
+    a.cfg = parse('[node]\nname = "mix1"\niface = "eth0"\n[cluster]\nkey_file = "/k"\n'
+                  '[[vips]]\naddress = "198.19.0.1"\nport = 80\n')
+    a.vips = vip_specs(a.cfg)
+    a._is_balanced_flow = lambda f: True
+    ct = lambda **kw: L.CtValue(**{"syn_seq": 1000, "backend_id": 7, "flags": L.MLB_CT_F_ESTABLISHED, **kw})  # noqa: E731
+    cases = [
+        (ct(), False),
+        (ct(flags=L.MLB_CT_F_ESTABLISHED | L.MLB_CT_F_PEER_SEEN), True),  # a peer sent some of it
+        (ct(syn_seq=0), True),      # picked up mid-flow: it began elsewhere
+        (ct(backend_id=3), True),   # forwarded to another backend (closes here all the same)
+        (None, True),               # not held here at all
+    ]
+    for i, (entry, published) in enumerate(cases):
+        a.balancer = FakeBalancer(entry)
+        before = len(a._to_publish)
+        a._on_sock_event(close_of(_vip_flow(a, 40000 + i)))
+        assert (len(a._to_publish) > before) == published, (i, entry)
+        assert len(a.balancer.evicted) == 1  # forgotten here in every case
+    assert a.evictions["local_only"] == 1
+    # a reset (no socket took the segment) is always published
+    a.balancer = FakeBalancer(ct())
+    a._on_sock_event(close_of(_vip_flow(a, 40100), refused=True))
+    assert a.evictions["local_only"] == 1 and len(a._to_publish) == 5
