@@ -118,6 +118,14 @@ def tcp(src=CLIENT, dst=VIP, sport=40000, dport=80, flags="A") -> bytes:
                  TCP(sport=sport, dport=dport, flags=flags) / (b"x" * 10))
 
 
+def marked_tcp(**kw) -> bytes:
+    """tcp() as a peer forwards it: the IPv4 reserved bit set (the peer mark)."""
+    pkt = Ether(tcp(**kw))
+    pkt[IP].flags = int(pkt[IP].flags) | 0x4
+    del pkt[IP].chksum
+    return bytes(pkt)
+
+
 class Bench:
     def __init__(self, ns: Netns, repeat: int, runs: int, floor_flows: int = 1024) -> None:
         self.ns, self.repeat, self.runs = ns, repeat, runs
@@ -238,6 +246,17 @@ def run_all(b: Bench, lb: Balancer, flows: list[int], args) -> int:
     b.wrap(P, ack)
     b.measure("dr: TCP ACK, conntrack hit, cached next hop, mark, TX", W, ack, XDP_TX, lb=lb,
               want={"ct_hit": 1, "tx": 1}, wrapped=True, anchor=ANCHORS["hit"])
+    # the backend side of the same: a peer's marked packet, un-marked and passed; the
+    # lookup of this mix's own entry (to note that a peer holds the flow too) is the
+    # part that misses here and hits when the router moved a flow this mix balanced
+    other = marked_tcp(sport=40001)
+    b.wrap(P, other)
+    b.measure("backend side: peer-marked TCP, no own entry, unmark, PASS", W, other, XDP_PASS,
+              lb=lb, want={"pass_from_peer": 1}, wrapped=True)
+    moved = marked_tcp()
+    b.wrap(P, moved)
+    b.measure("backend side: peer-marked TCP, own entry (flow moved), unmark, PASS", W, moved,
+              XDP_PASS, lb=lb, want={"pass_from_peer": 1}, wrapped=True)
     # many flows, before the SYN runs churn the LRU's free lists
     for n in flows:
         base = "10.200.0.0"
