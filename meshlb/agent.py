@@ -29,12 +29,12 @@ from meshlb import control, forwarding, metrics, vipnet
 from meshlb import config as config_mod
 from meshlb.dataplane import bpffs
 from meshlb.dataplane import layouts as L
-from meshlb.looplag import LoopLag
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
 from meshlb.dataplane.libbpf import BpfError, Link
 from meshlb.dataplane.marks import MarkStore
 from meshlb.dataplane.tracer import SockEvent, Tracer
 from meshlb.forwarding import VipSpec
+from meshlb.looplag import LoopLag
 
 log = logging.getLogger("meshlb.agent")
 
@@ -573,20 +573,14 @@ class Agent:
         # socket of it will close here; evicted like a close
         self.evictions["flow_refused" if ev.refused else "socket_closed"] += 1
         # the program wrote the key exactly as conntrack keys the flow
-        key = ev.raw_key
-        if _local_end(key) in self._vip_endpoints():
-            ct = self.balancer.conntrack_evict(key)
-            found = ct is not None
-            if found and not ev.refused and self._balanced_here_only(ct):
-                # the router brought every packet of it here and this mix passed them
-                # to itself: no other mix holds the flow, nobody needs to hear of it
-                self.evictions["applied_local"] += 1
-                self.evictions["local_only"] += 1
-                return
-        else:
-            found = self.balancer.nat_delete_backend_side(L.FlowKey.from_bytes(key))
+        found, ct = self._evict_entry(ev.raw_key)
         if found:
             self.evictions["applied_local"] += 1
+        if ct is not None and not ev.refused and self._balanced_here_only(ct):
+            # the router brought every packet of it here and this mix passed them to
+            # itself: no other mix holds the flow, nobody needs to hear of it
+            self.evictions["local_only"] += 1
+            return
         # published with the rest of its batch (_hold_closes): one flush of the
         # protocol per batch, not per close
         self._to_publish.append(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
@@ -635,12 +629,17 @@ class Agent:
         return self._evict_key(key)
 
     def _evict_key(self, key: bytes) -> bool:
+        return self._evict_entry(key)[0]
+
+    def _evict_entry(self, key: bytes) -> tuple[bool, L.CtValue | None]:
         """Drop a flow: a dr/nat forward entry keyed (client -> VIP), or, for a nat flow
         whose backend socket closed, the entry whose reply tuple this is. Which one the
-        key is follows from its destination: a VIP, or a backend endpoint."""
+        key is follows from its destination: a VIP, or a backend endpoint. Returns
+        whether an entry was held here, and the forward entry removed (if it was one)."""
         if _local_end(key) in self._vip_endpoints():
-            return self.balancer.conntrack_delete(key)
-        return self.balancer.nat_delete_backend_side(L.FlowKey.from_bytes(key))
+            ct = self.balancer.conntrack_evict(key)
+            return ct is not None, ct
+        return self.balancer.nat_delete_backend_side(L.FlowKey.from_bytes(key)), None
 
     def _vip_endpoints(self) -> frozenset[bytes]:
         """(dst address words, dst port, proto) bytes of every VIP, as they stand in a
@@ -691,24 +690,29 @@ class Agent:
             ct = self.cfg.conntrack
             periods = [ct.sweep_interval_s] if ct.idle_timeout_s > 0 else []
             if ct.handshake_timeout_s > 0:
-                periods.append(max(0.25, ct.handshake_timeout_s / 4))
+                periods.append(max(0.25, ct.handshake_timeout_s / 2))
             await asyncio.sleep(min(periods, default=1.0))
             ct = self.cfg.conntrack
             sweep = ct.idle_timeout_s > 0 and time.monotonic() - last_sweep >= ct.sweep_interval_s
             if not sweep and ct.handshake_timeout_s <= 0:
                 continue
             try:
-                idle, half_open = self.balancer.conntrack_stale(
-                    time.monotonic_ns(), int(ct.idle_timeout_s * 1e9) if sweep else 0,
+                # off the loop: a full map is a quarter million entries, tens of ms
+                # of Python even filtered on the raw bytes, and probes must not wait
+                swept, expired = await asyncio.to_thread(
+                    self._expire_stale, int(ct.idle_timeout_s * 1e9) if sweep else 0,
                     int(ct.handshake_timeout_s * 1e9))
-                if idle:
-                    self.evictions["swept"] += self.balancer.conntrack_expire(idle)
-                if half_open:
-                    self.evictions["handshake_timeout"] += self.balancer.conntrack_expire(half_open)
+                self.evictions["swept"] += swept
+                self.evictions["handshake_timeout"] += expired
             except Exception:
                 log.exception("conntrack expiry failed")
             if sweep:
                 last_sweep = time.monotonic()
+
+    def _expire_stale(self, idle_ns: int, handshake_ns: int) -> tuple[int, int]:
+        idle, half_open = self.balancer.conntrack_stale(time.monotonic_ns(), idle_ns, handshake_ns)
+        return (self.balancer.conntrack_expire(idle) if idle else 0,
+                self.balancer.conntrack_expire(half_open) if half_open else 0)
 
     # ------------------------------------------------------------------ health
 

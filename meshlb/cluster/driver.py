@@ -518,22 +518,9 @@ class GossipDriver:
 
     def publish_evictions(self, flows: Sequence[Any]) -> int:
         """:meth:`publish_eviction` for many flows at once (a batch of socket closes):
-        one flush of the node afterwards instead of one per flow. A flow the node
-        refuses (not TCP/UDP, a port out of range) is counted and skipped. Returns the
-        number of the last eviction published (0 if none)."""
-        if self.node is None or self._stopped:
-            raise DriverError("driver is not running")
-        loop = self._loop
-        assert loop is not None
-        now, publish, seq = loop.time(), self.node.publish_eviction, 0
-        for flow in flows:
-            try:
-                seq = publish(flow, now)
-            except ValueError:
-                self.counters["evictions_refused"] += 1
-        self._pump()
-        self._wake()
-        return seq
+        one flush of the node afterwards instead of one per flow (see
+        :meth:`Node.publish_evictions`)."""
+        return self._call("publish_evictions", flows)
 
     def evictions_sent_through(self) -> int:
         """Own evictions up to this number have left in a datagram (or never will)."""

@@ -35,7 +35,7 @@ import heapq
 import ipaddress
 import random
 from collections import Counter, OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -402,6 +402,19 @@ class Node:
         if len(self._ev_unsent) > self.config.broadcast_queue_max:
             self._prune_unsent()  # nobody asks (a simulator, a bench): stay bounded
         return self._ev_seq
+
+    def publish_evictions(self, keys: Iterable[FlowTuple], now: float) -> int:
+        """:meth:`publish_eviction` for each of ``keys``; one the node refuses (not
+        TCP/UDP, a port out of range, not an address) is counted and skipped, so one
+        bad record cannot drop the batch it came in. Returns the number of the last
+        eviction published (0: none)."""
+        seq = 0
+        for key in keys:
+            try:
+                seq = self.publish_eviction(key, now)
+            except ValueError:
+                self._counters["evictions_refused"] += 1
+        return seq
 
     def evictions_sent_through(self) -> int:
         """The number of this member's own evictions up to which every one has gone

@@ -10,6 +10,7 @@ Maglev tables survive an agent restart.
 from __future__ import annotations
 
 import array
+import ctypes
 import os
 import struct
 from pathlib import Path
@@ -37,8 +38,10 @@ PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
           L.IPPROTO_TCP: L.IPPROTO_TCP, L.IPPROTO_UDP: L.IPPROTO_UDP}
 
 _U32 = struct.Struct("=I")
-_CT_SEEN = struct.Struct("=Q")  # ct_value.last_seen_ns, its first field
-assert CtValue.last_seen_ns.offset == 0
+# (last_seen_ns, flags) of one struct ct_value, for scans of the whole map
+_CT_SEEN_FLAGS = struct.Struct(f"=Q{CtValue.flags.offset - 8}xI"
+                               f"{ctypes.sizeof(CtValue) - CtValue.flags.offset - 4}x")
+assert CtValue.last_seen_ns.offset == 0 and _CT_SEEN_FLAGS.size == ctypes.sizeof(CtValue)
 # A table slot with no backend (a VIP whose backends are all gone): outside the
 # backends array, so the data plane finds nothing there and counts DROP_NO_BACKEND.
 NO_BACKEND = 0xFFFFFFFF
@@ -500,9 +503,6 @@ class Balancer:
             self.maps["conntrack"].delete(bytes(orig))
         return self.maps["nat_reverse"].delete(bytes(rk))
 
-    def conntrack_delete_many(self, keys: Iterable[FlowKey]) -> int:
-        return self.maps["conntrack"].delete_batch([bytes(k) for k in keys])
-
     def conntrack_stale(self, now_ns: int, idle_ns: int = 0, handshake_ns: int = 0
                         ) -> tuple[list[tuple[FlowKey, CtValue]], list[tuple[FlowKey, CtValue]]]:
         """Entries to expire at ``now_ns`` (CLOCK_MONOTONIC): (idle longer than
@@ -513,15 +513,21 @@ class Balancer:
         half_open: list[tuple[FlowKey, CtValue]] = []
         if not idle_ns and not handshake_ns:
             return idle, half_open
-        seen_at, fl_at = _CT_SEEN.unpack_from, CtValue.flags.offset
+        ks, vs = ctypes.sizeof(FlowKey), ctypes.sizeof(CtValue)
         proto_at = FlowKey.proto.offset
-        for k, v in self.maps["conntrack"].lookup_batch():
-            age = now_ns - seen_at(v)[0]
-            if idle_ns and age > idle_ns:
-                idle.append((FlowKey.from_bytes(k), CtValue.from_bytes(v)))
-            elif (handshake_ns and age > handshake_ns and k[proto_at] == IPPROTO_TCP
-                  and not v[fl_at] & L.MLB_CT_F_ESTABLISHED):
-                half_open.append((FlowKey.from_bytes(k), CtValue.from_bytes(v)))
+        est = L.MLB_CT_F_ESTABLISHED
+        for keys, vals, _ in self.maps["conntrack"].lookup_batch_raw():
+            for i, (seen, flags) in enumerate(_CT_SEEN_FLAGS.iter_unpack(vals)):
+                age = now_ns - seen
+                if idle_ns and age > idle_ns:
+                    out = idle
+                elif (handshake_ns and age > handshake_ns and not flags & est
+                      and keys[i * ks + proto_at] == IPPROTO_TCP):
+                    out = half_open
+                else:
+                    continue
+                out.append((FlowKey.from_bytes(keys[i * ks:(i + 1) * ks]),
+                            CtValue.from_bytes(vals[i * vs:(i + 1) * vs])))
         return idle, half_open
 
     def conntrack_expire(self, entries: Iterable[tuple[FlowKey, CtValue]]) -> int:

@@ -302,13 +302,24 @@ class Map(Closeable):
     def lookup_batch(self, batch_size: int = 4096) -> list[tuple[bytes, bytes]]:
         """All entries with BPF_MAP_LOOKUP_BATCH, falling back to iteration for
         map types without it. Per-CPU values are raw buffers."""
+        out: list[tuple[bytes, bytes]] = []
+        ks, vsz = self.key_size, self._value_buf_size
+        for kr, vr, n in self.lookup_batch_raw(batch_size):
+            for i in range(n):
+                out.append((kr[i * ks:(i + 1) * ks], vr[i * vsz:(i + 1) * vsz]))
+        return out
+
+    def lookup_batch_raw(self, batch_size: int = 4096) -> Iterator[tuple[bytes, bytes, int]]:
+        """The entries as the kernel hands them over: (keys, values, n) per batch,
+        ``n`` keys of key_size bytes back to back and their values likewise. For a
+        scan of a big map that looks at a field or two of each value (struct
+        iter_unpack over the values) instead of cutting every entry out."""
         fd = self._live_fd("lookup_batch")
         vsz = self._value_buf_size
         # The batch cursor is opaque: a bucket index for hashes, a key for arrays.
         token_size = max(self.key_size, 8)
         in_tok = ctypes.create_string_buffer(token_size)
         out_tok = ctypes.create_string_buffer(token_size)
-        out: list[tuple[bytes, bytes]] = []
         first = True
         bs = max(1, batch_size)
         o = opts(bpf_map_batch_opts)
@@ -323,15 +334,15 @@ class Map(Closeable):
                     bs *= 2  # one hash bucket holds more entries than the batch
                     continue
                 if first and -ret in _NO_BATCH:
-                    return list(self.items())
+                    items = list(self.items())
+                    yield b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items)
+                    return
                 check(ret, self._err("bpf_map_lookup_batch"))
             n = count.value
-            kr, vr = keys.raw, vals.raw
-            for i in range(n):
-                out.append((kr[i * self.key_size:(i + 1) * self.key_size],
-                            vr[i * vsz:(i + 1) * vsz]))
+            if n:
+                yield keys.raw[:n * self.key_size], vals.raw[:n * vsz], n
             if ret == -errno.ENOENT:
-                return out
+                return
             ctypes.memmove(in_tok, out_tok, token_size)
             first = False
 

@@ -637,6 +637,19 @@ def test_large_cluster_relays_evictions():
     assert sum(net.nodes[o].stats["evictions_not_relayed"] for o in net.up) == 0
 
 
+def test_publish_evictions_skips_and_counts_what_it_refuses():
+    net = Network(seed=36)
+    net.cluster(2)
+    run_until(net, lambda: converged(net), limit=5.0)
+    a = net.nodes["n00"]
+    last = a.publish_evictions([flow(1), FlowTuple("1.2.3.4", 1, "10.0.0.1", 80, 1), flow(2),
+                                FlowTuple("not-an-ip", 1, "10.0.0.1", 80, 6)], net.now)
+    assert last == 2 and a.stats["evictions_refused"] == 2
+    assert a.publish_evictions([], net.now) == 0
+    net._collect("n00")
+    run_until(net, lambda: len(received(net, "n01")) == 2, limit=5.0)
+
+
 def test_publish_eviction_validates_the_tuple():
     net = Network()
     (a,) = net.cluster(1)

@@ -400,7 +400,7 @@ def test_three_drivers_join_evict_leave_and_crash(loop_kind):
             last = b.publish_evictions([*batch[:2], FlowTuple("198.18.3.4", 1, "10.255.0.1", 443, 1),
                                         *batch[2:]])
             assert last == 6  # the one before, then five
-            assert b.counters["evictions_refused"] == 1
+            assert b.stats["node"]["evictions_refused"] == 1
             assert await wait_for(lambda: {e.tuple for e in kinds(events, "a", "EvictionReceived")}
                                   >= set(batch), 5)
 
