@@ -645,3 +645,139 @@ selected:
 	}
 	return fib_forward(ctx, &p, saddr, daddr, 0, now);
 }
+
+/* ------------------------------------------------------------------------------
+ * Batch eviction: the agent's side of the conntrack, one syscall per batch.
+ *
+ * A flow ends: its socket closed here, or a peer's eviction arrived. The agent
+ * used to spend three to five map syscalls on each (lookup, move to ct_closed,
+ * delete, the nat reverse entry), and a busy mix closes thousands of flows a
+ * second on every member. Here the agent fills evict_batch through mmap and runs
+ * this program once (BPF_PROG_TEST_RUN); meshlb/dataplane/balancer.py is its only
+ * caller. The moves are those XDP expects: an evicted entry goes to ct_closed, so
+ * a late segment still reaches its old backend without setting the flow up again.
+ * ------------------------------------------------------------------------------ */
+
+/* The forward entry of a nat flow is gone: its reverse entry goes with it, unless
+ * the reply tuple was since claimed by another flow. */
+static __always_inline void evict_reverse_of(const struct flow_key *k, const struct ct_value *v)
+{
+	__u32 bid = v->backend_id;
+	struct backend *be = bpf_map_lookup_elem(&backends, &bid);
+	struct snat_config *sc = snat_for(k->family);
+	struct nat_rev_value *rv;
+	struct flow_key rk;
+
+	if (!be || !sc || !(be->flags & MLB_BE_F_VALID) || !(sc->flags & MLB_SNAT_F_VALID))
+		return;
+	rev_key(&rk, be, be->port ? be->port : k->dport, sc, v->snat_port, k);
+	rv = bpf_map_lookup_elem(&nat_reverse, &rk);
+	if (rv && flow_key_eq(&rv->orig, k))
+		bpf_map_delete_elem(&nat_reverse, &rk);
+}
+
+/* client -> VIP: move the conntrack entry to ct_closed; *out gets what it held. */
+static __always_inline int evict_forward(const struct flow_key *k, struct ct_value *out)
+{
+	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, k);
+	struct ct_value v;
+
+	if (!ct)
+		return 0;
+	v = *ct;
+	if (v.flags & MLB_CT_F_NAT)
+		evict_reverse_of(k, &v);
+	bpf_map_update_elem(&ct_closed, k, &v, BPF_ANY);
+	bpf_map_delete_elem(&conntrack, k);
+	*out = v;
+	return 1;
+}
+
+/* SNAT addr:port -> backend addr:port, a nat backend's closed socket: the reverse
+ * entry is keyed by the reply (that tuple turned around). Its forward entry goes
+ * too if it still has this SNAT port: the client may have reused its own port for
+ * a new connection that got another. */
+static __always_inline int evict_backend_side(const struct flow_key *k)
+{
+	struct nat_rev_value *rv;
+	struct ct_value *ct;
+	struct flow_key rk, orig;
+
+	__builtin_memset(&rk, 0, sizeof(rk));
+	__builtin_memcpy(rk.src, k->dst, 16);
+	__builtin_memcpy(rk.dst, k->src, 16);
+	rk.sport = k->dport;
+	rk.dport = k->sport;
+	rk.proto = k->proto;
+	rk.family = k->family;
+	rv = bpf_map_lookup_elem(&nat_reverse, &rk);
+	if (!rv)
+		return 0;
+	orig = rv->orig;
+	ct = bpf_map_lookup_elem(&conntrack, &orig);
+	if (ct && ct->snat_port == rk.dport) {
+		struct ct_value v = *ct;
+
+		bpf_map_update_elem(&ct_closed, &orig, &v, BPF_ANY);
+		bpf_map_delete_elem(&conntrack, &orig);
+	}
+	return bpf_map_delete_elem(&nat_reverse, &rk) == 0;
+}
+
+struct evict_run {
+	__u32 removed;
+};
+
+static long evict_one(__u64 i, void *data)
+{
+	struct evict_run *run = data;
+	__u32 zero = 0;
+	struct evict_batch *b = bpf_map_lookup_elem(&evict_batch, &zero);
+	struct evict_slot *s;
+	struct flow_key k;
+	__u32 op;
+
+	if (!b || i >= MLB_EVICT_BATCH)
+		return 1;
+	s = &b->slots[i];
+	k = s->key;
+	op = s->op;
+	s->result = MLB_EVICT_NONE;
+	if (op == MLB_EVICT_OP_AUTO) {
+		struct vip_key vk = {};
+
+		__builtin_memcpy(vk.addr, k.dst, 16);
+		vk.port = k.dport;
+		vk.proto = k.proto;
+		vk.family = k.family;
+		op = bpf_map_lookup_elem(&vips, &vk) ? MLB_EVICT_OP_FORWARD : MLB_EVICT_OP_BACKEND;
+	}
+	if (op == MLB_EVICT_OP_FORWARD) {
+		if (evict_forward(&k, &s->ct))
+			s->result = MLB_EVICT_FORWARD;
+	} else if (op == MLB_EVICT_OP_BACKEND) {
+		if (evict_backend_side(&k))
+			s->result = MLB_EVICT_BACKEND;
+	}
+	if (s->result != MLB_EVICT_NONE)
+		run->removed++;
+	return 0;
+}
+
+/* Returns how many slots removed something; each slot's result says what. */
+SEC("syscall")
+int meshlb_evict(void *ctx)
+{
+	struct evict_run run = {};
+	__u32 zero = 0;
+	struct evict_batch *b = bpf_map_lookup_elem(&evict_batch, &zero);
+	__u32 n;
+
+	if (!b)
+		return 0;
+	n = b->count;
+	if (n > MLB_EVICT_BATCH)
+		n = MLB_EVICT_BATCH;
+	bpf_loop(n, evict_one, &run, 0);
+	return run.removed;
+}

@@ -117,4 +117,15 @@ struct {
 	__type(value, struct lb_stats);
 } backend_stats SEC(".maps");
 
+/* The agent's batch of evictions (struct evict_batch, meshlb.h): written and read
+ * through mmap, so a batch costs the one BPF_PROG_TEST_RUN of meshlb_evict. Scratch
+ * space of one agent: never pinned, a new load gets a new one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct evict_batch);
+} evict_batch SEC(".maps");
+
 #endif

@@ -191,6 +191,32 @@ struct nat_rev_value {
 	__u32 pad;
 };
 
+/* Batch eviction (the "meshlb_evict" syscall program, run by BPF_PROG_TEST_RUN):
+ * the agent writes up to MLB_EVICT_BATCH keys into the mmapped "evict_batch" map,
+ * runs the program once, and reads what each key removed. Every close and every
+ * eviction a peer sends costs one slot instead of three to five map syscalls. */
+#define MLB_EVICT_BATCH       256
+/* evict_slot.op (in): what the key names */
+#define MLB_EVICT_OP_AUTO     0   /* a VIP in dst: forward, otherwise backend side */
+#define MLB_EVICT_OP_FORWARD  1   /* client -> VIP, the conntrack key */
+#define MLB_EVICT_OP_BACKEND  2   /* SNAT addr:port -> backend addr:port, as a nat
+                                   * backend's socket saw it */
+/* evict_slot.result (out): what was removed */
+#define MLB_EVICT_NONE        0   /* nothing held here */
+#define MLB_EVICT_FORWARD     1   /* a conntrack entry (copied into .ct), now in ct_closed */
+#define MLB_EVICT_BACKEND     2   /* a nat reverse entry (and its forward entry, if
+                                   * that was still the same flow) */
+struct evict_slot {
+	struct flow_key key;
+	__u32 op;
+	__u32 result;
+	struct ct_value ct;
+};
+struct evict_batch {
+	__u32 count;   /* slots in use; the program clamps it to MLB_EVICT_BATCH */
+	__u32 pad;
+	struct evict_slot slots[MLB_EVICT_BATCH];
+};
 /* snat_config array: index 0 = IPv4, 1 = IPv6 */
 #define MLB_SNAT_F_VALID      (1u << 0)
 struct snat_config {

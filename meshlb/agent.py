@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,8 +43,12 @@ log = logging.getLogger("meshlb.agent")
 XDP_LINK_PIN = "xdp_link"
 TRACER_SUBDIR = "tracer"
 # The local end of a struct flow_key: dst address, then dport and proto (sport between)
-_DST = slice(L.FlowKey.dst.offset, L.FlowKey.dst.offset + L.FlowKey.dst.size)
-_DPORT_PROTO = slice(L.FlowKey.dport.offset, L.FlowKey.proto.offset + L.FlowKey.proto.size)
+# (backend_id, flags, syn_seq) of a struct ct_value's bytes: what decides whether a
+# close is this mix's alone (Agent._balanced_here_only)
+_CT_OWNER = struct.Struct(f"={L.CtValue.backend_id.offset}xII"
+                          f"{L.CtValue.syn_seq.offset - L.CtValue.flags.offset - 4}xI")
+assert (L.CtValue.flags.offset == L.CtValue.backend_id.offset + 4
+        and _CT_OWNER.size == ctypes.sizeof(L.CtValue))
 MARKS_PIN = "eviction_marks"
 MARKS_MAX = 65536  # origins; allocated as used
 MARKS_SAVE_INTERVAL_S = 1.0
@@ -101,6 +107,8 @@ class Agent:
         self.table_changes = 0
         self.evictions: Counter[str] = Counter()
         self._to_publish: list[Any] = []
+        self._closing: list[SockEvent] = []  # this batch's closes, evicted when it ends
+        self._received: list[bytes] = []  # peers' evictions, applied once per loop turn
         self.loop_lag = LoopLag()
         self.health_checks: Counter[tuple[str, str]] = Counter()
         self.added_vips: list[str] = []
@@ -109,7 +117,6 @@ class Agent:
         self._snat_ports = DEFAULT_SNAT_PORTS
         self.changed_sysctls: dict[str, str] = {}
         self._inherited: dict[tuple[str, int], int] = {}  # (addr, port) -> id, from pins
-        self._vip_endpoint_cache: tuple[Any, frozenset[bytes]] | None = None
         self._published_seq = 0  # number of this run's last own eviction
         self._held_through: int | None = None  # the held batch of closes waits for this one
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -177,6 +184,8 @@ class Agent:
             self.tracer.stop()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
+        with contextlib.suppress(Exception):
+            self._apply_received()
         if self.driver and not self._leave_requested:
             with contextlib.suppress(Exception):
                 await self.driver.stop(leave=False)
@@ -515,8 +524,7 @@ class Agent:
 
         if isinstance(event, cnode.EvictionReceived):
             self.evictions["received"] += 1
-            if self._evict(event.tuple):
-                self.evictions["applied"] += 1
+            self._queue_received(event.tuple)
             return
         kind = type(event).__name__
         member = getattr(event, "member", None)
@@ -537,6 +545,7 @@ class Agent:
                           on_batch=self._hold_closes, max_batch=TRACER_MAX_BATCH)
 
     def _hold_closes(self) -> None:
+        self._evict_closes()
         self._publish_batch()
         self._held_through = self._published_seq
         self._hold_timer = asyncio.get_running_loop().call_later(CLOSES_HOLD_MAX_S, self._release_held_closes)
@@ -561,10 +570,7 @@ class Agent:
         self.tracer.commit()
 
     def _on_sock_event(self, ev: SockEvent) -> None:
-        from meshlb.cluster.node import FlowTuple  # noqa: PLC0415
-
-        f = ev.flow
-        if not self._is_balanced_flow(f):
+        if not self._is_balanced_flow(ev.flow):
             # e.g. a peer's health check of this node's app: not a balanced flow, and
             # gossiping it would only cost every member a useless eviction
             self.evictions["socket_closed_unbalanced"] += 1
@@ -572,28 +578,38 @@ class Agent:
         # a segment no socket took here: the flow is over for its client (reset) and no
         # socket of it will close here; evicted like a close
         self.evictions["flow_refused" if ev.refused else "socket_closed"] += 1
-        # the program wrote the key exactly as conntrack keys the flow
-        found, ct = self._evict_entry(ev.raw_key)
-        if found:
-            self.evictions["applied_local"] += 1
-        if ct is not None and not ev.refused and self._balanced_here_only(ct):
-            # the router brought every packet of it here and this mix passed them to
-            # itself: no other mix holds the flow, nobody needs to hear of it
-            self.evictions["local_only"] += 1
-            return
-        # published with the rest of its batch (_hold_closes): one flush of the
-        # protocol per batch, not per close
-        self._to_publish.append(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
+        # evicted and published with the rest of its batch (_hold_closes): one
+        # syscall and one flush of the protocol per batch, not per close
+        self._closing.append(ev)
 
-    def _balanced_here_only(self, ct: Any) -> bool:
-        """An entry set up here by the flow's SYN, for this node's own backend, that
-        never saw a packet of the flow come from a peer (the data plane marks that, and
-        entries picked up mid-flow). A flow whose SYN reached another mix first and
-        whose retransmitted SYN came here (the router changed its mind in between)
-        leaves that mix an entry that never saw the client's ACK: the handshake
-        timeout removes it."""
-        return (ct.syn_seq != 0 and not ct.flags & L.MLB_CT_F_PEER_SEEN
-                and ct.backend_id in self._local_bids)
+    def _evict_closes(self) -> None:
+        from meshlb.cluster.node import FlowTuple  # noqa: PLC0415
+
+        closing, self._closing = self._closing, []
+        if not closing:
+            return
+        # the program wrote each key exactly as conntrack keys the flow
+        results = self.balancer.evict_many([ev.raw_key for ev in closing])
+        for ev, (result, ct) in zip(closing, results):
+            if result != L.MLB_EVICT_NONE:
+                self.evictions["applied_local"] += 1
+            if result == L.MLB_EVICT_FORWARD and not ev.refused and self._balanced_here_only(ct):
+                # the router brought every packet of it here and this mix passed them
+                # to itself: no other mix holds the flow, nobody needs to hear of it
+                self.evictions["local_only"] += 1
+                continue
+            f = ev.flow
+            self._to_publish.append(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
+
+    def _balanced_here_only(self, ct: bytes) -> bool:
+        """An entry (the bytes of its ct_value) set up here by the flow's SYN, for this
+        node's own backend, that never saw a packet of the flow come from a peer (the
+        data plane marks that, and entries picked up mid-flow). A flow whose SYN
+        reached another mix first and whose retransmitted SYN came here (the router
+        changed its mind in between) leaves that mix an entry that never saw the
+        client's ACK: the handshake timeout removes it."""
+        backend_id, flags, syn_seq = _CT_OWNER.unpack(ct)
+        return syn_seq != 0 and not flags & L.MLB_CT_F_PEER_SEEN and backend_id in self._local_bids
 
     def _publish_batch(self) -> None:
         flows, self._to_publish = self._to_publish, []
@@ -620,40 +636,24 @@ class Agent:
             return True
         return any(f.src in (m.address[0], *m.meta.addresses) for m in self.driver.members())
 
-    def _evict(self, t: Any) -> bool:
+    def _queue_received(self, t: Any) -> None:
+        """A peer's eviction, applied with the others of the same loop turn (a
+        datagram carries many): one syscall for all of them."""
         try:
             key = L.flow_key_bytes(t.client, t.client_port, t.vip, t.vip_port, t.proto)
         except (ValueError, TypeError):
             self.evictions["malformed"] += 1
-            return False
-        return self._evict_key(key)
+            return
+        if not self._received:
+            asyncio.get_running_loop().call_soon(self._apply_received)
+        self._received.append(key)
 
-    def _evict_key(self, key: bytes) -> bool:
-        return self._evict_entry(key)[0]
-
-    def _evict_entry(self, key: bytes) -> tuple[bool, L.CtValue | None]:
-        """Drop a flow: a dr/nat forward entry keyed (client -> VIP), or, for a nat flow
-        whose backend socket closed, the entry whose reply tuple this is. Which one the
-        key is follows from its destination: a VIP, or a backend endpoint. Returns
-        whether an entry was held here, and the forward entry removed (if it was one)."""
-        if _local_end(key) in self._vip_endpoints():
-            ct = self.balancer.conntrack_evict(key)
-            return ct is not None, ct
-        return self.balancer.nat_delete_backend_side(L.FlowKey.from_bytes(key)), None
-
-    def _vip_endpoints(self) -> frozenset[bytes]:
-        """(dst address words, dst port, proto) bytes of every VIP, as they stand in a
-        flow key: the test every eviction makes, so built once per VIP set."""
-        cached = self._vip_endpoint_cache
-        if cached is not None and cached[0] is self.vips:
-            return cached[1]
-        out = set()
-        for spec in self.vips:
-            k = L.flow_key(spec.address, 1, spec.address, spec.port, L.IPPROTO_TCP if spec.proto == "tcp"
-                           else L.IPPROTO_UDP)
-            out.add(_local_end(bytes(k)))
-        self._vip_endpoint_cache = (self.vips, frozenset(out))
-        return self._vip_endpoint_cache[1]
+    def _apply_received(self) -> None:
+        """Each key is read by its destination: a VIP (the forward entry a mix holds
+        for the flow) or a backend endpoint (a nat flow named as its backend saw it)."""
+        keys, self._received = self._received, []
+        if keys:
+            self.evictions["applied"] += sum(1 for r, _ in self.balancer.evict_many(keys) if r)
 
     async def _warm_neighbours_loop(self) -> None:
         """Keep the kernel's neighbour entries of every member address fresh, IPv6 ones
@@ -999,10 +999,6 @@ def _member_addr(m: Any, v6: bool) -> str | None:
         if (":" in addr) == v6 and not addr.lower().startswith("fe80"):
             return addr
     return None
-
-
-def _local_end(key: bytes) -> bytes:
-    return key[_DST] + key[_DPORT_PROTO]
 
 
 def _ct_state(k: L.FlowKey, v: L.CtValue) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import array
 import ctypes
+import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -27,6 +29,7 @@ from .libbpf import (
 
 OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"
 PROGRAM = "meshlb_balancer"
+EVICT_PROGRAM = "meshlb_evict"
 BPF_F_INNER_MAP = 1 << 12
 
 MAP_NAMES = ("vips", "vip_info", "vip_filter", "vip_tables", "backends", "conntrack",
@@ -42,6 +45,14 @@ _U32 = struct.Struct("=I")
 _CT_SEEN_FLAGS = struct.Struct(f"=Q{CtValue.flags.offset - 8}xI"
                                f"{ctypes.sizeof(CtValue) - CtValue.flags.offset - 4}x")
 assert CtValue.last_seen_ns.offset == 0 and _CT_SEEN_FLAGS.size == ctypes.sizeof(CtValue)
+# struct evict_batch as the agent writes and reads it through mmap
+_KEY_SIZE = ctypes.sizeof(FlowKey)
+_SLOT_SIZE = ctypes.sizeof(L.EvictSlot)
+_SLOTS_AT = L.EvictBatch.slots.offset
+_SLOT_TAIL = _SLOT_SIZE - _KEY_SIZE - 4  # result and ct, written by the program
+_SLOT_OUT = struct.Struct(f"={L.EvictSlot.result.offset}xI{ctypes.sizeof(CtValue)}s")
+assert L.EvictSlot.op.offset == _KEY_SIZE and L.EvictSlot.ct.offset == L.EvictSlot.result.offset + 4
+assert _SLOT_OUT.size == _SLOT_SIZE
 # A table slot with no backend (a VIP whose backends are all gone): outside the
 # backends array, so the data plane finds nothing there and counts DROP_NO_BACKEND.
 NO_BACKEND = 0xFFFFFFFF
@@ -105,6 +116,8 @@ class Balancer:
         self.obj = obj
         self.pin_dir = Path(pin_dir) if pin_dir is not None else None
         self.maps: dict[str, Map] = {n: obj.map(n) for n in MAP_NAMES}
+        self._evict_buf: mmap.mmap | None = None
+        self._evict_lock = threading.Lock()
 
     # -------------------------------------------------------------- lifecycle
     @classmethod
@@ -160,6 +173,9 @@ class Balancer:
                 pass
 
     def close(self) -> None:
+        if self._evict_buf is not None:
+            self._evict_buf.close()
+            self._evict_buf = None
         self.obj.close()
 
     def __enter__(self) -> "Balancer":
@@ -438,23 +454,46 @@ class Balancer:
 
     def conntrack_delete(self, key: FlowKey | bytes) -> bool:
         """Forget a flow (and its nat reverse entry): its next SYN re-selects, and a
-        late segment of it still reaches its old backend through ``ct_closed``.
-        Takes the key's bytes too: most evictions a member receives are of flows it
-        does not hold, and a miss then costs one lookup and nothing else."""
+        late segment of it still reaches its old backend through ``ct_closed``."""
         return self.conntrack_evict(key) is not None
 
     def conntrack_evict(self, key: FlowKey | bytes) -> CtValue | None:
         """:meth:`conntrack_delete` that returns the entry it removed (None: none)."""
-        kb = key if type(key) is bytes else bytes(key)
-        raw = self.maps["conntrack"].lookup(kb)
-        if raw is None:
-            return None
-        ct = CtValue.from_bytes(raw)
-        if ct.flags & L.MLB_CT_F_NAT:
-            self._delete_reverse_of(FlowKey.from_bytes(kb), ct)
-        self.maps["ct_closed"].update(kb, raw)
-        self.maps["conntrack"].delete(kb)
-        return ct
+        (result, ct), = self.evict_many([bytes(key)], L.MLB_EVICT_OP_FORWARD)
+        return CtValue.from_bytes(ct) if result == L.MLB_EVICT_FORWARD else None
+
+    def evict_many(self, keys: Sequence[bytes], op: int = L.MLB_EVICT_OP_AUTO
+                   ) -> list[tuple[int, bytes]]:
+        """Evict flows in the kernel, :data:`L.MLB_EVICT_BATCH` per syscall (the
+        ``meshlb_evict`` program): a key whose destination is a VIP is a conntrack
+        key (client -> VIP), moved to ``ct_closed`` with its nat reverse entry; any
+        other is a nat backend's view of its flow (SNAT addr:port -> backend), see
+        :meth:`nat_delete_backend_side`. ``op`` forces one reading for every key.
+        Returns, per key, (``MLB_EVICT_*`` result, the bytes of the ct_value removed
+        when the result is ``MLB_EVICT_FORWARD``). Most evictions a member receives
+        are of flows it does not hold: the cost is in the batch, not per key."""
+        if any(len(k) != _KEY_SIZE for k in keys):
+            raise ValueError(f"flow keys are {_KEY_SIZE} bytes")
+        out: list[tuple[int, bytes]] = []
+        tail = _U32.pack(op) + bytes(_SLOT_TAIL)
+        with self._evict_lock:
+            buf = self._evict_buffer()
+            prog = self.obj.program(EVICT_PROGRAM)
+            for i in range(0, len(keys), L.MLB_EVICT_BATCH):
+                chunk = keys[i:i + L.MLB_EVICT_BATCH]
+                end = _SLOTS_AT + len(chunk) * _SLOT_SIZE
+                buf[_SLOTS_AT:end] = tail.join(chunk) + tail
+                buf[0:4] = _U32.pack(len(chunk))
+                prog.test_run()
+                out += _SLOT_OUT.iter_unpack(buf[_SLOTS_AT:end])
+        return out
+
+    def _evict_buffer(self) -> mmap.mmap:
+        if self._evict_buf is None:
+            size = -(-ctypes.sizeof(L.EvictBatch) // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._evict_buf = mmap.mmap(self.obj.map("evict_batch").fd, size, mmap.MAP_SHARED,
+                                        mmap.PROT_READ | mmap.PROT_WRITE)
+        return self._evict_buf
 
     def closed_lookup(self, key: FlowKey) -> CtValue | None:
         raw = self.maps["ct_closed"].lookup(bytes(key))
@@ -484,24 +523,14 @@ class Balancer:
         rk.dst[:] = list(sc.addr)
         return rk
 
-    def nat_delete_backend_side(self, key: FlowKey) -> bool:
+    def nat_delete_backend_side(self, key: FlowKey | bytes) -> bool:
         """Forget a nat flow named as its backend saw it: ``key`` is (SNAT addr:port ->
         backend addr:port), what the backend's socket-release tracer reports. The
-        reverse map is keyed by the reply, which is that tuple with its ends swapped."""
-        rk = FlowKey(sport=key.dport, dport=key.sport, proto=key.proto, family=key.family)
-        rk.src[:] = list(key.dst)
-        rk.dst[:] = list(key.src)
-        raw = self.maps["nat_reverse"].lookup(bytes(rk))
-        if raw is None:
-            return False
-        orig = NatRevValue.from_bytes(raw).orig
-        ct_raw = self.maps["conntrack"].lookup(bytes(orig))
-        # The client may already have reused its port for a new connection with
-        # another SNAT port: that flow is not the one that closed.
-        if ct_raw is not None and CtValue.from_bytes(ct_raw).snat_port == rk.dport:
-            self.maps["ct_closed"].update(bytes(orig), ct_raw)
-            self.maps["conntrack"].delete(bytes(orig))
-        return self.maps["nat_reverse"].delete(bytes(rk))
+        reverse map is keyed by the reply, which is that tuple with its ends swapped;
+        the forward entry goes too if it still holds that SNAT port (the client may
+        have reused its port for a new connection that got another)."""
+        (result, _), = self.evict_many([bytes(key)], L.MLB_EVICT_OP_BACKEND)
+        return result == L.MLB_EVICT_BACKEND
 
     def conntrack_stale(self, now_ns: int, idle_ns: int = 0, handshake_ns: int = 0
                         ) -> tuple[list[tuple[FlowKey, CtValue]], list[tuple[FlowKey, CtValue]]]:

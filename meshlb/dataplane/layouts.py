@@ -50,6 +50,14 @@ MLB_CT_F_PEER_SEEN = 1 << 2
 
 MLB_SNAT_F_VALID = 1 << 0
 
+MLB_EVICT_BATCH = 256
+MLB_EVICT_OP_AUTO = 0
+MLB_EVICT_OP_FORWARD = 1
+MLB_EVICT_OP_BACKEND = 2
+MLB_EVICT_NONE = 0
+MLB_EVICT_FORWARD = 1
+MLB_EVICT_BACKEND = 2
+
 
 class Counter(enum.IntEnum):
     """enum mlb_counter: index into the per-CPU "counters" array."""
@@ -245,6 +253,23 @@ class SnatConfig(_Struct):
     ]
 
 
+class EvictSlot(_Struct):
+    _fields_ = [
+        ("key", FlowKey),
+        ("op", u32),
+        ("result", u32),
+        ("ct", CtValue),
+    ]
+
+
+class EvictBatch(_Struct):
+    _fields_ = [
+        ("count", u32),
+        ("pad", u32),
+        ("slots", EvictSlot * MLB_EVICT_BATCH),
+    ]
+
+
 class LbStats(_Struct):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
@@ -278,6 +303,8 @@ C_NAMES: dict[type, str] = {
     FibCache: "fib_cache",
     NatRevValue: "nat_rev_value",
     SnatConfig: "snat_config",
+    EvictSlot: "evict_slot",
+    EvictBatch: "evict_batch",
     LbStats: "lb_stats",
     XdpMd: "xdp_md",
 }

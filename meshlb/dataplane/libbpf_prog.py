@@ -246,6 +246,11 @@ class Program(Closeable):
         growth by bpf_xdp_adjust_head/tail; programs without packet input
         (tracing, syscall) get no data buffers at all."""
         fd = self._live_fd("test_run")
+        if self.type == BPF_PROG_TYPE_SYSCALL:
+            # the kernel runs a syscall program once and refuses a repeat count
+            if repeat != 1:
+                raise ValueError(f"program {self.name!r} is a syscall program: it runs once")
+            repeat = 0
         o = opts(bpf_test_run_opts, repeat=repeat)
         keep = []
         if data:

@@ -54,18 +54,20 @@ class FakeTracer:
 
 
 class FakeBalancer:
-    """conntrack_evict answers with a given entry (None: the flow is not held here)."""
+    """evict_many finds the given forward entry for every key (None: the flow is not
+    held here)."""
 
     def __init__(self, ct) -> None:
         self.ct = ct
         self.evicted: list[bytes] = []
+        self.calls = 0
 
-    def conntrack_evict(self, key):
-        self.evicted.append(key)
-        return self.ct
-
-    def nat_delete_backend_side(self, key) -> bool:
-        return False
+    def evict_many(self, keys):
+        self.calls += 1
+        self.evicted += keys
+        if self.ct is None:
+            return [(L.MLB_EVICT_NONE, bytes(32))] * len(keys)
+        return [(L.MLB_EVICT_FORWARD, bytes(self.ct))] * len(keys)
 
 
 def close_of(flow, refused=False):
@@ -86,7 +88,8 @@ def make_agent() -> Agent:
     a._hold_timer = None
     a._to_publish = []
     a._local_bids = {7}
-    a._vip_endpoint_cache = None
+    a._closing = []
+    a._received = []
     a.driver.on_sent = a._release_closes
     return a
 
@@ -151,7 +154,9 @@ def test_closes_of_a_batch_are_published_together_when_it_ends():
             flow = SimpleNamespace(src="198.18.1.2", sport=port, dst="198.19.0.1", dport=80, proto=6)
             a._on_sock_event(close_of(flow))
         assert a.driver.seq == 0  # nothing published while the batch is being read
+        assert a.balancer.evicted == []  # nor evicted
         a._hold_closes()
+        assert a.balancer.calls == 1 and len(a.balancer.evicted) == 3
         assert a.driver.flushes == 1 and a.driver.seq == 3 and a.evictions["sent"] == 3
         assert a._held_through == 3 and a.tracer.commits == 0
         a.driver.send_all()
@@ -191,10 +196,35 @@ def test_a_close_no_other_mix_can_hold_is_not_gossiped():
         a.balancer = FakeBalancer(entry)
         before = len(a._to_publish)
         a._on_sock_event(close_of(_vip_flow(a, 40000 + i)))
+        a._evict_closes()
         assert (len(a._to_publish) > before) == published, (i, entry)
         assert len(a.balancer.evicted) == 1  # forgotten here in every case
     assert a.evictions["local_only"] == 1
     # a reset (no socket took the segment) is always published
     a.balancer = FakeBalancer(ct())
     a._on_sock_event(close_of(_vip_flow(a, 40100), refused=True))
+    a._evict_closes()
     assert a.evictions["local_only"] == 1 and len(a._to_publish) == 5
+
+
+def test_peers_evictions_of_one_loop_turn_are_applied_in_one_call():
+    from meshlb.cluster.node import EvictionReceived, FlowTuple
+
+    def received(client, port):
+        return EvictionReceived(FlowTuple(client, port, "198.19.0.1", 80, 6), "mix2", port)
+
+    async def main():
+        a = make_agent()
+        a.balancer = FakeBalancer(L.CtValue(backend_id=3))
+        for port in (40001, 40002, 40003):
+            a._on_cluster_event(received("198.18.1.2", port))
+        a._on_cluster_event(received("not an address", 1))
+        assert a.balancer.calls == 0 and a.evictions["received"] == 4
+        await asyncio.sleep(0)
+        assert a.balancer.calls == 1 and len(a.balancer.evicted) == 3
+        assert a.evictions["applied"] == 3 and a.evictions["malformed"] == 1
+        a._on_cluster_event(received("198.18.1.2", 40004))
+        await asyncio.sleep(0)
+        assert a.balancer.calls == 2 and a.evictions["applied"] == 4
+
+    asyncio.run(main())
