@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import os
 import select
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, NamedTuple
 
 from . import layouts as L
 from .libbpf import BpfError, BpfObject, Link, Map, Program, RingReader
@@ -100,8 +102,21 @@ def endpoint_key(addr, port: int, proto: int = IPPROTO_TCP) -> bytes:
     return bytes(k)
 
 
-@dataclass(frozen=True)
-class Flow:
+# struct sock_event read straight from a record: a busy backend decodes thousands a
+# second, and a ctypes copy plus two dataclasses cost most of it
+_KEY_SIZE = ctypes.sizeof(L.FlowKey)
+_EV_TAIL = struct.Struct(f"={L.SockEvent.netns_cookie.offset}xQQI")  # cookie, ts, oldstate
+_EV_PORTS = struct.Struct(f"!{L.FlowKey.sport.offset}xHH")  # network order
+_EV_SIZE = ctypes.sizeof(L.SockEvent)
+_EV_PROTO, _EV_FAMILY = L.FlowKey.proto.offset, L.FlowKey.family.offset
+_EV_SRC, _EV_DST = L.FlowKey.src.offset, L.FlowKey.dst.offset
+assert (L.SockEvent.key.offset == 0 and L.FlowKey.dport.offset == L.FlowKey.sport.offset + 2
+        and L.SockEvent.timestamp_ns.offset == L.SockEvent.netns_cookie.offset + 8
+        and L.SockEvent.oldstate.offset == L.SockEvent.timestamp_ns.offset + 8)
+_ADDR_LEN = {L.AF_INET: 4, L.AF_INET6: 16}
+
+
+class Flow(NamedTuple):
     """A flow as the balancer keys it: src = the remote peer (client or SNAT
     address), dst = the local endpoint (VIP or backend)."""
 
@@ -117,8 +132,7 @@ class Flow:
         return bytes(L.flow_key(self.src, self.sport, self.dst, self.dport, self.proto))
 
 
-@dataclass(frozen=True)
-class SockEvent:
+class SockEvent(NamedTuple):
     flow: Flow
     netns_cookie: int
     timestamp_ns: int   # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
@@ -139,15 +153,18 @@ class SockEvent:
 
     @classmethod
     def decode(cls, record: bytes) -> "SockEvent":
-        ev = L.SockEvent.from_bytes(record)
-        k = ev.key
-        if k.family not in (L.AF_INET, L.AF_INET6):
-            raise ValueError(f"sock_event with address family {k.family}")
-        flow = Flow(family=k.family, proto=k.proto,
-                    src=L.words_text(k.src, k.family), sport=L.port_host(k.sport),
-                    dst=L.words_text(k.dst, k.family), dport=L.port_host(k.dport))
-        return cls(flow=flow, netns_cookie=ev.netns_cookie, timestamp_ns=ev.timestamp_ns,
-                   oldstate=ev.oldstate, raw_key=bytes(k))
+        if len(record) < _EV_SIZE:
+            raise ValueError(f"sock_event: {len(record)} bytes, need {_EV_SIZE}")
+        family = record[_EV_FAMILY]
+        alen = _ADDR_LEN.get(family)
+        if alen is None:
+            raise ValueError(f"sock_event with address family {family}")
+        sport, dport = _EV_PORTS.unpack_from(record)
+        cookie, ts, oldstate = _EV_TAIL.unpack_from(record)
+        flow = Flow(family, record[_EV_PROTO],
+                    socket.inet_ntop(family, record[_EV_SRC:_EV_SRC + alen]), sport,
+                    socket.inet_ntop(family, record[_EV_DST:_EV_DST + alen]), dport)
+        return cls(flow, cookie, ts, oldstate, bytes(record[:_KEY_SIZE]))
 
 
 @dataclass(frozen=True)
