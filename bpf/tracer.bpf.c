@@ -5,7 +5,8 @@
  * When a TCP socket whose local end is a watched endpoint (a VIP served here in dr
  * mode, a backend endpoint of this node in nat mode) reaches CLOSE, the agent must
  * evict the flow from conntrack here and gossip the eviction to the other mixes.
- * This program only reports; the agent decides.
+ * This program reports, except for the flows no other mix can hold, which it
+ * evicts itself (see evict_local_only).
  *
  * One kernel runs many agents in lab setups (one per netns) and every attached copy
  * of this program sees every socket of the machine, so each copy keeps only the
@@ -28,6 +29,7 @@ enum meshlb_tracer_stat {
 	TRACER_STAT_RECOVERED = 2,  /* emitted by the backup: the primary missed it */
 	TRACER_STAT_RESET = 3,      /* emitted for a segment no socket took (see below) */
 	TRACER_STAT_RESET_LIMITED = 4,
+	TRACER_STAT_LOCAL_EVICTED = 5,  /* closes evicted here, not reported (evict_local_only) */
 	TRACER_STAT_MAX,
 };
 
@@ -96,6 +98,34 @@ struct {
 	__type(value, struct reset_budget);
 } reset_budget SEC(".maps");
 
+/*
+ * The balancer's conntrack, closed-flow and backend maps. The agent loads this object
+ * with the balancer's own maps in their place (bpf_map__reuse_fd); loaded alone
+ * (tests, a tracer without a balancer) these one-entry stand-ins stay empty and
+ * every close is reported.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+} ct_closed SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct backend);
+} backends SEC(".maps");
+
 static __always_inline void bump(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&tracer_stats, &idx);
@@ -140,11 +170,40 @@ static __always_inline bool take_reset_budget(void)
 	return true;
 }
 
+/*
+ * A closed flow no other mix can hold: its entry here was set up by its SYN (the
+ * router brought the flow here from its start), for this node's own backend, and no
+ * packet of it ever came from a peer (the balancer marks that, and entries picked up
+ * mid-flow, MLB_CT_F_PEER_SEEN). Nobody needs to hear of it, so it is evicted here,
+ * as the agent would (into ct_closed, for late segments), and never reaches the agent:
+ * in a cluster of N about 1/N of closes. nat entries are left to the agent, which
+ * also owns their reverse entries.
+ */
+static __always_inline bool evict_local_only(const struct flow_key *k)
+{
+	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, k);
+	struct backend *be;
+	struct ct_value v;
+	__u32 bid;
+
+	if (!ct || !ct->syn_seq || (ct->flags & (MLB_CT_F_PEER_SEEN | MLB_CT_F_NAT)))
+		return false;
+	bid = ct->backend_id;
+	be = bpf_map_lookup_elem(&backends, &bid);
+	if (!be || (be->flags & (MLB_BE_F_VALID | MLB_BE_F_LOCAL)) != (MLB_BE_F_VALID | MLB_BE_F_LOCAL))
+		return false;
+	v = *ct;
+	bpf_map_update_elem(&ct_closed, k, &v, BPF_ANY);
+	bpf_map_delete_elem(&conntrack, k);
+	return true;
+}
+
 static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 				const __u32 raddr[4], __u16 rport, int oldstate, __u32 stat,
 				bool vip_only)
 {
 	struct sock_event *ev;
+	struct flow_key key = {};
 
 	if (!rport)
 		return 0;
@@ -163,20 +222,24 @@ static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 		bump(TRACER_STAT_RESET_LIMITED);
 		return 0;
 	}
+	__builtin_memcpy(key.src, raddr, 16);
+	__builtin_memcpy(key.dst, local->addr, 16);
+	key.sport = rport;
+	key.dport = local->port;
+	key.proto = IPPROTO_TCP_NUM;
+	key.family = local->family;
+	/* a refused flow is always reported: its reset is news to the mix that sent it */
+	if (stat != TRACER_STAT_RESET && evict_local_only(&key)) {
+		bump(TRACER_STAT_LOCAL_EVICTED);
+		return 0;
+	}
 
 	ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
 	if (!ev) {
 		bump(TRACER_STAT_RINGBUF_FULL);
 		return 0;
 	}
-	__builtin_memcpy(ev->key.src, raddr, 16);
-	__builtin_memcpy(ev->key.dst, local->addr, 16);
-	ev->key.sport = rport;
-	ev->key.dport = local->port;
-	ev->key.proto = IPPROTO_TCP_NUM;
-	ev->key.family = local->family;
-	ev->key.pad[0] = 0;
-	ev->key.pad[1] = 0;
+	ev->key = key;
 	ev->netns_cookie = cookie;
 	ev->timestamp_ns = bpf_ktime_get_ns();
 	ev->oldstate = oldstate;

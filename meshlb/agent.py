@@ -225,6 +225,10 @@ class Agent:
             log.info("turned off %s on %s so XDP sees VLAN tags", ", ".join(off), cfg.node.iface)
         self._attach_xdp(pin)
         tdir = pin / TRACER_SUBDIR
+        if tdir.exists() and any(tdir.iterdir()) and not self.adopted:
+            # a tracer left without the balancer's maps it evicts in: not ours to adopt
+            log.warning("pinned tracer without a pinned balancer; loading a new one")
+            Tracer(netns_cookie=0).unpin(tdir)
         if tdir.exists() and any(tdir.iterdir()):
             try:
                 self.tracer = Tracer.adopt(tdir)
@@ -233,7 +237,7 @@ class Agent:
                 Tracer(netns_cookie=0).unpin(tdir)
                 self.tracer = None
         if self.tracer is None:
-            self.tracer = Tracer()
+            self.tracer = Tracer(balancer_pins=pin)
             self.tracer.load()
             self.tracer.attach()
             self.tracer.pin(tdir)
@@ -880,7 +884,7 @@ class Agent:
         t = self.tracer.stats()
         return {"emitted": t.emitted, "ringbuf_full": t.ringbuf_full, "queue_dropped": t.queue_dropped,
                 "recovered": t.recovered, "missed": t.missed, "resets": t.resets,
-                "resets_limited": t.resets_limited}
+                "resets_limited": t.resets_limited, "local_evicted": t.local_evicted}
 
     async def _op_members(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.time()

@@ -62,6 +62,10 @@ PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; not in Python 3.11
 IPPROTO_TCP = 6
 STAT_EMITTED, STAT_RINGBUF_FULL, STAT_RECOVERED, STAT_RESET, STAT_RESET_LIMITED = 0, 1, 2, 3, 4
+STAT_LOCAL_EVICTED = 5
+# The balancer's maps the tracer evicts local-only closes in (its own stand-ins when
+# loaded without them: every close is then reported).
+SHARED_MAPS = ("conntrack", "ct_closed", "backends")
 # SockEvent.oldstate of a segment no socket took: not a TCP state
 RESET = L.MLB_SOCK_EVENT_RESET
 
@@ -178,6 +182,8 @@ class TracerStats:
                         # are lost only where the other program missed the same one
     resets: int = 0     # of emitted: segments no socket took, reset by the kernel
     resets_limited: int = 0  # resets not reported: over the per-CPU budget
+    local_evicted: int = 0  # closes of flows no other mix can hold: evicted by the
+                            # program itself, not reported
 
 
 class Tracer:
@@ -189,7 +195,8 @@ class Tracer:
 
     def __init__(self, netns_cookie: int | None = None, *,
                  object_path: str | os.PathLike | None = None,
-                 ring_size: int | None = None, queue_size: int = 65536) -> None:
+                 ring_size: int | None = None, queue_size: int = 65536,
+                 balancer_pins: str | os.PathLike | None = None) -> None:
         # None only on an adopted tracer whose config pin is missing.
         self.netns_cookie: int | None = (own_netns_cookie() if netns_cookie is None
                                          else netns_cookie)
@@ -197,6 +204,9 @@ class Tracer:
         # Bytes of the ring buffer (power of two, multiple of the page size);
         # None keeps the object's default.
         self.ring_size = ring_size
+        # where the balancer pinned its maps (SHARED_MAPS): given, the program evicts
+        # closes of flows only this mix can hold itself instead of reporting them
+        self.balancer_pins = Path(balancer_pins) if balancer_pins is not None else None
         self._config: Map | None = None
         self._obj: BpfObject | None = None
         self._watched: Map | None = None
@@ -228,6 +238,9 @@ class Tracer:
             obj.set_global(CONFIG_VAR, bytes(L.TracerConfig(netns_cookie=self.netns_cookie)))
             if self.ring_size is not None:
                 obj.set_max_entries(MAP_EVENTS, self.ring_size)
+            if self.balancer_pins is not None:
+                for name in SHARED_MAPS:
+                    obj.reuse_pinned_map(name, str(self.balancer_pins / name))
             obj.load()
             self._watched = obj.map(MAP_WATCHED)
             self._events = obj.map(MAP_EVENTS)
@@ -393,7 +406,8 @@ class Tracer:
         return TracerStats(emitted=total(STAT_EMITTED), ringbuf_full=total(STAT_RINGBUF_FULL),
                            queue_dropped=self._queue_dropped, bad_records=self._bad_records,
                            recovered=total(STAT_RECOVERED), missed=missed,
-                           resets=total(STAT_RESET), resets_limited=total(STAT_RESET_LIMITED))
+                           resets=total(STAT_RESET), resets_limited=total(STAT_RESET_LIMITED),
+                           local_evicted=total(STAT_LOCAL_EVICTED))
 
     # --------------------------------------------------------------- reading
     def _ring(self) -> RingReader:

@@ -686,3 +686,64 @@ def test_pinned_tracer_survives_its_loader_and_is_adopted(lab):
         if adopted is not None:
             adopted.close()
         remove_pins(pin_dir)
+
+
+@privileged
+def test_closes_no_other_mix_can_hold_are_evicted_by_the_program(lab):
+    """Loaded with the balancer's maps, the tracer evicts the entry of a flow set up
+    here by its SYN, for this node's own backend, never seen from a peer, moves it to
+    ct_closed and reports nothing; any other close is reported and its entry left to
+    the agent."""
+    from meshlb.dataplane.balancer import Balancer
+
+    node = lab["node"]
+    pin_dir = f"/sys/fs/bpf/mlbtr{os.getpid()}-local"
+    lb = Balancer.load(pin_dir=pin_dir, conntrack_size=1024)
+    t = None
+    try:
+        lb.set_backend(1, VIP4, local=True)   # this node
+        lb.set_backend(2, "10.66.0.9")        # another node
+        t = Tracer(netns_cookie=node.netns_cookie(), balancer_pins=pin_dir)
+        t.load()
+        t.attach()
+        t.watch(VIP4, PORT)
+        srv = Server(node)
+        est = L.MLB_CT_F_ESTABLISHED
+        cases = {  # client port: (entry, evicted by the program)
+            41001: (L.CtValue(backend_id=1, flags=est, syn_seq=77), True),
+            41002: (L.CtValue(backend_id=1, flags=est | L.MLB_CT_F_PEER_SEEN, syn_seq=77), False),
+            41003: (L.CtValue(backend_id=1, flags=est, syn_seq=0), False),   # picked up mid-flow
+            41004: (L.CtValue(backend_id=2, flags=est, syn_seq=77), False),  # another backend
+            41005: (None, False),                                              # not held here
+        }
+        try:
+            for cport, (ct, _) in cases.items():
+                c = node.socket(socket.AF_INET)
+                c.settimeout(5)
+                c.bind((CLIENT4, cport))
+                c.connect((VIP4, PORT))
+                a, _ = srv.sock.accept()
+                key = bytes(L.flow_key(CLIENT4, cport, VIP4, PORT, 6))
+                if ct is not None:
+                    lb.maps["conntrack"].update(key, bytes(ct))
+                c.close()
+                assert a.recv(1) == b""
+                a.close()
+        finally:
+            srv.close()
+        reported = {ev.flow.sport for ev in collect(t, 4)} | {ev.flow.sport for ev in settle(t)}
+        assert reported == {p for p, (_, evicted) in cases.items() if not evicted}
+        for cport, (ct, evicted) in cases.items():
+            k = L.flow_key(CLIENT4, cport, VIP4, PORT, 6)
+            if evicted:
+                assert lb.conntrack_lookup(k) is None and lb.closed_lookup(k) == ct
+            elif ct is not None:
+                assert lb.conntrack_lookup(k) == ct and lb.closed_lookup(k) is None
+        st = t.stats()
+        assert (st.local_evicted, st.emitted) == (1, 4)
+    finally:
+        if t is not None:
+            t.close()
+        lb.unpin()
+        lb.close()
+        os.rmdir(pin_dir)
