@@ -194,8 +194,9 @@ static __always_inline bool evict_local_only(const struct flow_key *k)
 		return false;
 	v = *ct;
 	bpf_map_update_elem(&ct_closed, k, &v, BPF_ANY);
-	bpf_map_delete_elem(&conntrack, k);
-	return true;
+	/* a map busy on this CPU (this program interrupted an update of it) refuses:
+	 * then the close is reported and the agent evicts it */
+	return bpf_map_delete_elem(&conntrack, k) == 0;
 }
 
 static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
