@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import logging
 import os
@@ -524,9 +525,7 @@ class Agent:
         await self.driver.start()
 
     def _on_cluster_event(self, event: Any) -> None:
-        from meshlb.cluster import node as cnode  # noqa: PLC0415
-
-        if isinstance(event, cnode.EvictionReceived):
+        if type(event) is _eviction_received():
             self.evictions["received"] += 1
             self._queue_received(event.tuple)
             return
@@ -1003,6 +1002,15 @@ def _member_addr(m: Any, v6: bool) -> str | None:
         if (":" in addr) == v6 and not addr.lower().startswith("fe80"):
             return addr
     return None
+
+
+@functools.cache
+def _eviction_received() -> type:
+    # the protocol is imported late (see _start_gossip); this runs for every eviction
+    # a peer sends, where a function-level import costs more than the rest of the test
+    from meshlb.cluster.node import EvictionReceived  # noqa: PLC0415
+
+    return EvictionReceived
 
 
 def _ct_state(k: L.FlowKey, v: L.CtValue) -> str:

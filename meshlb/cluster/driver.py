@@ -408,7 +408,7 @@ class GossipDriver:
         if cb is not None:
             try:
                 res = cb(ev)
-                if inspect.isawaitable(res):
+                if res is not None and inspect.isawaitable(res):
                     task = asyncio.ensure_future(res)
                     self._callback_tasks.add(task)
                     task.add_done_callback(self._callback_done)

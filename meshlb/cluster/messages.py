@@ -196,20 +196,40 @@ def encode_meta(m: MemberMeta) -> list[Any]:
     return out
 
 
+_PACKED: dict[str, bytes] = {}  # the clients and VIPs of evictions sent, over and over
+_CANONICAL: dict[str, str] = {}
+
+
 def _pack_ip(text: str) -> bytes:
     # inet_pton, not ipaddress: one call per address of every eviction sent
+    if type(text) is str:
+        hit = _PACKED.get(text)
+        if hit is not None:
+            return hit
     for fam in (socket.AF_INET, socket.AF_INET6):
         try:
-            return socket.inet_pton(fam, text)
+            raw = socket.inet_pton(fam, text)
         except (OSError, TypeError):
-            pass
+            continue
+        if len(_PACKED) >= _CACHE_MAX:
+            _PACKED.clear()
+        _PACKED[text] = raw
+        return raw
     return ipaddress.ip_address(text).packed  # raises ValueError naming the input
 
 
 def canonical_ip(text: str) -> str:
     """The one text form of an address (what a receiver decodes from the wire)."""
+    if type(text) is str:
+        hit = _CANONICAL.get(text)
+        if hit is not None:
+            return hit
     raw = _pack_ip(text)
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    out = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    if len(_CANONICAL) >= _CACHE_MAX:
+        _CANONICAL.clear()
+    _CANONICAL[text] = out
+    return out
 
 
 def _flow(t: FlowTuple) -> list[Any]:
@@ -223,6 +243,8 @@ def _record(r: MemberRecord) -> list[Any]:
 
 def encode(msg: Message) -> list[Any]:
     """Plain msgpack-able form of a message (Wire.encode packs it)."""
+    if type(msg) is Eviction:  # the bulk under load
+        return [T_EVICT, msg.origin, msg.epoch, msg.seq, *_flow(msg.tuple)]
     if isinstance(msg, Ping):
         return [T_PING, msg.seq, msg.target]
     if isinstance(msg, Ack):
@@ -240,8 +262,6 @@ def encode(msg: Message) -> list[Any]:
         return [T_DEAD, msg.name, msg.incarnation, msg.origin]
     if isinstance(msg, Left):
         return [T_LEFT, msg.name, msg.incarnation]
-    if isinstance(msg, Eviction):
-        return [T_EVICT, msg.origin, msg.epoch, msg.seq, *_flow(msg.tuple)]
     if isinstance(msg, PushPull):
         return [T_PUSHPULL, msg.nonce, msg.reply, msg.join, msg.group, msg.index, msg.count,
                 [_record(r) for r in msg.records]]
@@ -307,6 +327,19 @@ def _host(v: Any) -> str:
         _HOST_CACHE.clear()
     _HOST_CACHE[s] = canonical
     return canonical
+
+
+_ORIGINS: set[str] = set()  # names that passed _s: every eviction carries its origin's
+
+
+def _origin(v: Any) -> str:
+    if type(v) is str and v in _ORIGINS:
+        return v
+    s = _s(v)
+    if len(_ORIGINS) >= _CACHE_MAX:
+        _ORIGINS.clear()
+    _ORIGINS.add(s)
+    return s
 
 
 def _port(v: Any) -> int:
@@ -410,6 +443,15 @@ def _decode(v: Any) -> Message:
         raise _Malformed
     t = f[0]
     n = len(f)
+    if t == T_EVICT and n == 9:
+        proto = _u(f[8], 255)
+        if proto not in (6, 17):
+            raise _Malformed
+        ft = FlowTuple(_ip_bytes(f[4]), _u(f[5], 65535), _ip_bytes(f[6]), _u(f[7], 65535), proto)
+        seq = _u(f[3])
+        if seq == 0:
+            raise _Malformed
+        return Eviction(_origin(f[1]), _u(f[2]), seq, ft)
     if t == T_PING and n == 3:
         return Ping(_u(f[1]), _s(f[2]))
     if t == T_ACK and n == 2:
@@ -426,15 +468,6 @@ def _decode(v: Any) -> Message:
         return Dead(_s(f[1]), _u(f[2]), _s(f[3]))
     if t == T_LEFT and n == 3:
         return Left(_s(f[1]), _u(f[2]))
-    if t == T_EVICT and n == 9:
-        proto = _u(f[8], 255)
-        if proto not in (6, 17):
-            raise _Malformed
-        ft = FlowTuple(_ip_bytes(f[4]), _u(f[5], 65535), _ip_bytes(f[6]), _u(f[7], 65535), proto)
-        seq = _u(f[3])
-        if seq == 0:
-            raise _Malformed
-        return Eviction(_s(f[1]), _u(f[2]), seq, ft)
     if t == T_PUSHPULL and n == 8:
         count = _u(f[6], 1 << 16)
         index = _u(f[5], 1 << 16)

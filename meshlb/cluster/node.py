@@ -537,7 +537,9 @@ class Node:
 
     def _dispatch(self, now: float, msg: Any, sender: str, source: tuple[str, int]) -> None:
         t = type(msg)
-        if t is Ping:
+        if t is Eviction:
+            self._on_eviction(now, msg)
+        elif t is Ping:
             self._on_ping(now, msg, sender, source)
         elif t is Ack:
             self._on_ack(now, msg, sender)
@@ -549,8 +551,6 @@ class Node:
             self._on_dead(now, msg)
         elif t is Left:
             self._on_left(now, msg)
-        elif t is Eviction:
-            self._on_eviction(now, msg)
         elif t is PingReq:
             self._on_ping_req(now, msg, sender, source)
         elif t is Nack:
