@@ -43,7 +43,6 @@ log = logging.getLogger("meshlb.agent")
 
 XDP_LINK_PIN = "xdp_link"
 TRACER_SUBDIR = "tracer"
-# The local end of a struct flow_key: dst address, then dport and proto (sport between)
 # (backend_id, flags, syn_seq) of a struct ct_value's bytes: what decides whether a
 # close is this mix's alone (Agent._balanced_here_only)
 _CT_OWNER = struct.Struct(f"={L.CtValue.backend_id.offset}xII"
