@@ -64,7 +64,10 @@ class BroadcastQueue:
             if not self._buckets[old]:
                 del self._buckets[old]
             self.invalidated += 1
-        self._buckets.setdefault(0, OrderedDict())[key] = _Item(key, data, mult)
+        fresh = self._buckets.get(0)
+        if fresh is None:
+            fresh = self._buckets[0] = OrderedDict()
+        fresh[key] = _Item(key, data, mult)
         self._where[key] = 0
         while len(self._where) > self.max_items:
             self._drop_most_sent()

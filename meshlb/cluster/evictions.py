@@ -59,6 +59,13 @@ class EvictionTracker:
 
     def receive(self, ev: Eviction, now: float) -> str:
         o = self._origins.get(ev.origin)
+        if o is not None and ev.seq == o.mark + 1 and ev.epoch == o.epoch and not o.above:
+            # the common case by far: the next one of its origin, no holes
+            o.mark = ev.seq
+            o.last_seen = now
+            self._origins.move_to_end(ev.origin)
+            self._remember(ev, now)
+            return Receipt.NEW
         if o is None or ev.epoch > o.epoch:
             o = _Origin(ev.epoch, 0, last_seen=now)
             self._origins[ev.origin] = o
@@ -145,7 +152,9 @@ class EvictionTracker:
             self._buffered -= 1
 
     def _remember(self, ev: Eviction, now: float) -> None:
-        per = self._buffer.setdefault(ev.origin, {})
+        per = self._buffer.get(ev.origin)
+        if per is None:
+            per = self._buffer[ev.origin] = {}
         key = (ev.epoch, ev.seq)
         if key not in per:
             per[key] = ev

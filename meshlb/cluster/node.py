@@ -37,7 +37,7 @@ import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import msgpack
 
@@ -49,9 +49,10 @@ from .membership import MemberState, MemberTable, MemberView, Verdict
 from .messages import (
     PROTOCOL_VERSION, Ack, Alive, Dead, DigestEntry, Eviction, EvictionDigest, FlowTuple, Left,
     MemberMeta, MemberRecord, Nack, Ping, PingReq, PushPull, Status, Suspect, canonical_ip, decode,
-    encode, encode_meta,
+    decode_eviction, encode, encode_meta,
 )
 from .messages import T_ALIVE as M_ALIVE
+from .messages import T_EVICT as M_EVICT
 from .protocol_config import ProtocolConfig, push_pull_scale, retransmit_limit, suspicion_bounds
 from .suspicion import Suspicion
 
@@ -107,8 +108,7 @@ class MetaChanged:
     member: MemberView
 
 
-@dataclass(frozen=True)
-class EvictionReceived:
+class EvictionReceived(NamedTuple):
     tuple: FlowTuple
     origin: str
     seq: int
@@ -117,6 +117,7 @@ class EvictionReceived:
 Event = Union[MemberUp, MemberSuspect, MemberDead, MemberLeft, MetaChanged, EvictionReceived]
 
 _INF = float("inf")
+_tuple_new = tuple.__new__  # skips NamedTuple's generated __new__
 _SEQ_MASK = (1 << 32) - 1
 
 
@@ -306,6 +307,14 @@ class Node:
                     if known is not None and inc <= known.incarnation:
                         c["alive_superseded"] += 1
                         continue
+            if type(raw) is list and len(raw) == 9 and raw[0] == M_EVICT and type(raw[0]) is int:
+                # the bulk under load: straight to its handler, which needs no source
+                ev = decode_eviction(raw)
+                if ev is None:
+                    c["drop.malformed"] += 1
+                else:
+                    self._on_eviction(now, ev)
+                continue
             if isinstance(raw, (bytes, bytearray)):
                 try:
                     raw = msgpack.unpackb(raw, raw=False)
@@ -384,10 +393,10 @@ class Node:
             raise ValueError("proto must be 6 (TCP) or 17 (UDP)")
         if not (0 <= key.client_port <= 65535 and 0 <= key.vip_port <= 65535):
             raise ValueError("ports must be in 0..65535")
-        canonical = FlowTuple(canonical_ip(key.client), key.client_port,
-                              canonical_ip(key.vip), key.vip_port, key.proto)
+        canonical = _tuple_new(FlowTuple, (canonical_ip(key.client), key.client_port,
+                                           canonical_ip(key.vip), key.vip_port, key.proto))
         self._ev_seq += 1
-        ev = Eviction(self.name, self._epoch, self._ev_seq, canonical)
+        ev = _tuple_new(Eviction, (self.name, self._epoch, self._ev_seq, canonical))
         self._ev.receive(ev, now)
         enc = self._enc(ev)
         self._counters["evictions_sent"] += 1
@@ -931,7 +940,7 @@ class Node:
         c = self._counters
         if r is Receipt.NEW:
             c["evictions_received"] += 1
-            self._events.append(EvictionReceived(ev.tuple, ev.origin, ev.seq))
+            self._events.append(_tuple_new(EvictionReceived, (ev.tuple, ev.origin, ev.seq)))
             if self.table.live_count() - 1 > self.config.gossip_nodes:
                 self._queue_eviction(ev, self._enc(ev), now)
             else:

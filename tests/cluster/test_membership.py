@@ -253,6 +253,13 @@ def test_every_message_round_trips_through_msgpack(msg):
     [M.T_EVICT, "o", 0, 0, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6],  # seq 0
     [M.T_EVICT, "o", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 1],  # proto
     [M.T_EVICT, "o", 0, 1, "1.2.3.4", 1, b"\x01\x02\x03\x04", 1, 6],
+    [M.T_EVICT, "o", 0, 1, b"\x01\x02\x03\x04", True, b"\x01\x02\x03\x04", 1, 6],  # bool port
+    [M.T_EVICT, "o", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 65536, 6],
+    [M.T_EVICT, "o", -1, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6],  # epoch
+    [M.T_EVICT, "o", 0, 1 << 64, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6],
+    [M.T_EVICT, "o", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6.0],  # float proto
+    [M.T_EVICT, "", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6],  # no origin
+    [float(M.T_EVICT), "o", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6],  # type code
     [M.T_PUSHPULL, 1, False, False, False, 2, 2, []],  # index >= count
     [M.T_PUSHPULL, 1, False, False, False, 0, 1, [["x", "10.0.0.1", 1, 7, 0, 0, M.encode_meta(MemberMeta())]]],
     [M.T_DIGEST, False, [["o", 1, 2]]],

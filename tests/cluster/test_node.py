@@ -673,6 +673,11 @@ def test_malformed_messages_are_counted_and_ignored():
         "hello",
         [99, 1, 2],
         [M.T_EVICT, "n01", 0, 1, b"\x01\x02\x03", 1, b"\x0a\0\0\1", 80, 6],
+        [M.T_EVICT, "n01", 0, 0, b"\x0a\0\0\2", 1, b"\x0a\0\0\1", 80, 6],  # seq 0
+        [M.T_EVICT, "n01", 0, 1, b"\x0a\0\0\2", 1, b"\x0a\0\0\1", 80, 47],  # proto
+        [M.T_EVICT, "n01", 0, 1, b"\x0a\0\0\2", False, b"\x0a\0\0\1", 80, 6],
+        [M.T_EVICT, 7, 0, 1, b"\x0a\0\0\2", 1, b"\x0a\0\0\1", 80, 6],  # origin
+        [float(M.T_EVICT), "n01", 0, 1, b"\x0a\0\0\2", 1, b"\x0a\0\0\1", 80, 6],
         [M.T_ALIVE, "n09", "10.0.0.9", 7946, 0, 0, [[], 100, "yes", "", 1, {}]],
     ]
     data = seal("n01", bad, epoch=5)

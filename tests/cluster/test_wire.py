@@ -479,3 +479,12 @@ def test_random_garbage_is_dropped_cheaply(pair):
     for n in (0, 1, 38, 39, 40, 200, 1400, 1528, 1529, 5000):
         assert isinstance(b.open(0, os.urandom(n), SRC), Drop)
     assert b.accepted == 0 and Drop.INTERNAL_ERROR not in b.drops
+
+
+def test_encode_after_a_message_it_cannot_pack_is_clean():
+    # every message shares one msgpack Packer: a failed pack must leave nothing behind
+    with pytest.raises(TypeError):
+        Wire.encode([9, "o", object()])
+    msg = [9, "origin", 1, 2, b"\x0a\0\0\1", 40000, b"\x0a\0\0\2", 80, 6]
+    assert Wire.encode(msg) == msgpack.packb(msg, use_bin_type=True)
+    assert msgpack.unpackb(Wire.encode(msg)) == msg
