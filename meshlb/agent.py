@@ -108,6 +108,11 @@ class Agent:
         self.evictions: Counter[str] = Counter()
         self._to_publish: list[Any] = []
         self._closing: list[SockEvent] = []  # this batch's closes, evicted when it ends
+        # what _is_balanced_flow asks of every close: VIP endpoints (rebuilt when the
+        # VIP list is replaced) and member addresses (forgotten on every cluster event)
+        self._vip_ends: frozenset[tuple[str, int]] = frozenset()
+        self._vip_ends_of: Any = None
+        self._member_addrs: frozenset[str] | None = None
         self._received: list[bytes] = []  # peers' evictions, applied once per loop turn
         self.loop_lag = LoopLag()
         self.health_checks: Counter[tuple[str, str]] = Counter()
@@ -528,6 +533,7 @@ class Agent:
             self.evictions["received"] += 1
             self._queue_received(event.tuple)
             return
+        self._member_addrs = None  # a member came, went or changed its addresses
         kind = type(event).__name__
         member = getattr(event, "member", None)
         if member is not None and member.name != self.name:
@@ -632,11 +638,18 @@ class Agent:
         must be a member's. Until the join is answered the members are unknown (a
         restarted agent replaying the closes its previous life left unsent): an
         eviction too many costs a lookup, one too few leaves a flow behind."""
-        if any(f.dst == s.address and f.dport == s.port for s in self.vips):
+        if self._vip_ends_of is not self.vips:
+            self._vip_ends = frozenset((s.address, s.port) for s in self.vips)
+            self._vip_ends_of = self.vips
+        if (f.dst, f.dport) in self._vip_ends:
             return True
         if not self.driver.joined:
             return True
-        return any(f.src in (m.address[0], *m.meta.addresses) for m in self.driver.members())
+        addrs = self._member_addrs
+        if addrs is None:
+            addrs = self._member_addrs = frozenset(
+                a for m in self.driver.members() for a in (m.address[0], *m.meta.addresses))
+        return f.src in addrs
 
     def _queue_received(self, t: Any) -> None:
         """A peer's eviction, applied with the others of the same loop turn (a

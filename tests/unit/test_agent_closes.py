@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from meshlb import agent as agent_mod
 from meshlb.agent import Agent, vip_specs
+from meshlb.cluster.node import MemberLeft, MemberUp
 from meshlb.config import default_config, parse
 from meshlb.dataplane import layouts as L
 
@@ -90,6 +91,10 @@ def make_agent() -> Agent:
     a._local_bids = {7}
     a._closing = []
     a._received = []
+    a._vip_ends, a._vip_ends_of, a._member_addrs = frozenset(), None, None
+    a.health = None
+    a.name = "mix1"
+    a._rebuild_handle = None
     a.driver.on_sent = a._release_closes
     return a
 
@@ -135,14 +140,24 @@ def test_a_batch_whose_evictions_cannot_go_out_is_released_after_the_limit(monke
 
 
 def test_before_the_join_every_backend_side_close_counts_as_balanced():
-    a = make_agent()
-    close = SimpleNamespace(src="10.9.9.9", sport=40000, dst="10.0.0.5", dport=8080)
-    a.driver.joined = False
-    assert a._is_balanced_flow(close)  # the members are not known yet
-    a.driver.joined = True
-    assert not a._is_balanced_flow(close)  # known, and 10.9.9.9 is none of them
-    a.driver._members = [SimpleNamespace(address=("10.9.9.9", 7946), meta=SimpleNamespace(addresses=()))]
-    assert a._is_balanced_flow(close)
+    async def main():
+        a = make_agent()
+        close = SimpleNamespace(src="10.9.9.9", sport=40000, dst="10.0.0.5", dport=8080)
+        a.driver.joined = False
+        assert a._is_balanced_flow(close)  # the members are not known yet
+        a.driver.joined = True
+        assert not a._is_balanced_flow(close)  # known, and 10.9.9.9 is none of them
+        member = SimpleNamespace(name="mix9", incarnation=1, address=("10.9.9.9", 7946),
+                                 meta=SimpleNamespace(addresses=()))
+        a.driver._members = [member]
+        assert not a._is_balanced_flow(close)  # the agent has not heard of it yet
+        a._on_cluster_event(MemberUp(member))
+        assert a._is_balanced_flow(close)
+        a.driver._members = []
+        a._on_cluster_event(MemberLeft(member))
+        assert not a._is_balanced_flow(close)
+
+    asyncio.run(main())
 
 
 def test_closes_of_a_batch_are_published_together_when_it_ends():
