@@ -911,7 +911,10 @@ class Node:
         update taken reaches all of them (a burst larger than one round's datagrams
         would otherwise reach each member with other updates, and the ones dropped
         from a full queue would miss some members), and receivers need not relay."""
-        addrs = [m.address for m in (self.table.get(name) for name in targets) if m is not None]
+        known = [m.address for m in (self.table.get(name) for name in targets) if m is not None]
+        addrs = [a for a in known if self._allowed(a)]
+        c = self._counters
+        c["send_refused"] += len(known) - len(addrs)
         if not addrs:
             return
         n = self.table.live_count()
@@ -925,9 +928,19 @@ class Node:
             msgs = self._bq.take(cap, 0, n, copies=len(addrs), final=final)
             if not msgs:
                 break
+            # Sealed once for all of them: nothing in a datagram names its receiver,
+            # and each receiver's replay window sees the sender's seq once.
+            try:
+                datagrams = self.wire.seal(msgs)
+            except ValueError:
+                c["send_oversized"] += 1
+                continue
             for a in addrs:
-                self._send(a, msgs, now, piggyback=False)
-                self._counters["gossip_datagrams"] += 1
+                for d in datagrams:
+                    self._out.append(Outgoing(a, d))
+                    c["datagrams_sent"] += 1
+                    c["bytes_sent"] += len(d)
+                c["gossip_datagrams"] += 1
 
     # ---- evictions -------------------------------------------------------------------
 

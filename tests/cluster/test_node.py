@@ -605,6 +605,31 @@ def test_small_cluster_does_not_relay_evictions_the_origin_sends_to_everyone():
     assert net.nodes["n00"].stats.get("evictions_duplicate", 0) == 0
 
 
+def test_a_round_to_everyone_is_sealed_once_and_each_member_takes_it_once():
+    net = Network(seed=36)
+    net.cluster(3)
+    run_until(net, lambda: converged(net), limit=5.0)
+    origin = net.nodes["n00"]
+    origin.publish_evictions([flow(i) for i in range(30)], net.now)
+    origin.tick(origin.next_deadline())  # the expedited round
+    out = origin.take_outgoing()
+    by_dest: dict = {}
+    for o in out:
+        by_dest.setdefault(o.dest, []).append(o.data)
+    assert set(by_dest) == {net.addr(1), net.addr(2)}
+    assert by_dest[net.addr(1)] == by_dest[net.addr(2)]  # one sealing, same bytes to both
+    for i in (1, 2):
+        node = net.nodes[f"n{i:02d}"]
+        for d in by_dest[net.addr(i)]:
+            node.handle_datagram(net.now, d, net.addr(0))
+        got = [e for e in node.take_events() if isinstance(e, EvictionReceived)]
+        assert len(got) == 30
+        for d in by_dest[net.addr(i)]:  # the same datagram again, to the same member
+            node.handle_datagram(net.now, d, net.addr(0))
+        assert not node.take_events()
+        assert node.stats["drop.replayed"] == len(by_dest[net.addr(i)])
+
+
 def test_small_cluster_one_copy_per_member_is_repaired_under_loss():
     """With a single copy per member (the origin's round reaches everyone), a copy
     lost on the way is the eviction digest's to repair: every member gets every
