@@ -522,6 +522,11 @@ class GossipDriver:
         :meth:`Node.publish_evictions`)."""
         return self._call("publish_evictions", flows)
 
+    def publish_eviction_records(self, records: Sequence[bytes]) -> int:
+        """:meth:`Node.publish_eviction_records` (flows as the data plane keys them, in
+        runs), one flush of the node afterwards."""
+        return self._call("publish_eviction_records", records)
+
     def evictions_sent_through(self) -> int:
         """Own evictions up to this number have left in a datagram (or never will)."""
         if self.node is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from .messages import DigestEntry, Eviction
+from .messages import DigestEntry, Eviction, flow_tuple_of
 
 __all__ = ["EvictionTracker", "Receipt"]
 
@@ -35,6 +35,11 @@ class _Origin:
     last_seen: float = 0.0
 
 
+def _size(item: Eviction | bytes | tuple[bytes, ...]) -> int:
+    """Evictions in one buffered item."""
+    return len(item) if type(item) is tuple else 1
+
+
 class EvictionTracker:
     # Seqs remembered above the mark per origin before the lowest hole is given up.
     MAX_ABOVE = 4096
@@ -50,7 +55,7 @@ class EvictionTracker:
         self._origins: OrderedDict[str, _Origin] = OrderedDict()
         self._gappy: set[str] = set()
         # origin -> {(epoch, seq): event}; _order is the global age order for expiry.
-        self._buffer: dict[str, dict[tuple[int, int], Eviction]] = {}
+        self._buffer: dict[str, dict[tuple[int, int], Eviction | bytes | tuple[bytes, ...]]] = {}
         self._order: deque[tuple[float, str, tuple[int, int]]] = deque()
         self._buffered = 0
         self.abandoned = 0  # seqs given up as unrepairable
@@ -58,43 +63,85 @@ class EvictionTracker:
     # ---- receipt ---------------------------------------------------------------------
 
     def receive(self, ev: Eviction, now: float) -> str:
-        o = self._origins.get(ev.origin)
-        if o is not None and ev.seq == o.mark + 1 and ev.epoch == o.epoch and not o.above:
-            # the common case by far: the next one of its origin, no holes
-            o.mark = ev.seq
+        return self._receive(ev.origin, ev.epoch, ev.seq, ev, now)
+
+    def receive_run(self, origin: str, epoch: int, first: int, records: list[bytes],
+                    now: float) -> list[int] | None:
+        """Receipt of evictions ``first`` .. ``first + len(records) - 1`` of ``origin``:
+        the indices of the new ones, or None if the run is from an older epoch."""
+        o = self._origins.get(origin)
+        if o is not None and first == o.mark + 1 and epoch == o.epoch and not o.above:
+            # the common case: the next ones of the origin, no holes; one step for all
+            o.mark += len(records)
             o.last_seen = now
-            self._origins.move_to_end(ev.origin)
-            self._remember(ev, now)
+            self._origins.move_to_end(origin)
+            self._remember(origin, epoch, first, tuple(records), now)
+            return list(range(len(records)))
+        if o is not None and epoch < o.epoch:
+            return None
+        last = first + len(records) - 1
+        if o is not None and epoch == o.epoch and first > o.mark and o.above.keys().isdisjoint(range(first, last + 1)):
+            # all new, past a hole or filling one (runs sent in one round arrive newest
+            # first): one step for the run, as above
+            o.last_seen = now
+            self._origins.move_to_end(origin)
+            above = o.above
+            if first == o.mark + 1:
+                o.mark = last
+                self._compact(o)
+            else:
+                if not above:
+                    o.gap_since = now
+                above.update(dict.fromkeys(range(first, last + 1), now))
+                while len(above) > self.MAX_ABOVE:
+                    self._give_up_lowest_hole(o, now)
+            if above:
+                self._gappy.add(origin)
+            else:
+                self._gappy.discard(origin)
+            self._remember(origin, epoch, first, tuple(records), now)
+            return list(range(len(records)))
+        return [i for i, r in enumerate(records)
+                if self._receive(origin, epoch, first + i, r, now) is Receipt.NEW]
+
+    def _receive(self, origin: str, epoch: int, seq: int, payload: Eviction | bytes, now: float) -> str:
+        o = self._origins.get(origin)
+        if o is not None and seq == o.mark + 1 and epoch == o.epoch and not o.above:
+            # the common case by far: the next one of its origin, no holes
+            o.mark = seq
+            o.last_seen = now
+            self._origins.move_to_end(origin)
+            self._remember(origin, epoch, seq, payload, now)
             return Receipt.NEW
-        if o is None or ev.epoch > o.epoch:
-            o = _Origin(ev.epoch, 0, last_seen=now)
-            self._origins[ev.origin] = o
-            self._gappy.discard(ev.origin)
-            self._drop_origin_buffer_older(ev.origin, ev.epoch)
+        if o is None or epoch > o.epoch:
+            o = _Origin(epoch, 0, last_seen=now)
+            self._origins[origin] = o
+            self._gappy.discard(origin)
+            self._drop_origin_buffer_older(origin, epoch)
             while len(self._origins) > self.origins_max:
                 old, _ = self._origins.popitem(last=False)
                 self._gappy.discard(old)
-        elif ev.epoch < o.epoch:
+        elif epoch < o.epoch:
             return Receipt.STALE
         else:
-            self._origins.move_to_end(ev.origin)
-        if ev.seq <= o.mark or ev.seq in o.above:
+            self._origins.move_to_end(origin)
+        if seq <= o.mark or seq in o.above:
             return Receipt.DUPLICATE
         o.last_seen = now
-        if ev.seq == o.mark + 1:
-            o.mark = ev.seq
+        if seq == o.mark + 1:
+            o.mark = seq
             self._compact(o)
         else:
             if not o.above:
                 o.gap_since = now
-            o.above[ev.seq] = now
+            o.above[seq] = now
             if len(o.above) > self.MAX_ABOVE:
                 self._give_up_lowest_hole(o, now)
         if o.above:
-            self._gappy.add(ev.origin)
+            self._gappy.add(origin)
         else:
-            self._gappy.discard(ev.origin)
-        self._remember(ev, now)
+            self._gappy.discard(origin)
+        self._remember(origin, epoch, seq, payload, now)
         return Receipt.NEW
 
     def _compact(self, o: _Origin) -> None:
@@ -131,35 +178,39 @@ class EvictionTracker:
         while order and (self._buffered > self.buffer_max or now - order[0][0] > self.buffer_ttl):
             _, origin, key = order.popleft()
             per = self._buffer.get(origin)
-            if per is not None and per.pop(key, None) is not None:
-                self._buffered -= 1
-                if not per:
-                    del self._buffer[origin]
+            if per is not None:
+                item = per.pop(key, None)
+                if item is not None:
+                    self._buffered -= _size(item)
+                    if not per:
+                        del self._buffer[origin]
 
     def forget_origin(self, origin: str) -> None:
         self._origins.pop(origin, None)
         self._gappy.discard(origin)
         per = self._buffer.pop(origin, None)
         if per:
-            self._buffered -= len(per)
+            self._buffered -= sum(_size(v) for v in per.values())
 
     def _drop_origin_buffer_older(self, origin: str, epoch: int) -> None:
         per = self._buffer.get(origin)
         if not per:
             return
         for key in [k for k in per if k[0] < epoch]:
-            del per[key]
-            self._buffered -= 1
+            self._buffered -= _size(per.pop(key))
 
-    def _remember(self, ev: Eviction, now: float) -> None:
-        per = self._buffer.get(ev.origin)
+    def _remember(self, origin: str, epoch: int, seq: int, payload: Eviction | bytes | tuple[bytes, ...],
+                  now: float) -> None:
+        # payload: the Eviction, the flow record of one that came in a run, or a whole
+        # run's records from seq on (records become Evictions only if a peer asks)
+        per = self._buffer.get(origin)
         if per is None:
-            per = self._buffer[ev.origin] = {}
-        key = (ev.epoch, ev.seq)
+            per = self._buffer[origin] = {}
+        key = (epoch, seq)
         if key not in per:
-            per[key] = ev
-            self._buffered += 1
-            self._order.append((now, ev.origin, key))
+            per[key] = payload
+            self._buffered += _size(payload)
+            self._order.append((now, origin, key))
             if self._buffered > self.buffer_max:
                 self._trim(now)
 
@@ -185,15 +236,21 @@ class EvictionTracker:
         out: list[Eviction] = []
         for origin, per in self._buffer.items():
             e = have.get(origin)
-            for (epoch, seq), ev in per.items():
-                if e is not None:
-                    if epoch < e.epoch:
-                        continue
-                    if epoch == e.epoch and (seq <= e.contiguous or seq in e.recent):
-                        continue
-                out.append(ev)
-                if len(out) >= self.repair_max:
-                    return out
+            for (epoch, first), item in per.items():
+                # an Eviction, one flow record, or a run's records from `first` on
+                many = type(item) is tuple
+                for i, ev in enumerate(item if many else (item,)):
+                    seq = first + i
+                    if e is not None:
+                        if epoch < e.epoch:
+                            break
+                        if epoch == e.epoch and (seq <= e.contiguous or seq in e.recent):
+                            continue
+                    if type(ev) is bytes:
+                        ev = Eviction(origin, epoch, seq, flow_tuple_of(ev))
+                    out.append(ev)
+                    if len(out) >= self.repair_max:
+                        return out
         return out
 
     def adopt_baseline(self, entries: list[DigestEntry] | tuple[DigestEntry, ...], now: float) -> None:

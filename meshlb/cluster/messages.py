@@ -15,7 +15,9 @@ instead of 60, and many fit in one datagram.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
@@ -23,11 +25,15 @@ from typing import Any, NamedTuple
 __all__ = [
     "PROTOCOL_VERSION", "Status", "MemberMeta", "FlowTuple", "MemberRecord",
     "Ping", "PingReq", "Ack", "Nack", "Alive", "Suspect", "Dead", "Left",
-    "Eviction", "PushPull", "EvictionDigest", "DigestEntry", "Message",
-    "encode", "decode", "decode_eviction", "encode_meta", "decode_meta", "MAX_NAME", "MAX_U64",
+    "Eviction", "EvictionRun", "PushPull", "EvictionDigest", "DigestEntry", "Message",
+    "FLOW_RECORD_SIZE", "MAX_RUN", "RUNS_VERSION", "flow_record", "flow_tuple_of", "valid_records",
+    "encode", "decode", "decode_eviction", "decode_eviction_run", "encode_meta", "decode_meta", "MAX_NAME", "MAX_U64",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# Members from this version on take evictions in runs (EvictionRun); a member sends runs
+# only while every live member says it does (MemberMeta.version), singles otherwise.
+RUNS_VERSION = 2
 
 MAX_NAME = 128
 MAX_U64 = (1 << 64) - 1
@@ -144,6 +150,54 @@ class Eviction(NamedTuple):
     tuple: FlowTuple
 
 
+class EvictionRun(NamedTuple):
+    """Consecutive evictions of one origin, ``first`` .. ``first + n - 1``, as ``n``
+    flow records back to back (:data:`FLOW_RECORD_SIZE` bytes each, see
+    :func:`flow_record`): one message, one dedupe step and no per-flow objects where
+    single evictions cost a message each."""
+    origin: str
+    epoch: int
+    first: int
+    records: bytes
+
+
+# A flow record: client address (16 bytes; IPv4 in the first 4, the rest zero), VIP
+# address (the same), client port, VIP port (big-endian), protocol (6 or 17), address
+# family (2 or 10), two zero bytes. It is byte for byte the key the data plane files the
+# flow under, so a receiving agent hands records to it as they came.
+_FLOW_RECORD = struct.Struct("!16s16sHHBB2x")
+FLOW_RECORD_SIZE = _FLOW_RECORD.size
+MAX_RUN = 32
+_VALID_RECORDS = re.compile(
+    rb"(?:.{4}\x00{12}.{4}\x00{12}.{4}[\x06\x11]\x02\x00\x00|.{36}[\x06\x11]\x0a\x00\x00)+", re.S)
+
+
+def valid_records(data: bytes) -> bool:
+    """``data`` is one or more well-formed flow records."""
+    return len(data) % FLOW_RECORD_SIZE == 0 and _VALID_RECORDS.fullmatch(data) is not None
+
+
+def flow_record(t: FlowTuple) -> bytes:
+    """The flow record of ``t`` (ValueError if it is not a TCP/UDP flow of one family)."""
+    c, v = _pack_ip(t.client), _pack_ip(t.vip)
+    if len(c) != len(v):
+        raise ValueError("client and VIP of a flow must be the same family")
+    if t.proto not in (6, 17):
+        raise ValueError("proto must be 6 (TCP) or 17 (UDP)")
+    fam = socket.AF_INET if len(c) == 4 else socket.AF_INET6
+    try:
+        return _FLOW_RECORD.pack(c, v, t.client_port, t.vip_port, t.proto, fam)
+    except struct.error as exc:
+        raise ValueError(f"flow record: {exc}") from None
+
+
+def flow_tuple_of(record: bytes) -> FlowTuple:
+    """The FlowTuple of one flow record (as :func:`valid_records` accepts)."""
+    c, v, cport, vport, proto, fam = _FLOW_RECORD.unpack(record)
+    n = 4 if fam == socket.AF_INET else 16
+    return FlowTuple(_ip_bytes(c[:n]), cport, _ip_bytes(v[:n]), vport, proto)
+
+
 @dataclass(frozen=True)
 class MemberRecord:
     name: str
@@ -183,9 +237,10 @@ class EvictionDigest:
     entries: tuple[DigestEntry, ...]
 
 
-Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | Eviction | PushPull | EvictionDigest
+Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | Eviction | EvictionRun | PushPull | EvictionDigest
 
 T_PING, T_PINGREQ, T_ACK, T_NACK, T_ALIVE, T_SUSPECT, T_DEAD, T_LEFT, T_EVICT, T_PUSHPULL, T_DIGEST = range(1, 12)
+T_EVICTS = 12  # RUNS_VERSION on
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -244,7 +299,9 @@ def _record(r: MemberRecord) -> list[Any]:
 
 def encode(msg: Message) -> list[Any]:
     """Plain msgpack-able form of a message (Wire.encode packs it)."""
-    if type(msg) is Eviction:  # the bulk under load
+    if type(msg) is EvictionRun:  # the bulk under load
+        return [T_EVICTS, msg.origin, msg.epoch, msg.first, msg.records]
+    if type(msg) is Eviction:
         return [T_EVICT, msg.origin, msg.epoch, msg.seq, *_flow(msg.tuple)]
     if isinstance(msg, Ping):
         return [T_PING, msg.seq, msg.target]
@@ -453,6 +510,25 @@ def _eviction(f: list[Any] | tuple[Any, ...]) -> Eviction:
         FlowTuple, (_ip_bytes(client), cport, _ip_bytes(vip), vport, proto))))
 
 
+def _eviction_run(f: list[Any] | tuple[Any, ...]) -> EvictionRun:
+    _, origin, epoch, first, records = f
+    if (type(epoch) is not int or type(first) is not int or type(records) is not bytes
+            or not (0 <= epoch <= MAX_U64 and first > 0)
+            or not 0 < len(records) <= MAX_RUN * FLOW_RECORD_SIZE
+            or first - 1 + len(records) // FLOW_RECORD_SIZE > MAX_U64
+            or not valid_records(records)):
+        raise _Malformed
+    return _tuple_new(EvictionRun, (_origin(origin), epoch, first, records))
+
+
+def decode_eviction_run(v: list[Any]) -> EvictionRun | None:
+    """:func:`decode` for a list already known to be 5 long and typed as a run."""
+    try:
+        return _eviction_run(v)
+    except (_Malformed, ValueError, TypeError):
+        return None
+
+
 def decode_eviction(v: list[Any]) -> Eviction | None:
     """:func:`decode` for a list already known to be 9 long and typed as an eviction."""
     try:
@@ -469,6 +545,8 @@ def _decode(v: Any) -> Message:
     if type(t) is not int:
         raise _Malformed
     n = len(f)
+    if t == T_EVICTS and n == 5:
+        return _eviction_run(f)
     if t == T_EVICT and n == 9:
         return _eviction(f)
     if t == T_PING and n == 3:

@@ -47,18 +47,20 @@ from .evictions import EvictionTracker, Receipt
 from .health_view import usable_backends as _usable_backends
 from .membership import MemberState, MemberTable, MemberView, Verdict
 from .messages import (
-    PROTOCOL_VERSION, Ack, Alive, Dead, DigestEntry, Eviction, EvictionDigest, FlowTuple, Left,
+    FLOW_RECORD_SIZE, MAX_RUN, MAX_U64, PROTOCOL_VERSION, RUNS_VERSION, Ack, Alive, Dead, DigestEntry,
+    Eviction, EvictionDigest, EvictionRun, FlowTuple, Left,
     MemberMeta, MemberRecord, Nack, Ping, PingReq, PushPull, Status, Suspect, canonical_ip, decode,
-    decode_eviction, encode, encode_meta,
+    decode_eviction, decode_eviction_run, encode, encode_meta, flow_tuple_of, valid_records,
 )
 from .messages import T_ALIVE as M_ALIVE
 from .messages import T_EVICT as M_EVICT
+from .messages import T_EVICTS as M_EVICTS
 from .protocol_config import ProtocolConfig, push_pull_scale, retransmit_limit, suspicion_bounds
 from .suspicion import Suspicion
 
 __all__ = [
     "Node", "GROUP", "Outgoing", "FlowTuple", "MemberMeta", "Status", "MemberView", "PROTOCOL_VERSION",
-    "MemberUp", "MemberSuspect", "MemberDead", "MemberLeft", "MetaChanged", "EvictionReceived", "Event",
+    "MemberUp", "MemberSuspect", "MemberDead", "MemberLeft", "MetaChanged", "EvictionReceived", "EvictionsReceived", "Event",
 ]
 
 
@@ -114,7 +116,18 @@ class EvictionReceived(NamedTuple):
     seq: int
 
 
-Event = Union[MemberUp, MemberSuspect, MemberDead, MemberLeft, MetaChanged, EvictionReceived]
+class EvictionsReceived(NamedTuple):
+    """Evictions of a run (:class:`EvictionRun`) new to this member: each a flow record,
+    byte for byte the data plane's key of the flow (:func:`flow_tuple_of` reads one)."""
+    origin: str
+    seqs: tuple[int, ...]
+    records: tuple[bytes, ...]
+
+    def tuples(self) -> list[FlowTuple]:
+        return [flow_tuple_of(r) for r in self.records]
+
+
+Event = Union[MemberUp, MemberSuspect, MemberDead, MemberLeft, MetaChanged, EvictionReceived, EvictionsReceived]
 
 _INF = float("inf")
 _tuple_new = tuple.__new__  # skips NamedTuple's generated __new__
@@ -178,6 +191,7 @@ class Node:
             repair_max=config.eviction_repair_max, origins_max=config.eviction_origins_max)
         self._epoch = int(incarnation)
         self._ev_seq = 0
+        self._run_cap: int | None = None  # flow records per run (_run_capacity)
         # own evictions not yet in any datagram, oldest first (see evictions_sent_through)
         self._ev_unsent: deque[int] = deque()
         self._group_pending: list[bytes] = []
@@ -307,6 +321,13 @@ class Node:
                     if known is not None and inc <= known.incarnation:
                         c["alive_superseded"] += 1
                         continue
+            if type(raw) is list and len(raw) == 5 and raw[0] == M_EVICTS and type(raw[0]) is int:
+                run = decode_eviction_run(raw)
+                if run is None:
+                    c["drop.malformed"] += 1
+                else:
+                    self._on_eviction_run(now, run)
+                continue
             if type(raw) is list and len(raw) == 9 and raw[0] == M_EVICT and type(raw[0]) is int:
                 # the bulk under load: straight to its handler, which needs no source
                 ev = decode_eviction(raw)
@@ -424,6 +445,63 @@ class Node:
             except ValueError:
                 self._counters["evictions_refused"] += 1
         return seq
+
+    def publish_eviction_records(self, records: Iterable[bytes], now: float) -> int:
+        """Queue evictions of flows given as flow records (:func:`flow_record`, the data
+        plane's keys), in runs of up to :data:`MAX_RUN` per message while every live
+        member takes runs, one message each otherwise. A record that is not one is
+        counted and skipped. Returns the number of the last eviction published (0: none)."""
+        good = []
+        for r in records:
+            if type(r) is bytes and len(r) == FLOW_RECORD_SIZE and valid_records(r):
+                good.append(r)
+            else:
+                self._counters["evictions_refused"] += 1
+        if not good:
+            return 0
+        per_run = self._run_capacity() if self._runs_welcome() else 0
+        if per_run < 2:
+            return self.publish_evictions([flow_tuple_of(r) for r in good], now)
+        c = self._counters
+        name, epoch = self.name, self._epoch
+        for i in range(0, len(good), per_run):
+            chunk = good[i:i + per_run]
+            first = self._ev_seq + 1
+            self._ev_seq += len(chunk)
+            self._ev.receive_run(name, epoch, first, chunk, now)
+            enc = self._enc(_tuple_new(EvictionRun, (name, epoch, first, b"".join(chunk))))
+            c["evictions_sent"] += len(chunk)
+            c["eviction_runs_sent"] += 1
+            if self._group:
+                self._group_pending.append(enc)
+                if len(self._group_pending) > self.config.eviction_buffer_max:
+                    del self._group_pending[0]
+                    c["group_evictions_dropped"] += 1
+            # keyed by its first eviction, as a single one would be: evictions_sent_through
+            # looks for the first unsent one's key
+            self._bq.queue(("e", name, epoch, first), enc, self.config.eviction_retransmit_mult)
+            self._ev_unsent.append(first)
+        self._expedite(now, self.config.eviction_batch_delay)
+        if len(self._ev_unsent) > self.config.broadcast_queue_max:
+            self._prune_unsent()
+        return self._ev_seq
+
+    def _runs_welcome(self) -> bool:
+        """Every live member takes runs of evictions (an older one would drop them)."""
+        t = self.table
+        for n in t.live_names():
+            m = t.get(n)
+            if m is not None and m.meta.version < RUNS_VERSION:
+                return False
+        return True
+
+    def _run_capacity(self) -> int:
+        """Flow records per run that fit in one datagram with any seq."""
+        if self._run_cap is None:
+            empty = len(self._enc(EvictionRun(self.name, self._epoch, MAX_U64, b"")))
+            # +2: the bin header grows from 2 to 3 bytes past 255 bytes of records
+            self._run_cap = max(0, min(MAX_RUN, (self.wire.capacity - empty - 2) // FLOW_RECORD_SIZE))
+        return self._run_cap
 
     def evictions_sent_through(self) -> int:
         """The number of this member's own evictions up to which every one has gone
@@ -548,6 +626,8 @@ class Node:
         t = type(msg)
         if t is Eviction:
             self._on_eviction(now, msg)
+        elif t is EvictionRun:
+            self._on_eviction_run(now, msg)
         elif t is Ping:
             self._on_ping(now, msg, sender, source)
         elif t is Ack:
@@ -947,6 +1027,33 @@ class Node:
     def _queue_eviction(self, ev: Eviction, enc: bytes, now: float) -> None:
         self._bq.queue(("e", ev.origin, ev.epoch, ev.seq), enc, self.config.eviction_retransmit_mult)
         self._expedite(now, self.config.eviction_batch_delay)
+
+    def _on_eviction_run(self, now: float, run: EvictionRun) -> None:
+        data = run.records
+        records = [data[i:i + FLOW_RECORD_SIZE] for i in range(0, len(data), FLOW_RECORD_SIZE)]
+        new = self._ev.receive_run(run.origin, run.epoch, run.first, records, now)
+        c = self._counters
+        if new is None:
+            c["evictions_stale"] += len(records)
+            return
+        c["evictions_duplicate"] += len(records) - len(new)
+        if not new:
+            return
+        c["evictions_received"] += len(new)
+        first = run.first
+        if len(new) == len(records):
+            seqs = tuple(range(first, first + len(records)))
+            got = tuple(records)
+        else:
+            seqs = tuple(first + i for i in new)
+            got = tuple(records[i] for i in new)
+        self._events.append(_tuple_new(EvictionsReceived, (run.origin, seqs, got)))
+        if self.table.live_count() - 1 > self.config.gossip_nodes:
+            self._bq.queue(("e", run.origin, run.epoch, first), self._enc(run),
+                           self.config.eviction_retransmit_mult)
+            self._expedite(now, self.config.eviction_batch_delay)
+        else:
+            c["evictions_not_relayed"] += len(new)
 
     def _on_eviction(self, now: float, ev: Eviction) -> None:
         r = self._ev.receive(ev, now)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 from meshlb.cluster.evictions import EvictionTracker, Receipt
-from meshlb.cluster.messages import DigestEntry, Eviction, FlowTuple
+from meshlb.cluster.messages import DigestEntry, Eviction, FlowTuple, flow_record, flow_tuple_of
 
 
 def tracker(**kw) -> EvictionTracker:
@@ -116,3 +116,42 @@ def test_joiner_adopts_marks_so_it_is_not_flooded_with_history():
     assert t.receive(ev(seq=400), 1.0) == Receipt.DUPLICATE
     assert t.receive(ev(seq=501), 1.0) == Receipt.NEW
     assert t.mark("o") == 501
+
+
+def _rec(i: int) -> bytes:
+    return flow_record(FlowTuple(f"198.18.0.{i % 250 + 1}", 1000 + i, "10.0.0.1", 80, 6))
+
+
+def test_a_run_counts_seq_by_seq_with_singles_and_is_repaired_as_singles():
+    t = tracker()
+    assert t.receive(ev(seq=3), 0.0) == Receipt.NEW  # a hole below: 1, 2
+    new = t.receive_run("o", 0, 1, [_rec(i) for i in range(1, 6)], 0.0)
+    assert new == [0, 1, 3, 4]  # seq 3 was seen
+    assert t.mark("o") == 5
+    assert t.receive_run("o", 0, 4, [_rec(4), _rec(5), _rec(6)], 0.0) == [2]
+    assert t.receive_run("o", 0, 7, [_rec(7)], 0.0) == [0]  # the next one: in one step
+    assert t.receive(ev(seq=7), 0.0) == Receipt.DUPLICATE
+    # a peer that has none of them gets every one, records turned into Evictions
+    out = sorted(t.missing([DigestEntry("o", 0, 0, ())]), key=lambda e: e.seq)
+    assert [e.seq for e in out] == list(range(1, 8))
+    assert out[0] == Eviction("o", 0, 1, flow_tuple_of(_rec(1)))
+    assert t.receive_run("n", 5, 1, [_rec(1)], 0.0) == [0]
+    assert t.receive_run("n", 4, 2, [_rec(2)], 0.0) is None  # an older epoch: stale
+
+
+def test_runs_out_of_order_fill_their_holes_and_are_offered_seq_by_seq():
+    t = tracker(buffer_max=12)
+    assert t.receive_run("o", 0, 5, [_rec(i) for i in range(5, 9)], 0.0) == [0, 1, 2, 3]
+    assert t.mark("o") == 0 and t.digest(0.0)[0].recent[:4] == (5, 6, 7, 8)
+    assert t.receive_run("o", 0, 1, [_rec(i) for i in range(1, 5)], 0.0) == [0, 1, 2, 3]
+    assert t.mark("o") == 8 and t.digest(0.0)[0].recent == ()
+    assert t.receive_run("o", 0, 3, [_rec(3), _rec(4)], 0.0) == []  # duplicates
+    out = t.missing([DigestEntry("o", 0, 2, (5, 7))])
+    assert sorted(e.seq for e in out) == [3, 4, 6, 8]
+    assert all(e == Eviction("o", 0, e.seq, flow_tuple_of(_rec(e.seq))) for e in out)
+    # the buffer counts evictions, not runs: 8 held, room for 4 more
+    assert t.buffered == 8
+    t.receive_run("o", 0, 9, [_rec(i) for i in range(9, 15)], 0.0)
+    assert t.buffered <= 12 and t.mark("o") == 14
+    # the oldest held went: 5 and 6 (a new origin's first run is taken seq by seq)
+    assert sorted(e.seq for e in t.missing([])) == [1, 2, 3, 4, 7, 8, *range(9, 15)]

@@ -12,6 +12,7 @@ from meshlb.cluster import messages as M
 from meshlb.cluster.membership import MemberState, MemberTable, Verdict
 from meshlb.cluster.messages import Alive, Dead, Left, MemberMeta, Status, Suspect
 from meshlb.cluster.suspicion import Suspicion
+from meshlb.dataplane.layouts import flow_key_bytes
 
 ME = "me"
 ADDR = ("10.0.0.1", 7946)
@@ -230,6 +231,8 @@ SAMPLES = [
     M.Left("x", 9), M.Eviction("o", 5, 7, M.FlowTuple("192.0.2.1", 5, "2001:db8::1", 443, 17)),
     M.PushPull(77, True, False, False, 0, 2, (M.MemberRecord("x", ("10.0.0.1", 1), Status.SUSPECT, 1, 0, META),)),
     M.EvictionDigest(False, (M.DigestEntry("o", 1, 5, (7, 9)),)),
+    M.EvictionRun("o", 5, 8, M.flow_record(M.FlowTuple("192.0.2.1", 5, "198.19.0.3", 443, 6))
+                  + M.flow_record(M.FlowTuple("2001:db8::9", 6, "2001:db8::1", 443, 17))),
 ]
 
 
@@ -237,6 +240,20 @@ SAMPLES = [
 def test_every_message_round_trips_through_msgpack(msg):
     raw = msgpack.unpackb(msgpack.packb(M.encode(msg), use_bin_type=True), raw=False, strict_map_key=False)
     assert M.decode(raw) == msg
+
+
+_REC = M.flow_record(M.FlowTuple("192.0.2.1", 5, "198.19.0.3", 443, 6))
+
+
+def test_a_flow_record_is_the_data_plane_key_of_the_flow():
+    for t in (M.FlowTuple("192.0.2.1", 40000, "198.19.0.3", 8080, 6),
+              M.FlowTuple("2001:db8::5", 1, "2001:db8::3", 65535, 17)):
+        r = M.flow_record(t)
+        assert r == flow_key_bytes(*t) and M.valid_records(r) and M.flow_tuple_of(r) == t
+    with pytest.raises(ValueError):
+        M.flow_record(M.FlowTuple("192.0.2.1", 1, "2001:db8::3", 1, 6))
+    with pytest.raises(ValueError):
+        M.flow_record(M.FlowTuple("192.0.2.1", 1, "192.0.2.3", 1, 1))
 
 
 @pytest.mark.parametrize("bad", [
@@ -260,6 +277,17 @@ def test_every_message_round_trips_through_msgpack(msg):
     [M.T_EVICT, "o", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6.0],  # float proto
     [M.T_EVICT, "", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6],  # no origin
     [float(M.T_EVICT), "o", 0, 1, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x04", 1, 6],  # type code
+    [M.T_EVICTS, "o", 0, 1, b""],  # no records
+    [M.T_EVICTS, "o", 0, 0, _REC],  # first 0
+    [M.T_EVICTS, "o", 0, 1, _REC[:-1]],  # not whole records
+    [M.T_EVICTS, "o", 0, 1, _REC * (M.MAX_RUN + 1)],
+    [M.T_EVICTS, "o", 0, M.MAX_U64, _REC * 2],  # past the last seq
+    [M.T_EVICTS, "o", 0, 1, _REC[:36] + b"\x2f" + _REC[37:]],  # proto 47
+    [M.T_EVICTS, "o", 0, 1, _REC[:37] + b"\x07" + _REC[38:]],  # family
+    [M.T_EVICTS, "o", 0, 1, _REC[:38] + b"\x00\x01"],  # padding
+    [M.T_EVICTS, "o", 0, 1, _REC[:5] + b"\x01" + _REC[6:]],  # IPv4 with bytes past the 4th
+    [M.T_EVICTS, "o", 0, 1, "x" * 40],
+    [M.T_EVICTS, "o", True, 1, _REC],
     [M.T_PUSHPULL, 1, False, False, False, 2, 2, []],  # index >= count
     [M.T_PUSHPULL, 1, False, False, False, 0, 1, [["x", "10.0.0.1", 1, 7, 0, 0, M.encode_meta(MemberMeta())]]],
     [M.T_DIGEST, False, [["o", 1, 2]]],

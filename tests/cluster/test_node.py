@@ -17,7 +17,7 @@ import pytest
 from meshlb.cluster import messages as M
 from meshlb.cluster.keyring import Keyring
 from meshlb.cluster.node import (
-    GROUP, EvictionReceived, FlowTuple, MemberDead, MemberLeft, MemberMeta, MemberSuspect, MemberUp,
+    GROUP, EvictionReceived, EvictionsReceived, FlowTuple, MemberDead, MemberLeft, MemberMeta, MemberSuspect, MemberUp,
     MetaChanged, Node, Status,
 )
 from meshlb.cluster.protocol_config import ProtocolConfig
@@ -703,6 +703,8 @@ def test_malformed_messages_are_counted_and_ignored():
         [M.T_EVICT, "n01", 0, 1, b"\x0a\0\0\2", False, b"\x0a\0\0\1", 80, 6],
         [M.T_EVICT, 7, 0, 1, b"\x0a\0\0\2", 1, b"\x0a\0\0\1", 80, 6],  # origin
         [float(M.T_EVICT), "n01", 0, 1, b"\x0a\0\0\2", 1, b"\x0a\0\0\1", 80, 6],
+        [M.T_EVICTS, "n01", 0, 1, b"\x01" * 40],  # no valid record
+        [M.T_EVICTS, "n01", 0, 0, M.flow_record(FlowTuple("10.0.0.2", 1, "10.0.0.1", 80, 6))],
         [M.T_ALIVE, "n09", "10.0.0.9", 7946, 0, 0, [[], 100, "yes", "", 1, {}]],
     ]
     data = seal("n01", bad, epoch=5)
@@ -919,3 +921,100 @@ def test_halves_find_each_other_after_a_partition(reap):
     net.cut.clear()
     run_until(net, lambda: converged(net), limit=60.0)
     assert sum(net.nodes[o].stats["reconnects"] for o in net.up) > 0
+
+
+# ---- evictions in runs ----------------------------------------------------------------------
+
+def records(net: Network, name: str) -> Counter:
+    """(origin, seq, flow) of every eviction ``name`` received, single or in a run."""
+    out = received(net, name)
+    for e in net.events[name]:
+        if isinstance(e, EvictionsReceived):
+            out.update(zip([e.origin] * len(e.seqs), e.seqs, e.tuples()))
+    return out
+
+
+def test_evictions_published_as_records_go_in_runs_to_every_member():
+    net = Network(seed=40)
+    net.cluster(3)
+    run_until(net, lambda: converged(net), limit=5.0)
+    a = net.nodes["n00"]
+    flows = [flow(i) for i in range(100)] + [FlowTuple("2001:db8::7", 9, "2001:db8::1", 443, 17)]
+    last = a.publish_eviction_records([M.flow_record(f) for f in flows], net.now)
+    assert last == 101
+    net._collect("n00")
+    net.run(1.0)
+    per_run = a._run_capacity()
+    assert per_run >= 16
+    assert a.stats["eviction_runs_sent"] == -(-101 // per_run)
+    for o in ("n01", "n02"):
+        got = records(net, o)
+        assert got == Counter(("n00", i + 1, f) for i, f in enumerate(flows))
+        assert not received(net, o)  # no single ones
+        runs = [e for e in net.events[o] if isinstance(e, EvictionsReceived)]
+        assert all(r.records[i] == M.flow_record(t) for r in runs for i, t in enumerate(r.tuples()))
+    assert a.evictions_sent_through() == 101
+
+
+def test_records_go_as_single_evictions_while_an_older_member_is_live():
+    net = Network(seed=41)
+    net.add("n00", 0)
+    net.add("n01", 1, peers=[net.addr(0)])
+    net.add("n02", 2, peers=[net.addr(0)], meta=MemberMeta(version=M.RUNS_VERSION - 1))
+    run_until(net, lambda: converged(net), limit=5.0)
+    a = net.nodes["n00"]
+    a.publish_eviction_records([M.flow_record(flow(i)) for i in range(10)], net.now)
+    net._collect("n00")
+    net.run(1.0)
+    assert a.stats.get("eviction_runs_sent", 0) == 0
+    for o in ("n01", "n02"):  # the older one understands these
+        assert received(net, o) == Counter(("n00", i + 1, flow(i)) for i in range(10))
+    net.crash("n02")
+    run_until(net, lambda: net.status("n00", "n02") is Status.DEAD, limit=30.0)
+    a.publish_eviction_records([M.flow_record(flow(i)) for i in range(10, 20)], net.now)
+    net._collect("n00")
+    net.run(1.0)
+    assert a.stats["eviction_runs_sent"] >= 1  # every live member takes runs now
+    assert records(net, "n01") == Counter(("n00", i + 1, flow(i)) for i in range(20))
+
+
+def test_runs_lost_on_the_way_are_repaired_and_none_arrives_twice():
+    net = Network(seed=42, loss=0.2)
+    net.cluster(3)
+    run_until(net, lambda: converged(net), limit=10.0)
+    want = Counter()
+    for b in range(20):
+        origin = f"n{b % 3:02d}"
+        node = net.nodes[origin]
+        batch = [flow(1000 * b + i) for i in range(40)]
+        last = node.publish_eviction_records([M.flow_record(f) for f in batch], net.now)
+        want.update((origin, last - 40 + 1 + i, f) for i, f in enumerate(batch))
+        net._collect(origin)
+        net.run(0.05)
+    net.run(6 * net.config.eviction_sync_interval)
+    for o in net.up:
+        got = records(net, o)
+        assert set(got.values()) == {1}  # none twice
+        assert set(got) == {k for k in want if k[0] != o}
+
+
+def test_large_cluster_relays_runs():
+    net = Network(seed=43)
+    net.cluster(8)
+    run_until(net, lambda: converged(net), limit=10.0)
+    net.nodes["n00"].publish_eviction_records([M.flow_record(flow(i)) for i in range(50)], net.now)
+    net._collect("n00")
+    run_until(net, lambda: all(len(records(net, o)) == 50 for o in net.up if o != "n00"), limit=10.0)
+    assert all(set(records(net, o).values()) == {1} for o in net.up if o != "n00")
+
+
+def test_publish_eviction_records_counts_and_skips_what_is_no_record():
+    net = Network(seed=44)
+    net.cluster(2)
+    run_until(net, lambda: converged(net), limit=5.0)
+    a = net.nodes["n00"]
+    good = M.flow_record(flow(1))
+    bad = [good[:-1], good[:36] + b"\x01" + good[37:], "x" * 40, None]
+    assert a.publish_eviction_records([*bad, good], net.now) == 1
+    assert a.stats["evictions_refused"] == len(bad)
+    assert a.publish_eviction_records(bad, net.now) == 0
