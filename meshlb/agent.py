@@ -529,7 +529,15 @@ class Agent:
         await self.driver.start()
 
     def _on_cluster_event(self, event: Any) -> None:
-        if type(event) is _eviction_received():
+        t = type(event)
+        if t is _evictions_received():
+            # a run: the records are the data plane's keys already
+            self.evictions["received"] += len(event.records)
+            if not self._received:
+                asyncio.get_running_loop().call_soon(self._apply_received)
+            self._received.extend(event.records)
+            return
+        if t is _eviction_received():
             self.evictions["received"] += 1
             self._queue_received(event.tuple)
             return
@@ -591,8 +599,6 @@ class Agent:
         self._closing.append(ev)
 
     def _evict_closes(self) -> None:
-        from meshlb.cluster.node import FlowTuple  # noqa: PLC0415
-
         closing, self._closing = self._closing, []
         if not closing:
             return
@@ -606,8 +612,8 @@ class Agent:
                 # to itself: no other mix holds the flow, nobody needs to hear of it
                 self.evictions["local_only"] += 1
                 continue
-            f = ev.flow
-            self._to_publish.append(FlowTuple(f.src, f.sport, f.dst, f.dport, f.proto))
+            # the key as the program wrote it is the flow record the protocol sends
+            self._to_publish.append(ev.raw_key)
 
     def _balanced_here_only(self, ct: bytes) -> bool:
         """An entry (the bytes of its ct_value) set up here by the flow's SYN, for this
@@ -626,7 +632,7 @@ class Agent:
         if not self.driver.running:
             self.evictions["unpublished_left_cluster"] += len(flows)  # closes after the leave
             return
-        seq = self.driver.publish_evictions(flows)
+        seq = self.driver.publish_eviction_records(flows)
         if seq:
             self._published_seq = seq
         self.evictions["sent"] += len(flows)
@@ -1023,6 +1029,13 @@ def _eviction_received() -> type:
     from meshlb.cluster.node import EvictionReceived  # noqa: PLC0415
 
     return EvictionReceived
+
+
+@functools.cache
+def _evictions_received() -> type:
+    from meshlb.cluster.node import EvictionsReceived  # noqa: PLC0415
+
+    return EvictionsReceived
 
 
 def _ct_state(k: L.FlowKey, v: L.CtValue) -> str:

@@ -34,6 +34,9 @@ class FakeDriver:
             self.publish_eviction(f)
         return self.seq if flows else 0
 
+    def publish_eviction_records(self, records) -> int:
+        return self.publish_evictions(records)
+
     def evictions_sent_through(self) -> int:
         return self.sent_through
 
@@ -241,5 +244,26 @@ def test_peers_evictions_of_one_loop_turn_are_applied_in_one_call():
         a._on_cluster_event(received("198.18.1.2", 40004))
         await asyncio.sleep(0)
         assert a.balancer.calls == 2 and a.evictions["applied"] == 4
+
+    asyncio.run(main())
+
+
+def test_a_run_of_peers_evictions_is_applied_with_the_singles_of_the_same_turn():
+    from meshlb.cluster.messages import flow_record
+    from meshlb.cluster.node import EvictionReceived, EvictionsReceived, FlowTuple
+
+    flows = [FlowTuple("198.18.1.2", p, "198.19.0.1", 80, 6) for p in (40001, 40002, 40003)]
+
+    async def main():
+        a = make_agent()
+        a.balancer = FakeBalancer(L.CtValue(backend_id=3))
+        a._on_cluster_event(EvictionsReceived("mix2", (1, 2), tuple(flow_record(f) for f in flows[:2])))
+        a._on_cluster_event(EvictionReceived(flows[2], "mix3", 1))
+        assert a.balancer.calls == 0 and a.evictions["received"] == 3
+        await asyncio.sleep(0)
+        assert a.balancer.calls == 1
+        # the records go to the data plane as they came: they are its keys
+        assert a.balancer.evicted == [L.flow_key_bytes(*f) for f in flows]
+        assert a.evictions["applied"] == 3
 
     asyncio.run(main())
