@@ -6,7 +6,9 @@ receive them.
 
     python3 bench/eviction_cost.py [--evictions 20000] [--runs 5] [--json FILE]
 
-Reports, per eviction, the median over runs of: ``publish`` (Node.publish_evictions),
+Each tree publishes as its agent does: flow records in runs (Node.publish_eviction_records)
+where the protocol has them, FlowTuples one message each (Node.publish_evictions) before.
+Reports, per eviction, the median over runs of: ``publish`` (the publishing call),
 ``gossip`` (the origin's ticks that put them into datagrams) and ``receive`` (both
 receivers' handle_datagram and ticks, so two receipts). Compare two trees side by side
 with ``--tree``:  python3 bench/eviction_cost.py --tree /path/to/other/checkout
@@ -28,7 +30,11 @@ BATCH = 256
 
 
 def measure(n: int) -> dict[str, float]:
+    from meshlb.cluster import node as node_mod
     from meshlb.cluster.node import EvictionReceived, FlowTuple
+    # each tree as its agent publishes: flow records in runs where the protocol has them
+    runs_cls = getattr(node_mod, "EvictionsReceived", None)
+    by_records = hasattr(node_mod.Node, "publish_eviction_records")
     from meshlb.cluster.sim import NodeSpec, real_node_factory
 
     key = os.urandom(32)
@@ -47,7 +53,11 @@ def measure(n: int) -> dict[str, float]:
             if dst is not None:
                 dst.handle_datagram(t, o.data, addrs[sender])
         for n in nodes:
-            got += sum(type(e) is EvictionReceived for e in n.take_events())
+            for e in n.take_events():
+                if type(e) is EvictionReceived:
+                    got += 1
+                elif runs_cls is not None and type(e) is runs_cls:
+                    got += len(e.records)
         return got
 
     for n_ in nodes:
@@ -61,11 +71,18 @@ def measure(n: int) -> dict[str, float]:
 
     flows = [FlowTuple(f"198.18.{1 + i // 250 % 4}.{i % 250 + 1}", 10000 + i % 50000, "198.19.0.3", 8080, 6)
              for i in range(n)]
+    if by_records:
+        from meshlb.cluster.messages import flow_record
+        items = [flow_record(f) for f in flows]
+        publish = lambda node, batch, t: node.publish_eviction_records(batch, t)  # noqa: E731
+    else:
+        items = flows
+        publish = lambda node, batch, t: node.publish_evictions(batch, t)  # noqa: E731
     spent = {"publish": 0.0, "gossip": 0.0, "receive": 0.0}
     received = 0
     for b in range(0, n, BATCH):
         t0 = time.perf_counter()
-        nodes[0].publish_evictions(flows[b:b + BATCH], now)
+        publish(nodes[0], items[b:b + BATCH], now)
         spent["publish"] += time.perf_counter() - t0
         for _ in range(3):  # a few gossip rounds: every eviction goes out
             now += 0.05
