@@ -321,21 +321,17 @@ class Node:
                     if known is not None and inc <= known.incarnation:
                         c["alive_superseded"] += 1
                         continue
-            if type(raw) is list and len(raw) == 5 and raw[0] == M_EVICTS and type(raw[0]) is int:
-                run = decode_eviction_run(raw)
-                if run is None:
-                    c["drop.malformed"] += 1
-                else:
-                    self._on_eviction_run(now, run)
-                continue
-            if type(raw) is list and len(raw) == 9 and raw[0] == M_EVICT and type(raw[0]) is int:
-                # the bulk under load: straight to its handler, which needs no source
-                ev = decode_eviction(raw)
-                if ev is None:
-                    c["drop.malformed"] += 1
-                else:
-                    self._on_eviction(now, ev)
-                continue
+            if type(raw) is list and raw and type(raw[0]) is int:
+                # the bulk under load (runs, single evictions): straight to their
+                # handlers, which need no source
+                fast = _EVICTION_PATHS.get((raw[0], len(raw)))
+                if fast is not None:
+                    msg = fast[0](raw)
+                    if msg is None:
+                        c["drop.malformed"] += 1
+                    else:
+                        fast[1](self, now, msg)
+                    continue
             if isinstance(raw, (bytes, bytearray)):
                 try:
                     raw = msgpack.unpackb(raw, raw=False)
@@ -421,12 +417,7 @@ class Node:
         self._ev.receive(ev, now)
         enc = self._enc(ev)
         self._counters["evictions_sent"] += 1
-        if self._group:
-            self._group_pending.append(enc)
-            if len(self._group_pending) > self.config.eviction_buffer_max:
-                # The owner is not draining take_outgoing(); gossip still carries these.
-                del self._group_pending[0]
-                self._counters["group_evictions_dropped"] += 1
+        self._to_group(enc)
         self._queue_eviction(ev, enc, now)
         self._ev_unsent.append(self._ev_seq)
         if len(self._ev_unsent) > self.config.broadcast_queue_max:
@@ -472,11 +463,7 @@ class Node:
             enc = self._enc(_tuple_new(EvictionRun, (name, epoch, first, b"".join(chunk))))
             c["evictions_sent"] += len(chunk)
             c["eviction_runs_sent"] += 1
-            if self._group:
-                self._group_pending.append(enc)
-                if len(self._group_pending) > self.config.eviction_buffer_max:
-                    del self._group_pending[0]
-                    c["group_evictions_dropped"] += 1
+            self._to_group(enc)
             # keyed by its first eviction, as a single one would be: evictions_sent_through
             # looks for the first unsent one's key
             self._bq.queue(("e", name, epoch, first), enc, self.config.eviction_retransmit_mult)
@@ -485,6 +472,15 @@ class Node:
         if len(self._ev_unsent) > self.config.broadcast_queue_max:
             self._prune_unsent()
         return self._ev_seq
+
+    def _to_group(self, enc: bytes) -> None:
+        # evictions go to the multicast group at once, where there is one
+        if self._group:
+            self._group_pending.append(enc)
+            if len(self._group_pending) > self.config.eviction_buffer_max:
+                # The owner is not draining take_outgoing(); gossip still carries these.
+                del self._group_pending[0]
+                self._counters["group_evictions_dropped"] += 1
 
     def _runs_welcome(self) -> bool:
         """Every live member takes runs of evictions (an older one would drop them)."""
@@ -499,7 +495,7 @@ class Node:
         """Flow records per run that fit in one datagram with any seq."""
         if self._run_cap is None:
             empty = len(self._enc(EvictionRun(self.name, self._epoch, MAX_U64, b"")))
-            # +2: the bin header grows from 2 to 3 bytes past 255 bytes of records
+            # 2 to spare: past 255 bytes of records their bin header is one byte longer
             self._run_cap = max(0, min(MAX_RUN, (self.wire.capacity - empty - 2) // FLOW_RECORD_SIZE))
         return self._run_cap
 
@@ -1232,3 +1228,10 @@ class Node:
             return
         self._counters["evictions_repair_sent"] += len(missing)
         self._send(dest, [self._enc(ev) for ev in missing], now, piggyback=False)
+
+
+# (type code, length) of the eviction messages -> their decoder and handler
+_EVICTION_PATHS = {
+    (M_EVICTS, 5): (decode_eviction_run, Node._on_eviction_run),
+    (M_EVICT, 9): (decode_eviction, Node._on_eviction),
+}
