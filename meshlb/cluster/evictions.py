@@ -70,19 +70,12 @@ class EvictionTracker:
         """Receipt of evictions ``first`` .. ``first + len(records) - 1`` of ``origin``:
         the indices of the new ones, or None if the run is from an older epoch."""
         o = self._origins.get(origin)
-        if o is not None and first == o.mark + 1 and epoch == o.epoch and not o.above:
-            # the common case: the next ones of the origin, no holes; one step for all
-            o.mark += len(records)
-            o.last_seen = now
-            self._origins.move_to_end(origin)
-            self._remember(origin, epoch, first, tuple(records), now)
-            return list(range(len(records)))
         if o is not None and epoch < o.epoch:
             return None
         last = first + len(records) - 1
         if o is not None and epoch == o.epoch and first > o.mark and o.above.keys().isdisjoint(range(first, last + 1)):
-            # all new, past a hole or filling one (runs sent in one round arrive newest
-            # first): one step for the run, as above
+            # all new: the next ones of the origin, past a hole or filling one (runs
+            # sent in one round arrive newest first): one step for the run
             o.last_seen = now
             self._origins.move_to_end(origin)
             above = o.above
