@@ -1045,9 +1045,19 @@ class Node:
             got = tuple(records[i] for i in new)
         self._events.append(_tuple_new(EvictionsReceived, (run.origin, seqs, got)))
         if self.table.live_count() - 1 > self.config.gossip_nodes:
-            self._bq.queue(("e", run.origin, run.epoch, first), self._enc(run),
-                           self.config.eviction_retransmit_mult)
-            self._expedite(now, self.config.eviction_batch_delay)
+            if self._runs_welcome():
+                self._bq.queue(("e", run.origin, run.epoch, first), self._enc(run),
+                               self.config.eviction_retransmit_mult)
+                self._expedite(now, self.config.eviction_batch_delay)
+            else:
+                # The origin did not know of an older member this one knows (it joined
+                # since, or the news has not reached the origin): a run would be
+                # dropped there as malformed, single evictions are read by every version.
+                origin, epoch = run.origin, run.epoch
+                for seq, rec in zip(seqs, got):
+                    ev = _tuple_new(Eviction, (origin, epoch, seq, flow_tuple_of(rec)))
+                    self._queue_eviction(ev, self._enc(ev), now)
+                c["evictions_relayed_singly"] += len(got)
         else:
             c["evictions_not_relayed"] += len(new)
 

@@ -1008,6 +1008,25 @@ def test_large_cluster_relays_runs():
     assert all(set(records(net, o).values()) == {1} for o in net.up if o != "n00")
 
 
+def test_a_relay_sends_a_run_singly_while_it_knows_an_older_member():
+    net = Network(seed=45)
+    net.cluster(8)
+    net.add("n08", 8, peers=[net.addr(1)], meta=MemberMeta(version=M.RUNS_VERSION - 1))
+    run_until(net, lambda: converged(net), limit=10.0)
+    origin = net.nodes["n00"]
+    # the origin has not heard of the older member yet (it joined a moment ago), and
+    # reaches it only through relays
+    origin._runs_welcome = lambda: True
+    net.cut.add(("n00", "n08"))
+    origin.publish_eviction_records([M.flow_record(flow(i)) for i in range(50)], net.now)
+    net._collect("n00")
+    assert origin.stats["eviction_runs_sent"] >= 1
+    run_until(net, lambda: len(received(net, "n08")) == 50, limit=net.config.eviction_sync_interval / 2)
+    assert received(net, "n08") == Counter(("n00", i + 1, flow(i)) for i in range(50))
+    assert not any(isinstance(e, EvictionsReceived) for e in net.events["n08"])  # no run reached it
+    assert sum(net.nodes[o].stats["evictions_relayed_singly"] for o in net.up) >= 50
+
+
 def test_publish_eviction_records_counts_and_skips_what_is_no_record():
     net = Network(seed=44)
     net.cluster(2)
