@@ -4,12 +4,13 @@ one run on one netns lab, plus the agent's footprint and its join-to-forwarding 
 
     sudo python3 bench/lab_bench.py [--rounds 5] [--duration 5] [--conns 64] \
         [--modes keepalive,close] [--demo-rounds 3] [--idle 30] [--skip-idle] \
-        [--joins 3] [--json docs/img/lab_bench.json] [--quick]
+        [--joins 3] [--json docs/img/lab_bench.json] [--quick] \
+        [--nodes 3] [--targets 'meshlb dr,direct,...']
 
 Results: markdown tables on stdout, every raw run in the JSON (bench/plot.py draws it).
 
-One lab (3 mixes, `meshlb.lab.lab.Lab`, prefix ``bn<pid>``) with two extra namespaces on
-the lab's bridge:
+One lab (3 mixes unless ``--nodes``, `meshlb.lab.lab.Lab`, prefix ``bn<pid>``) with two
+extra namespaces on the lab's bridge:
 
 * ``<prefix>-hap`` 198.18.0.100: HAProxy in TCP mode (``mode tcp``, ``balance roundrobin``)
   over the three mixes' nginx, its default thread count;
@@ -30,6 +31,11 @@ meshlb dr VIP, meshlb nat VIP, one backend directly (the ceiling the brief names
 balancer in the path), "direct x3" (three wrk at once, one per backend, -t1 and a third of
 the connections each, requests/s summed: the ceiling for three backends, which on this lab
 is higher than one backend's), HAProxy, nftables DNAT.
+
+``--nodes N`` changes the share of VIP flows that cross a second mix: the router spreads
+flows over the N mixes and Maglev over the N backends, so (N-1)/N of them land on a mix
+that is not their backend (none with one mix). With one mix, "meshlb dr" against
+"direct" is the balancer's own cost on the path of a flow it serves itself.
 
 Everything (namespaces, pins, processes) is removed in ``finally``.
 """
@@ -71,6 +77,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------ helpers
+def direct_all(nodes: int) -> str:
+    """Name of the target that loads every backend directly at once."""
+    return f"direct x{nodes}"
+
+
 def proc_ticks(pid: int) -> int:
     """utime + stime of a process, in clock ticks."""
     with open(f"/proc/{pid}/stat") as f:
@@ -149,7 +160,7 @@ class Rig:
 
     # ---- build
     def up(self) -> None:
-        opts = LabOptions(nodes=3, prefix=self.prefix)
+        opts = LabOptions(nodes=self.args.nodes, prefix=self.prefix)
         opts.vips = opts.vips + [
             {"address": BENCH_DR, "port": BENCH_PORT, "protocol": "tcp", "mode": "dr"},
             {"address": BENCH_NAT, "port": BENCH_PORT, "protocol": "tcp", "mode": "nat",
@@ -159,7 +170,7 @@ class Rig:
         self.lab.up(wait_s=90)
         topo = self.lab.topology
         # nginx on every mix, port 8080
-        for i in (1, 2, 3):
+        for i in self.mix_numbers():
             self.procs.append(self._nginx(f"mix{i}"))
         # HAProxy box
         hap = topo.add_namespace("hap")
@@ -167,7 +178,7 @@ class Rig:
         topo.connect(hap, "br", addresses=[f"{HAP_ADDR}/24"], tx_checksum=False)
         hap.add_route(CLIENT_NET4, gateway=ROUTER4)  # the client is behind the lab's router
         cfg = self.tmp / "haproxy.cfg"
-        servers = "\n".join(f"    server mix{i} {mix_addr4(i)}:{BENCH_PORT}" for i in (1, 2, 3))
+        servers = "\n".join(f"    server mix{i} {mix_addr4(i)}:{BENCH_PORT}" for i in self.mix_numbers())
         cfg.write_text(f"""global
     maxconn 8000
 defaults
@@ -192,12 +203,12 @@ backend be
         topo.enable_forwarding(nft)
         for dev in ("all", "default", "eth0"):
             nft.sysctl(f"net/ipv4/conf/{dev}/send_redirects", 0)
-        amap = ", ".join(f"{i - 1} : {mix_addr4(i)}" for i in (1, 2, 3))
+        amap = ", ".join(f"{i - 1} : {mix_addr4(i)}" for i in self.mix_numbers())
         rules = self.tmp / "dnat.nft"
         rules.write_text(f"""table ip meshlb_bench_dnat {{
     chain pre {{
         type nat hook prerouting priority dstnat; policy accept;
-        ip daddr {NFT_ADDR} tcp dport {BENCH_PORT} dnat to numgen random mod 3 map {{ {amap} }}
+        ip daddr {NFT_ADDR} tcp dport {BENCH_PORT} dnat to numgen random mod {self.args.nodes} map {{ {amap} }}
     }}
     chain post {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -240,7 +251,7 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 60s;
     server {{
-        listen {BENCH_PORT} backlog=8192;
+        listen {BENCH_PORT} backlog=8192 reuseport;
         location / {{ default_type text/plain; return 200 "{node}\\n"; }}
     }}
 }}
@@ -249,15 +260,22 @@ http {{
             ["nginx", "-p", str(d), "-c", str(conf), "-g", "daemon off;"], stdin=subprocess.DEVNULL,
             stdout=open(d / "out.log", "ab"), stderr=subprocess.STDOUT)
 
+    def mix_numbers(self) -> range:
+        return range(1, self.args.nodes + 1)
+
     def targets(self, include_demo: bool = False) -> dict[str, str]:
         t = {
             "meshlb dr": f"http://{BENCH_DR}:{BENCH_PORT}/",
             "meshlb nat": f"http://{BENCH_NAT}:{BENCH_PORT}/",
             "direct": f"http://{mix_addr4(1)}:{BENCH_PORT}/",
-            "direct x3": [f"http://{mix_addr4(i)}:{BENCH_PORT}/" for i in (1, 2, 3)],
+            direct_all(self.args.nodes): [f"http://{mix_addr4(i)}:{BENCH_PORT}/" for i in self.mix_numbers()],
             "haproxy": f"http://{HAP_ADDR}:{BENCH_PORT}/",
             "nft dnat": f"http://{NFT_ADDR}:{BENCH_PORT}/",
         }
+        if self.args.nodes == 1:
+            del t[direct_all(1)]  # the same as "direct"
+        if self.args.targets:
+            t = {k: v for k, v in t.items() if k in self.args.targets}
         if include_demo:
             t.update({
                 "demo: meshlb dr": f"http://{VIP_DR}:{APP_PORT}/",
@@ -484,11 +502,13 @@ def summarize(comp: dict[str, Any]) -> dict[str, Any]:
     # per-round ratios (same round = same machine noise), then medians
     out["ratios"] = {}
     for mode, by in comp["runs"].items():
-        n = len(by["direct"])
         rat = {}
         for vip in ("meshlb dr", "meshlb nat"):
-            for other in ("direct", "direct x3", "haproxy", "nft dnat"):
-                if other not in by:
+            if vip not in by:
+                continue
+            n = len(by[vip])
+            for other in by:
+                if other.startswith("meshlb"):
                     continue
                 xs = [by[vip][i]["rps"] / by[other][i]["rps"] for i in range(n) if by[other][i]["rps"]]
                 rat[f"{vip} / {other}"] = {"med": med(xs), "min": min(xs, default=0), "max": max(xs, default=0)}
@@ -502,7 +522,8 @@ def print_markdown(res: dict[str, Any]) -> None:
     print(f"\n{a['rounds']} rounds x {a['duration']} s per target, wrk -t2 -c{a['conns']}; median (min-max)\n")
     for mode in a["modes"]:
         print(f"### {mode}\n")
-        print("| target | req/s | p50 ms | p99 ms | socket errors | agent CPU % (mix1/2/3) |")
+        mixes = "/".join(str(i) for i in range(1, a.get("nodes", 3) + 1))
+        print(f"| target | req/s | p50 ms | p99 ms | socket errors | agent CPU % (mix{mixes}) |")
         print("|---|---|---|---|---|---|")
         for name, v in s[mode].items():
             ag = "/".join(f"{x:.0f}" for x in v["agent_cpu_med"].values())
@@ -561,8 +582,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="keepalive,close", help="keepalive, close or both")
     ap.add_argument("--skip-idle", action="store_true")
     ap.add_argument("--quick", action="store_true", help="1 round of 2 s, 5 s idle, 1 join")
+    ap.add_argument("--nodes", type=int, default=3,
+                    help="mixes in the lab (with N, (N-1)/N of VIP flows cross a second mix)")
+    ap.add_argument("--targets", default="",
+                    help="comma-separated subset of the targets (default: all)")
     args = ap.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.nodes < 1:
+        ap.error("--nodes must be at least 1")
     if args.quick:
         args.rounds, args.demo_rounds, args.duration, args.idle, args.joins = 1, 1, 2, 5.0, 1
     if os.geteuid() != 0:
@@ -587,12 +615,13 @@ def main(argv: list[str] | None = None) -> int:
             res["idle_after_load"] = rig.idle_footprint()
         res["joins"] = []
         for _ in range(args.joins):
-            j = rig.join_trial()
+            j = rig.join_trial(f"mix{args.nodes}")
             print("join:", j, flush=True)
             res["joins"].append(j)
         if args.joins:
-            log = Path(rig.lab.state["nodes"]["mix3"]["log"]).read_text(errors="replace")
-            res["mix3_log_tail"] = log.splitlines()[-40:]
+            last = f"mix{args.nodes}"
+            log = Path(rig.lab.state["nodes"][last]["log"]).read_text(errors="replace")
+            res[f"{last}_log_tail"] = log.splitlines()[-40:]
     finally:
         problems = teardown(rig)
         if problems:

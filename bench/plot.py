@@ -6,7 +6,8 @@
 Reads docs/img/lab_bench.json (bench/lab_bench.py) and docs/img/table_bench.json
 (bench/table_bench.py), whichever exist, and writes PNGs next to them:
 lab_throughput.png, lab_latency.png (and *_x3.png from a lab_bench_x3.json, if present),
-table_rebuild.png, flow_movement.png.
+table_rebuild.png, flow_movement.png; hop_share.png from docs/img/hop_share.json
+(bench/hop_share.py).
 Needs matplotlib (``pip install matplotlib``); nothing else in meshlb does.
 """
 from __future__ import annotations
@@ -131,6 +132,33 @@ def table_plots(data: dict, img: Path) -> list[Path]:
     return out
 
 
+def hop_share_plot(data: dict, img: Path) -> list[Path]:
+    """Ratio to one backend reached directly against the share of flows that cross a
+    second mix (bench/hop_share.py)."""
+    summ = {int(n): v for n, v in data["summary"].items()}
+    sizes = sorted(summ)
+    x = [100 * summ[n]["second_hop_share"] for n in sizes]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for vip, dx in (("meshlb dr", -0.8), ("meshlb nat", 0.8)):
+        med = [summ[n]["ratio_med"][vip] for n in sizes]
+        lo = [m - summ[n]["ratio_min"][vip] for m, n in zip(med, sizes)]
+        hi = [summ[n]["ratio_max"][vip] - m for m, n in zip(med, sizes)]
+        ax.errorbar([v + dx for v in x], med, yerr=[lo, hi], fmt="o-", capsize=4, color=COLORS[vip], label=vip)
+    ax.axhline(0.9, color="#999", ls="--", lw=1, label="goal 0.9x")
+    ax.axhline(1.0, color="#ccc", lw=1)
+    ax.set_xticks(x, [f"{n} mix{'es' if n > 1 else ''}\n{v:.0f} %" for n, v in zip(sizes, x)])
+    ax.set_xlabel("share of VIP flows that cross a second mix")
+    ax.set_ylabel("req/s against one backend directly")
+    a = data["args"]
+    ax.set_title(f"keep-alive, {a['passes']} labs x {a['rounds']} rounds per size (median, min-max)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = img / "hop_share.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [p]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--img", default=str(ROOT / "docs" / "img"))
@@ -142,6 +170,9 @@ def main(argv=None) -> int:
         lab = img / name
         if lab.exists():
             written += lab_plots(json.loads(lab.read_text()), img, suffix)
+    hops = img / "hop_share.json"
+    if hops.exists():
+        written += hop_share_plot(json.loads(hops.read_text()), img)
     tab = img / "table_bench.json"
     if tab.exists():
         written += table_plots(json.loads(tab.read_text()), img)
