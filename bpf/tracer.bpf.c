@@ -8,6 +8,11 @@
  * This program reports, except for the flows no other mix can hold, which it
  * evicts itself (see evict_local_only).
  *
+ * Two hooks see the close: the inet_sock_set_state tracepoint (every socket) and,
+ * where the agent attached it to a cgroup, a sock_ops program (sockets of watched
+ * endpoints accepted since). The kernel does not run tracing programs for every
+ * tracepoint hit (see meshlb_sock_ops); sock_ops callbacks it always runs.
+ *
  * One kernel runs many agents in lab setups (one per netns) and every attached copy
  * of this program sees every socket of the machine, so each copy keeps only the
  * sockets of its own network namespace (tracer_cfg.netns_cookie, set at load).
@@ -30,6 +35,7 @@ enum meshlb_tracer_stat {
 	TRACER_STAT_RESET = 3,      /* emitted for a segment no socket took (see below) */
 	TRACER_STAT_RESET_LIMITED = 4,
 	TRACER_STAT_LOCAL_EVICTED = 5,  /* closes evicted here, not reported (evict_local_only) */
+	TRACER_STAT_SOCKOPS = 6,  /* closes the sock_ops program handled (reported or evicted) */
 	TRACER_STAT_MAX,
 };
 
@@ -77,6 +83,19 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } primary_seen SEC(".maps");
+
+/*
+ * Socket cookie of the last close the sock_ops program handled on this CPU. The
+ * kernel calls it and then, in the same tcp_set_state(), the tracepoint: the
+ * tracepoint's programs skip that socket. A cookie is never reused, unlike a socket's
+ * address; a socket nobody asked the cookie of reads 0 and matches nothing.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sockops_closed SEC(".maps");
 
 /*
  * Resets reported per CPU and 100 ms at most: stray segments sent at a VIP (a scan,
@@ -232,24 +251,50 @@ static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 	/* a refused flow is always reported: its reset is news to the mix that sent it */
 	if (stat != TRACER_STAT_RESET && evict_local_only(&key)) {
 		bump(TRACER_STAT_LOCAL_EVICTED);
-		return 0;
+	} else {
+		ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
+		if (!ev) {
+			bump(TRACER_STAT_RINGBUF_FULL);
+			return 0;
+		}
+		ev->key = key;
+		ev->netns_cookie = cookie;
+		ev->timestamp_ns = bpf_ktime_get_ns();
+		ev->oldstate = oldstate;
+		ev->pad = 0;
+		bpf_ringbuf_submit(ev, 0);
+		bump(TRACER_STAT_EMITTED);
 	}
-
-	ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
-	if (!ev) {
-		bump(TRACER_STAT_RINGBUF_FULL);
-		return 0;
-	}
-	ev->key = key;
-	ev->netns_cookie = cookie;
-	ev->timestamp_ns = bpf_ktime_get_ns();
-	ev->oldstate = oldstate;
-	ev->pad = 0;
-	bpf_ringbuf_submit(ev, 0);
-	bump(TRACER_STAT_EMITTED);
+	/* which hook handled it: the backup, the reset hook or sock_ops */
 	if (stat != TRACER_STAT_EMITTED)
 		bump(stat);
 	return 0;
+}
+
+/* A dual-stack socket serving an IPv4 client: the balancer and the watch list know
+ * that flow as IPv4. */
+static __always_inline void unmap_v4(struct endpoint_key *local, __u32 raddr[4])
+{
+	if (local->family != AF_INET6 || !v4_mapped(local->addr))
+		return;
+	local->addr[0] = local->addr[3];
+	local->addr[1] = local->addr[2] = local->addr[3] = 0;
+	raddr[0] = raddr[3];
+	raddr[1] = raddr[2] = raddr[3] = 0;
+	local->family = AF_INET;
+}
+
+static __always_inline bool closed_by_sockops(const struct sock *sk)
+{
+	__u32 zero = 0;
+	__u64 *last = bpf_map_lookup_elem(&sockops_closed, &zero);
+	__u64 cookie = 0;
+
+	if (!last || !*last)
+		return false;
+	/* atomic64_t or u64 across kernel versions: eight bytes either way */
+	bpf_core_read(&cookie, sizeof(cookie), &sk->__sk_common.skc_cookie);
+	return cookie == *last;
 }
 
 static __always_inline int report_close(const struct sock *sk, int oldstate, __u32 stat)
@@ -263,6 +308,8 @@ static __always_inline int report_close(const struct sock *sk, int oldstate, __u
 	if (oldstate == TCP_LISTEN_STATE)
 		return 0;
 	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP_NUM)
+		return 0;
+	if (closed_by_sockops(sk))
 		return 0;
 
 	cookie = sock_netns_cookie(sk);
@@ -278,15 +325,7 @@ static __always_inline int report_close(const struct sock *sk, int oldstate, __u
 		BPF_CORE_READ_INTO(&local.addr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32);
 		BPF_CORE_READ_INTO(&raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32);
 		local.family = AF_INET6;
-		/* A dual-stack socket serving an IPv4 client: the balancer and the
-		 * watch list know that flow as IPv4. */
-		if (v4_mapped(local.addr)) {
-			local.addr[0] = local.addr[3];
-			local.addr[1] = local.addr[2] = local.addr[3] = 0;
-			raddr[0] = raddr[3];
-			raddr[1] = raddr[2] = raddr[3] = 0;
-			local.family = AF_INET;
-		}
+		unmap_v4(&local, raddr);
 	} else {
 		return 0;
 	}
@@ -330,6 +369,93 @@ int BPF_PROG(meshlb_sock_close_backup, const struct sock *sk, int oldstate, int 
 	if (!seen || *seen == (__u64)sk)
 		return 0;
 	return report_close(sk, oldstate, TRACER_STAT_RECOVERED);
+}
+
+/*
+ * The same closes seen from a cgroup's sock_ops hook. Measured on a 6.18 kernel: the
+ * kernel skipped the tracepoint's programs, uncounted (no recursion miss), for every
+ * state change done in a softirq that interrupted one particular task, while the
+ * trace event itself and sock_ops callbacks ran for all of them; each skipped close
+ * left its flow in conntrack on every mix (docs/benchmarks.md, "Conntrack after
+ * load"). sock_ops callbacks are plain calls from tcp_set_state().
+ *
+ * A socket gets state callbacks once a program asks for them: at the passive
+ * handshake's end, for sockets of this namespace whose local end is watched (with
+ * the remote-port filter of nat endpoints). Other sockets run this program only for
+ * the callbacks every socket gets (connect, establishment, RTO init), which return
+ * at the first test.
+ */
+static __always_inline int ops_endpoint(const struct bpf_sock_ops *skops,
+					struct endpoint_key *local, __u32 raddr[4], __u16 *rport)
+{
+	if (skops->family == AF_INET) {
+		local->addr[0] = skops->local_ip4;
+		raddr[0] = skops->remote_ip4;
+		local->family = AF_INET;
+	} else if (skops->family == AF_INET6) {
+		local->addr[0] = skops->local_ip6[0];
+		local->addr[1] = skops->local_ip6[1];
+		local->addr[2] = skops->local_ip6[2];
+		local->addr[3] = skops->local_ip6[3];
+		raddr[0] = skops->remote_ip6[0];
+		raddr[1] = skops->remote_ip6[1];
+		raddr[2] = skops->remote_ip6[2];
+		raddr[3] = skops->remote_ip6[3];
+		local->family = AF_INET6;
+		unmap_v4(local, raddr);
+	} else {
+		return -1;
+	}
+	/* local_port is in host order; remote_port holds the network-order port in
+	 * the word's upper half on little-endian machines (bpf_ntohl undoes both) */
+	local->port = bpf_htons((__u16)skops->local_port);
+	local->proto = IPPROTO_TCP_NUM;
+	*rport = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
+	return 0;
+}
+
+static __always_inline bool ops_watched(const struct endpoint_key *local, __u16 rport)
+{
+	struct endpoint_filter *filter = bpf_map_lookup_elem(&watched_endpoints, local);
+	__u16 rp = bpf_ntohs(rport);
+
+	if (!filter)
+		return false;
+	return !filter->rport_hi || (rp >= filter->rport_lo && rp <= filter->rport_hi);
+}
+
+SEC("sockops")
+int meshlb_sock_ops(struct bpf_sock_ops *skops)
+{
+	struct endpoint_key local = {};
+	__u32 raddr[4] = {};
+	__u16 rport = 0;
+	__u32 op = skops->op;
+	__u64 cookie;
+
+	if (op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != TCP_CLOSE_STATE)
+		return 1;
+	cookie = bpf_get_netns_cookie(skops);
+	if (tracer_cfg.netns_cookie && cookie != tracer_cfg.netns_cookie)
+		return 1;
+	if (ops_endpoint(skops, &local, raddr, &rport))
+		return 1;
+	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		if (ops_watched(&local, rport))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						  BPF_SOCK_OPS_STATE_CB_FLAG);
+		return 1;
+	}
+	/* CLOSE: handled here, whatever the tracepoint's programs do next */
+	__u32 zero = 0;
+	__u64 *last = bpf_map_lookup_elem(&sockops_closed, &zero);
+
+	if (last)
+		*last = bpf_get_socket_cookie(skops);
+	emit(cookie, &local, raddr, rport, (int)skops->args[0], TRACER_STAT_SOCKOPS, false);
+	return 1;
 }
 
 /*

@@ -18,6 +18,15 @@ if [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" != "bpf_fs" ]; then
   mount -t bpf bpf /sys/fs/bpf
 fi
 
+# The agent also reads socket closes from a sock_ops program on a cgroup v2 directory
+# (conntrack.sockops_cgroup). Docker on a host with cgroup v1 mounts no cgroup v2
+# hierarchy in the container; mount one (this container's view of it).
+if ! grep -q ' - cgroup2 ' /proc/self/mountinfo; then
+  mkdir -p /run/meshlb-cgroup2
+  mount -t cgroup2 cgroup2 /run/meshlb-cgroup2 ||
+    echo "entrypoint-mix: no cgroup v2: socket closes come from the tracepoint alone" >&2
+fi
+
 # Docker mounts /proc/sys read-only in unprivileged containers; the agent sets the ARP
 # knobs of its VIPs (per network namespace, so this container's own) and reserves its
 # SNAT ports there.

@@ -35,7 +35,7 @@ from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
 from meshlb.dataplane.libbpf import BpfError, Link
 from meshlb.dataplane.marks import MarkStore
-from meshlb.dataplane.tracer import SockEvent, Tracer
+from meshlb.dataplane.tracer import SockEvent, Tracer, cgroup2_root
 from meshlb.forwarding import VipSpec
 from meshlb.looplag import LoopLag
 
@@ -245,9 +245,33 @@ class Agent:
             self.tracer = Tracer(balancer_pins=pin)
             self.tracer.load()
             self.tracer.attach()
+            self._attach_sockops(cfg.conntrack.sockops_cgroup)
             self.tracer.pin(tdir)
+        elif not self.tracer.sockops_attached and cfg.conntrack.sockops_cgroup != "off":
+            log.warning("the adopted tracer has no sock_ops hook: closes come from the tracepoint "
+                        "alone until the agent starts with a fresh tracer (meshlb leave, or remove %s)", tdir)
         self._configure_snat()
         self._open_marks(pin)
+
+    def _attach_sockops(self, setting: str) -> None:
+        """The sock_ops half of the tracer (bpf/tracer.bpf.c says why it exists). A host
+        without cgroup v2 runs with the tracepoint alone, and says so."""
+        if setting == "off":
+            return
+        path = cgroup2_root() if setting == "auto" else setting
+        if path is None:
+            log.warning("no cgroup v2 hierarchy mounted: socket closes come from the tracepoint alone, "
+                        "which the kernel does not run for every close (conntrack.sockops_cgroup)")
+            return
+        try:
+            self.tracer.attach_cgroup(path)
+        except BpfError as exc:
+            if setting != "auto":
+                raise RuntimeError(f"{self.cfg.source}: conntrack.sockops_cgroup: {exc}") from None
+            log.warning("cannot attach the sock_ops hook to %s (%s): socket closes come from the "
+                        "tracepoint alone", path, exc)
+            return
+        log.info("socket closes also reported from sock_ops on cgroup %s", path)
 
     def _open_marks(self, pin: Path) -> None:
         try:
@@ -901,7 +925,8 @@ class Agent:
         t = self.tracer.stats()
         return {"emitted": t.emitted, "ringbuf_full": t.ringbuf_full, "queue_dropped": t.queue_dropped,
                 "recovered": t.recovered, "missed": t.missed, "resets": t.resets,
-                "resets_limited": t.resets_limited, "local_evicted": t.local_evicted}
+                "resets_limited": t.resets_limited, "local_evicted": t.local_evicted,
+                "sockops": t.sockops}
 
     async def _op_members(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.time()

@@ -186,6 +186,9 @@ class ConntrackConfig:
     sweep_interval_s: float = 30.0
     # a TCP entry whose handshake the client never acknowledged; 0 keeps them
     handshake_timeout_s: float = 10.0
+    # cgroup v2 directory whose sockets' closes a sock_ops program reports besides the
+    # tracepoint: "auto" (the root of the first cgroup2 mount), "off", or a path
+    sockops_cgroup: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -629,13 +632,19 @@ def _parse_health(p: _Parser, raw: Any) -> HealthConfig:
 
 def _parse_conntrack(p: _Parser, raw: Any) -> ConntrackConfig:
     t = p.table(raw, "conntrack", ("max_entries", "idle_timeout_s", "sweep_interval_s",
-                                   "handshake_timeout_s"))
+                                   "handshake_timeout_s", "sockops_cgroup"))
     d = ConntrackConfig
+    cgroup = p.string(t, "conntrack", "sockops_cgroup", d.sockops_cgroup)
+    if cgroup not in ("auto", "off"):
+        if not os.path.isabs(cgroup):
+            p.fail("conntrack.sockops_cgroup", f'expected "auto", "off" or an absolute path, got {_show(cgroup)}')
+        cgroup = os.path.normpath(cgroup)
     return ConntrackConfig(
         max_entries=p.integer(t, "conntrack", "max_entries", d.max_entries, 1, 1 << 28),
         idle_timeout_s=p.number(t, "conntrack", "idle_timeout_s", d.idle_timeout_s),
         sweep_interval_s=p.number(t, "conntrack", "sweep_interval_s", d.sweep_interval_s, positive=True),
         handshake_timeout_s=p.number(t, "conntrack", "handshake_timeout_s", d.handshake_timeout_s),
+        sockops_cgroup=cgroup,
     )
 
 

@@ -35,6 +35,7 @@ XDP_FLAGS_HW_MODE = 1 << 3
 XDP_FLAGS_REPLACE = 1 << 4
 
 BPF_XDP = 37  # enum bpf_attach_type
+BPF_CGROUP_SOCK_OPS = 3
 BPF_F_REPLACE = 1 << 2
 
 BPF_PROG_TYPE_SOCKET_FILTER = 1
@@ -226,6 +227,22 @@ class Program(Closeable):
         o = opts(bpf_link_create_opts, flags=flags)
         fd = check(lib().bpf_link_create(self._live_fd("attach_xdp"), ifindex, BPF_XDP, byref(o)),
                    f"bpf_link_create({what})")
+        return Link(fd, what=f"link of {what}")
+
+    def attach_cgroup(self, path: str | os.PathLike, attach_type: int = BPF_CGROUP_SOCK_OPS) -> Link:
+        """Attach to the cgroup at ``path`` (a cgroup v2 directory) as a BPF link:
+        programs of every process in it and below run, beside other attachments."""
+        what = f"program {self.name!r} on cgroup {os.fspath(path)}"
+        try:
+            cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise BpfError(exc.errno or errno.EINVAL, f"open cgroup {os.fspath(path)}: {exc.strerror}") from None
+        try:
+            o = opts(bpf_link_create_opts)
+            fd = check(lib().bpf_link_create(self._live_fd("attach_cgroup"), cg, attach_type, byref(o)),
+                       f"bpf_link_create({what})")
+        finally:
+            os.close(cg)
         return Link(fd, what=f"link of {what}")
 
     def attach(self) -> Link:

@@ -7,6 +7,10 @@ attaches that program, maintains the watch list, and turns ring-buffer records i
 :class:`SockEvent` objects, either synchronously (:meth:`Tracer.poll`) or on an
 asyncio loop (:meth:`Tracer.start` / :meth:`Tracer.events`).
 
+A second program, attached to a cgroup v2 directory (:meth:`Tracer.attach_cgroup`),
+sees the same closes from the sockets' sock_ops hook; the kernel runs it where it
+skips tracing programs (bpf/tracer.bpf.c, meshlb_sock_ops).
+
 Every tracing program sees every socket of the machine, whatever namespace its
 loader lives in; in a lab with several agents on one kernel each agent must see
 only its own sockets. The program therefore compares each socket's netns cookie with
@@ -26,6 +30,7 @@ import ctypes
 import errno
 import ipaddress
 import os
+import re
 import select
 import socket
 import struct
@@ -36,7 +41,7 @@ from typing import AsyncIterator, Callable, NamedTuple
 from . import layouts as L
 from .libbpf import BpfError, BpfObject, Link, Map, Program, RingReader
 
-__all__ = ["Tracer", "SockEvent", "Flow", "TracerStats", "own_netns_cookie",
+__all__ = ["Tracer", "SockEvent", "Flow", "TracerStats", "own_netns_cookie", "cgroup2_root",
            "endpoint_key", "TRACER_OBJECT", "TCP_STATES"]
 
 TRACER_OBJECT = Path(__file__).with_name("bpf") / "tracer.bpf.o"
@@ -46,6 +51,8 @@ PROGRAM = "meshlb_sock_close"
 PROGRAM_BACKUP = "meshlb_sock_close_backup"
 # Reports segments of watched endpoints that no socket took (the kernel reset them).
 PROGRAM_RESET = "meshlb_reset_sent"
+# The cgroup sock_ops program: the same closes, for sockets accepted since it attached.
+PROGRAM_SOCKOPS = "meshlb_sock_ops"
 MAP_WATCHED = "watched_endpoints"
 MAP_EVENTS = "sock_events"
 MAP_STATS = "tracer_stats"
@@ -55,14 +62,18 @@ PIN_CONFIG = "config"
 PIN_LINK = "link"
 PIN_LINK_BACKUP = "link_backup"
 PIN_LINK_RESET = "link_reset"
-LINK_PINS = {PROGRAM: PIN_LINK, PROGRAM_BACKUP: PIN_LINK_BACKUP, PROGRAM_RESET: PIN_LINK_RESET}
+PIN_LINK_SOCKOPS = "link_sockops"
+LINK_PINS = {PROGRAM: PIN_LINK, PROGRAM_BACKUP: PIN_LINK_BACKUP, PROGRAM_RESET: PIN_LINK_RESET,
+             PROGRAM_SOCKOPS: PIN_LINK_SOCKOPS}
 # What pin() leaves in its directory; adopt() and unpin() expect exactly these.
-PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_BACKUP, PIN_LINK_RESET)
+PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_BACKUP, PIN_LINK_RESET,
+             PIN_LINK_SOCKOPS)
 
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; not in Python 3.11
 IPPROTO_TCP = 6
 STAT_EMITTED, STAT_RINGBUF_FULL, STAT_RECOVERED, STAT_RESET, STAT_RESET_LIMITED = 0, 1, 2, 3, 4
 STAT_LOCAL_EVICTED = 5
+STAT_SOCKOPS = 6
 # The balancer's maps the tracer evicts local-only closes in (its own stand-ins when
 # loaded without them: every close is then reported).
 SHARED_MAPS = ("conntrack", "ct_closed", "backends")
@@ -75,6 +86,25 @@ TCP_STATES = {
     6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
     11: "CLOSING", 12: "NEW_SYN_RECV",
 }
+
+
+def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The mount point of the first cgroup v2 hierarchy mounted whole (its root), or
+    None. A sock_ops program attached there sees every socket of this cgroup
+    namespace's processes."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "36 25 0:31 / /sys/fs/cgroup rw,... shared:9 - cgroup2 cgroup2 rw,..."
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if sep and tail.split()[:1] == ["cgroup2"] and len(fields) >= 5 and fields[3] == "/":
+            # mountinfo escapes blanks in paths as octal
+            return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+    return None
 
 
 def own_netns_cookie() -> int:
@@ -177,13 +207,15 @@ class TracerStats:
     ringbuf_full: int   # records lost because the ring buffer was full
     queue_dropped: int  # decoded events lost because the asyncio queue was full
     bad_records: int    # records that did not decode (skipped)
-    recovered: int = 0  # of emitted: closes the primary program missed, the backup caught
+    recovered: int = 0  # closes the primary program missed, the backup caught
     missed: int = 0     # runs the kernel skipped (recursion), every program: closes
                         # are lost only where the other program missed the same one
     resets: int = 0     # of emitted: segments no socket took, reset by the kernel
     resets_limited: int = 0  # resets not reported: over the per-CPU budget
     local_evicted: int = 0  # closes of flows no other mix can hold: evicted by the
                             # program itself, not reported
+    sockops: int = 0    # closes the cgroup sock_ops program handled (reported or evicted);
+                        # the tracepoint's programs skip those
 
 
 class Tracer:
@@ -263,6 +295,21 @@ class Tracer:
             if name not in self._links:
                 self._links[name] = self._obj.program(name).attach()
         return self._links[programs[0]]
+
+    def attach_cgroup(self, path: str | os.PathLike) -> Link:
+        """Attach the sock_ops program to the cgroup v2 directory ``path``: closes of
+        sockets accepted from then on by processes in it (or below) are reported from
+        there too, once. Without it the tracepoint alone reports, and the kernel does
+        not run tracing programs for every hit (bpf/tracer.bpf.c)."""
+        if self._obj is None:
+            raise RuntimeError("load() the tracer before attach_cgroup()")
+        if PROGRAM_SOCKOPS not in self._links:
+            self._links[PROGRAM_SOCKOPS] = self._obj.program(PROGRAM_SOCKOPS).attach_cgroup(path)
+        return self._links[PROGRAM_SOCKOPS]
+
+    @property
+    def sockops_attached(self) -> bool:
+        return PROGRAM_SOCKOPS in self._links
 
     @property
     def link(self) -> Link | None:
@@ -407,7 +454,7 @@ class Tracer:
                            queue_dropped=self._queue_dropped, bad_records=self._bad_records,
                            recovered=total(STAT_RECOVERED), missed=missed,
                            resets=total(STAT_RESET), resets_limited=total(STAT_RESET_LIMITED),
-                           local_evicted=total(STAT_LOCAL_EVICTED))
+                           local_evicted=total(STAT_LOCAL_EVICTED), sockops=total(STAT_SOCKOPS))
 
     # --------------------------------------------------------------- reading
     def _ring(self) -> RingReader:

@@ -82,6 +82,7 @@ class LabOptions:
     idle_timeout_s: float = 300.0
     handshake_timeout_s: float = 10.0
     health_interval_s: float = 1.0
+    sockops_cgroup: str = "auto"
     extra_toml: str = ""  # appended to every mix's cluster file (tests tune timings with it)
     vips: list[dict[str, Any]] = field(
         default_factory=lambda: [
@@ -137,6 +138,7 @@ def mix_config(opts: LabOptions, i: int, sdir: Path) -> str:
         "[conntrack]",
         f"idle_timeout_s = {opts.idle_timeout_s}",
         f"handshake_timeout_s = {opts.handshake_timeout_s}",
+        f"sockops_cgroup = {_toml_str(opts.sockops_cgroup)}",
         "",
     ]
     for vip in opts.vips:

@@ -191,6 +191,12 @@ def test_compose_lab_balances_over_every_mix(capsys):
                     f"{mode} VIP {vip}: {missing} never answered in {len(answered[vip])} requests: {answered[vip]}"
                 )
 
+            # every mix read closes of its VIP flows from the cgroup's sock_ops hook too
+            # (the entrypoint mounts cgroup v2 where Docker did not)
+            for m in MIXES:
+                tracer = json.loads(project.exec(m, "meshlb", "stats", "--format", "json").stdout)["tracer"]
+                assert tracer["sockops"] > 0, f"{m}: {tracer}"
+
             # the path: client -> router (one next hop) -> ECMP over the three mixes
             route = project.exec("client", "ip", "route", "get", "198.19.0.1").stdout
             assert "via 198.18.0.3" in route, route

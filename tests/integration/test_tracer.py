@@ -22,6 +22,7 @@ from meshlb.dataplane.tracer import (
     Flow,
     SockEvent,
     Tracer,
+    cgroup2_root,
     endpoint_key,
     own_netns_cookie,
 )
@@ -68,6 +69,21 @@ def test_endpoint_key_layout_and_v4_mapped_normalisation():
     assert endpoint_key("fd00::1", 80) != endpoint_key("fd00::2", 80)
     with pytest.raises(ValueError):
         endpoint_key("10.1.2.3", 0)
+
+
+def test_cgroup2_root_is_the_first_cgroup2_mounted_whole(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n"
+        "33 25 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n"
+        # a subtree of the hierarchy bind-mounted: attaching there misses the rest
+        "40 25 0:31 /kubepods /mnt/pods rw shared:20 - cgroup2 cgroup2 rw\n"
+        "41 25 0:31 / /sys/fs/cgroup/uni\\040fied rw shared:21 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "42 25 0:31 / /other rw shared:22 - cgroup2 cgroup2 rw\n")
+    assert cgroup2_root(str(info)) == "/sys/fs/cgroup/uni fied"
+    info.write_text("33 25 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n")
+    assert cgroup2_root(str(info)) is None
+    assert cgroup2_root(str(tmp_path / "missing")) is None
 
 
 def test_object_btf_matches_the_python_layouts():
@@ -652,6 +668,111 @@ def test_backup_program_reports_what_the_primary_did_not_see(lab, request):
     assert st.emitted == 10 and st.recovered == 10, st
 
 
+def _cgroup() -> str:
+    root = cgroup2_root()
+    if root is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no cgroup v2 hierarchy mounted (/proc/self/mountinfo)")
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    return root
+
+
+@privileged
+def test_sock_ops_alone_reports_every_kind_of_close_once(lab, request):
+    """The tracepoint's programs not attached: the kernel skipping them for some
+    hits (bpf/tracer.bpf.c) made deterministic. Every close of a watched endpoint
+    still comes, once, from the cgroup's sock_ops hook."""
+    node = lab["node"]
+    t = Tracer(netns_cookie=node.netns_cookie())
+    request.addfinalizer(t.close)
+    t.load()
+    t.attach_cgroup(_cgroup())
+    assert t.sockops_attached
+    t.watch(VIP4, PORT)
+    t.watch(VIP6, PORT)
+    # a nat endpoint: only remote ports in the SNAT range are flows of the balancer
+    t.watch(VIP4, PORT + 1, remote_ports=(1, 1))
+    srv = Server(node)
+    nat = Server(node, port=PORT + 1)
+    srv6 = None
+    try:
+        want = [
+            (socket.AF_INET, CLIENT4, connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)[1], VIP4, "LAST_ACK"),
+            (socket.AF_INET, CLIENT4, connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4, server_first=True)[1],
+             VIP4, "FIN_WAIT2"),
+            (socket.AF_INET, CLIENT4, connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4, rst=True)[1],
+             VIP4, "ESTABLISHED"),
+        ]
+        connect_and_close(nat, socket.AF_INET, CLIENT4, VIP4, PORT + 1)  # port outside the filter
+        srv.close()
+        srv6 = Server(node, socket.AF_INET6, "::", v6only=False)
+        want.append((socket.AF_INET6, CLIENT6, connect_and_close(srv6, socket.AF_INET6, CLIENT6, VIP6)[1],
+                     VIP6, "LAST_ACK"))
+        # IPv4 through the dual-stack listener: reported as IPv4, as the balancer keys it
+        want.append((socket.AF_INET, CLIENT4, connect_and_close(srv6, socket.AF_INET, CLIENT4, VIP4)[1],
+                     VIP4, "LAST_ACK"))
+    finally:
+        for s in (srv, srv6, nat):
+            if s is not None:
+                s.close()
+    got = collect(t, len(want)) + settle(t)
+    assert [(e.flow.family, e.flow.src, e.flow.sport, e.flow.dst, e.flow.dport, e.oldstate_name) for e in got] == [
+        (fam, c, p, v, PORT, state) for fam, c, p, v, state in want]
+    st = t.stats()
+    assert st.emitted == st.sockops == len(want) and st.missed == 0, st
+
+
+@privileged
+def test_with_sock_ops_each_close_is_reported_once_and_to_its_namespace(lab, tracers):
+    """Both hooks see every close here: the sock_ops program reports it, the
+    tracepoint's programs then skip that socket. The other namespace's tracer, its
+    own sock_ops program on the same cgroup, hears nothing of it."""
+    node, other = lab["node"], lab["other"]
+    t = tracers(node.netns_cookie())
+    t_other = tracers(other.netns_cookie())
+    for tr in (t, t_other):
+        tr.attach_cgroup(_cgroup())
+        tr.watch(VIP4, PORT)
+    srv = Server(node)
+    try:
+        ports = {connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4)[1] for _ in range(40)}
+        ports.add(connect_and_close(srv, socket.AF_INET, CLIENT4, VIP4, server_first=True)[1])
+    finally:
+        srv.close()
+    got = collect(t, 41) + settle(t)
+    assert sorted(e.flow.sport for e in got) == sorted(ports)
+    st = t.stats()
+    assert st.emitted == st.sockops == 41 and st.recovered == 0, st
+    assert settle(t_other) == [] and t_other.stats().emitted == 0
+
+
+@privileged
+def test_tracepoint_reports_sockets_accepted_before_sock_ops_attached(lab, tracers):
+    """A socket accepted before the cgroup hook was attached never asked for state
+    callbacks: its close comes from the tracepoint, once."""
+    node = lab["node"]
+    t = tracers(node.netns_cookie())
+    t.watch(VIP4, PORT)
+    srv = Server(node)
+    try:
+        c = node.socket(socket.AF_INET)
+        c.settimeout(5)
+        c.bind((CLIENT4, 0))
+        c.connect((VIP4, PORT))
+        a, _ = srv.sock.accept()
+        cport = c.getsockname()[1]
+        t.attach_cgroup(_cgroup())
+        c.close()
+        assert a.recv(1) == b""
+        a.close()
+    finally:
+        srv.close()
+    (ev,) = collect(t, 1) + settle(t)
+    assert (ev.flow.sport, ev.flow.dport) == (cport, PORT)
+    st = t.stats()
+    assert st.emitted == 1 and st.sockops == 0, st
+
+
 @privileged
 def test_pinned_tracer_survives_its_loader_and_is_adopted(lab):
     node = lab["node"]
@@ -661,6 +782,7 @@ def test_pinned_tracer_survives_its_loader_and_is_adopted(lab):
     try:
         first.load()
         link_id = first.attach().info()["id"]
+        sockops_link_id = first.attach_cgroup(_cgroup()).info()["id"]
         first.watch(VIP4, PORT)
         first.pin(pin_dir)
         first.close()  # the "old agent" exits; link and maps stay pinned
@@ -674,14 +796,16 @@ def test_pinned_tracer_survives_its_loader_and_is_adopted(lab):
         assert adopted.watched() == {(VIP4, PORT, 6)}
         (ev,) = collect(adopted, 1)  # written while nobody was reading
         assert ev.flow.sport == p
-        assert adopted.stats().emitted == 1
+        assert adopted.sockops_attached
+        assert adopted.stats().emitted == adopted.stats().sockops == 1
         adopted.unpin()
         assert not os.path.exists(pin_dir)
         adopted.close()
         adopted = None
-        shown = subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
-                               capture_output=True, text=True)
-        assert shown.returncode != 0  # detached once unpinned and closed
+        for lid in (link_id, sockops_link_id):
+            shown = subprocess.run(["bpftool", "link", "show", "id", str(lid)],
+                                   capture_output=True, text=True)
+            assert shown.returncode != 0  # detached once unpinned and closed
     finally:
         if adopted is not None:
             adopted.close()
