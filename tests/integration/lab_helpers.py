@@ -61,10 +61,6 @@ def curl_many(lab: Lab, vip: str, n: int) -> Counter:
     return Counter(line.strip() for line in res.stdout.splitlines() if line.strip())
 
 
-def conntrack_counts(lab: Lab) -> dict[str, int]:
-    return {m: call(lab, m, "conntrack_count")["entries"] for m in mixes(lab)}
-
-
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> float:
     """Poll until predicate() is truthy; returns the seconds it took."""
     start = time.monotonic()

@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
 from meshlb.lab.lab import APP_PORT, VIP_DR
 from tests.integration.lab_helpers import (
-    VIPS, ab, call, client_run, conntrack_counts, curl_many, digests, members_view, mixes,
+    VIPS, ab, call, client_run, curl_many, digests, members_view, mixes,
     parse_wrk, running_lab, wait_for,
 )
 
@@ -94,20 +95,32 @@ def test_ab_load_then_conntrack_empties_within_a_second(lab, mode):
     assert result["complete"] == 8000, result
     assert result["failed"] == 0, result
     assert result["non2xx"] == 0, result
+    vip = f"{VIPS[mode]}:80"
+
+    def left_of_this_load() -> dict[str, list]:
+        # this VIP's entries only: what an earlier test left is its own failure
+        return {m: [e for e in call(lab, m, "conntrack_list", limit=100000)["entries"] if e["vip"] == vip]
+                for m in mixes(lab)}
+
     try:
-        wait_for(lambda: all(v == 0 for v in conntrack_counts(lab).values()), 5,
-                 what="every mix's conntrack at 0")
+        wait_for(lambda: not any(left_of_this_load().values()), 5, what=f"every mix's conntrack empty of {vip}")
     except AssertionError:
-        left = conntrack_counts(lab)
+        entries = left_of_this_load()
+        left = {m: len(es) for m, es in entries.items()}
+        first = [e for es in entries.values() for e in es][:10]
         tracer = [call(lab, m, "stats")["tracer"] for m in mixes(lab)]
         # None is left since the causes docs/benchmarks.md ("Conntrack after load") lists
-        # were fixed (the last: handshakes ab gave up at its end). More than 0.1% of the
-        # flows fails; fewer is reported as an expected failure with the entries, for
-        # the cause to be found.
-        entries = [e for m in mixes(lab) for e in call(lab, m, "conntrack_list", limit=10)["entries"]]
-        assert sum(left.values()) <= 0.001 * 8000, f"{mode}: conntrack entries left 5 s after the load: {left}; tracer: {tracer}"
+        # were fixed (the last: closes the kernel ran no tracing program for). More than
+        # 0.1% of the flows fails; fewer is reported as an expected failure with the
+        # entries, for the cause to be found.
+        assert sum(left.values()) <= 0.001 * 8000, (
+            f"{mode}: conntrack entries left 5 s after the load: {left}; tracer: {tracer}; "
+            f"first entries: {first}")
+        states = Counter(e["state"] for es in entries.values() for e in es)
+        # SYN_RECV: handshakes nobody finished, which the handshake timeout (off here)
+        # ends in production; an ESTABLISHED one is a close nobody reported
         pytest.xfail(f"open gap (issue 4): {mode}: {sum(left.values())} of 8000 conntrack entries stay "
-                     f"after the load ({left}), cause not traced: {entries[:10]}")
+                     f"after the load ({left}; {dict(states)}): {first}")
     took = time.monotonic() - ended
     print(f"{mode}: every conntrack empty {took:.3f} s after ab ended")
     # goal 1 s; the half second on top is what asking three agents costs on a loaded CI box
@@ -116,6 +129,8 @@ def test_ab_load_then_conntrack_empties_within_a_second(lab, mode):
         stats = call(lab, m, "stats")
         assert stats["evictions"].get("received", 0) > 0, stats["evictions"]
         assert stats["tracer"]["ringbuf_full"] == 0 and stats["tracer"]["queue_dropped"] == 0, stats["tracer"]
+        # the closes came from the cgroup's sock_ops hook (the lab's host has cgroup v2)
+        assert stats["tracer"]["sockops"] > 0, stats["tracer"]
 
 
 def test_backend_app_down_is_removed_and_returns(lab):
