@@ -5,9 +5,12 @@ closed-flow map and gossip can empty it, and for handshakes nobody finished, the
 handshake timeout).
 
     sudo python3 bench/conntrack_drain.py [--rounds 5] [--concurrency 500] [--requests 8000] \
-        [--modes dr,nat] [--handshake-timeout 10] [--json docs/img/conntrack_drain.json]
+        [--modes dr,nat] [--handshake-timeout 10] [--sockops-cgroup auto[,off]] \
+        [--json docs/img/conntrack_drain.json]
 
-One netns lab (3 mixes, prefix ``cd<pid>``, ``idle_timeout_s = 0``). Each round runs
+One netns lab (3 mixes, prefix ``cd<pid>``, ``idle_timeout_s = 0``) per value of
+``--sockops-cgroup`` (the agents' ``conntrack.sockops_cgroup``: "off" leaves the
+tracepoint alone to report closes), one after the other. Each round runs
 ``ab -r -c C -n N`` from the client through a VIP, then polls every mix's conntrack count
 until all are 0 (or 20 s pass), and reads the agents' counters before and after: tracer
 records, the backup program's recoveries, kernel recursion misses, late segments
@@ -104,37 +107,41 @@ def main() -> int:
     ap.add_argument("--modes", default="dr,nat")
     ap.add_argument("--handshake-timeout", type=float, default=10.0,
                     help="conntrack.handshake_timeout_s of the agents (default: the product's)")
+    ap.add_argument("--sockops-cgroup", default="auto",
+                    help="comma-separated conntrack.sockops_cgroup values, one lab each")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (namespaces, XDP)", file=sys.stderr)
         return 2
     modes = [m for m in args.modes.split(",") if m]
+    settings = [c for c in args.sockops_cgroup.split(",") if c]
     prefix = f"cd{os.getpid() % 100000}"
-    lab = Lab(LabOptions(prefix=prefix, nodes=3, idle_timeout_s=0, health_interval_s=0.5,
-                         handshake_timeout_s=args.handshake_timeout))
     rounds: list[dict[str, Any]] = []
-    try:
-        lab.up(wait_s=90)
-        for i in range(args.rounds):
-            for mode in (modes if i % 2 == 0 else modes[::-1]):
-                r = one_round(lab, mode, args.concurrency, args.requests)
-                print(json.dumps(r), flush=True)
-                rounds.append(r)
-    finally:
-        problems = Lab.down(prefix)
-        if problems:
-            print("teardown problems:", problems, file=sys.stderr)
+    for setting in settings:
+        lab = Lab(LabOptions(prefix=prefix, nodes=3, idle_timeout_s=0, health_interval_s=0.5,
+                             handshake_timeout_s=args.handshake_timeout, sockops_cgroup=setting))
+        try:
+            lab.up(wait_s=90)
+            for i in range(args.rounds):
+                for mode in (modes if i % 2 == 0 else modes[::-1]):
+                    r = one_round(lab, mode, args.concurrency, args.requests) | {"sockops_cgroup": setting}
+                    print(json.dumps(r), flush=True)
+                    rounds.append(r)
+        finally:
+            problems = Lab.down(prefix)
+            if problems:
+                print("teardown problems:", problems, file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "kernel": os.uname().release,
                                                "cpus": os.cpu_count(), "rounds": rounds}, indent=1))
     print(f"\n`sudo python3 bench/conntrack_drain.py {' '.join(sys.argv[1:])}`\n")
-    print("| mode | rounds | failed requests | left 1 s after ab | every mix at 0 after, median (max) "
-          "| handshakes expired | closes recovered by the backup | recursion misses "
-          "| late segments via ct_closed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for mode in modes:
-        rs = [r for r in rounds if r["mode"] == mode]
+    print("| sockops_cgroup | mode | rounds | failed requests | left 1 s after ab "
+          "| every mix at 0 after, median (max) | handshakes expired | closes via sock_ops "
+          "| closes recovered by the backup | recursion misses | late segments via ct_closed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for setting, mode in ((c, m) for c in settings for m in modes):
+        rs = [r for r in rounds if r["mode"] == mode and r["sockops_cgroup"] == setting]
         if not rs:
             continue
         took = [r["empty_after_s"] for r in rs if r["empty_after_s"] is not None]
@@ -142,9 +149,10 @@ def main() -> int:
         took_s = f"{statistics.median(took):.2f} s ({max(took):.2f} s)" if took else "-"
         if never:
             took_s += f"; {never} round(s) not empty in {GIVE_UP_S:g} s"
-        print(f"| {mode} | {len(rs)} | {sum(int(r['ab']['failed'] or 0) for r in rs)} | "
+        print(f"| {setting} | {mode} | {len(rs)} | {sum(int(r['ab']['failed'] or 0) for r in rs)} | "
               f"{max(r['left_after_1s'] for r in rs)} max | {took_s} | "
               f"{sum(r['delta'].get('evictions_handshake_timeout', 0) for r in rs)} | "
+              f"{sum(r['delta'].get('tracer_sockops', 0) for r in rs)} | "
               f"{sum(r['delta'].get('tracer_recovered', 0) for r in rs)} | "
               f"{sum(r['delta'].get('tracer_missed', 0) for r in rs)} | "
               f"{sum(r['delta'].get('ct_closed_hit', 0) for r in rs)} |")

@@ -160,7 +160,7 @@ class Rig:
 
     # ---- build
     def up(self) -> None:
-        opts = LabOptions(nodes=self.args.nodes, prefix=self.prefix)
+        opts = LabOptions(nodes=self.args.nodes, prefix=self.prefix, sockops_cgroup=self.args.sockops_cgroup)
         opts.vips = opts.vips + [
             {"address": BENCH_DR, "port": BENCH_PORT, "protocol": "tcp", "mode": "dr"},
             {"address": BENCH_NAT, "port": BENCH_PORT, "protocol": "tcp", "mode": "nat",
@@ -586,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="mixes in the lab (with N, (N-1)/N of VIP flows cross a second mix)")
     ap.add_argument("--targets", default="",
                     help="comma-separated subset of the targets (default: all)")
+    ap.add_argument("--sockops-cgroup", default="auto",
+                    help='the mixes\' conntrack.sockops_cgroup ("auto", "off" or a path)')
     args = ap.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
