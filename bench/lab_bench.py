@@ -256,8 +256,9 @@ http {{
     }}
 }}
 """)
-        return self.lab.namespace(node).popen(
-            ["nginx", "-p", str(d), "-c", str(conf), "-g", "daemon off;"], stdin=subprocess.DEVNULL,
+        # in the mix's cgroup, as its application: the agent's sock_ops hook is there
+        return self.lab.popen(
+            node, ["nginx", "-p", str(d), "-c", str(conf), "-g", "daemon off;"], stdin=subprocess.DEVNULL,
             stdout=open(d / "out.log", "ab"), stderr=subprocess.STDOUT)
 
     def mix_numbers(self) -> range:
@@ -397,7 +398,7 @@ http {{
         time.sleep(1.0)
         left_clean = not pin.exists()
         t0 = time.monotonic()
-        agent = lab._start_agent(lab.namespace(node), node)
+        agent = lab._start_agent(lab.namespace(node), node, info.get("cgroup"))
         info["agent_pid"] = agent.pid
         lab._save()
         marks: dict[str, float] = {}

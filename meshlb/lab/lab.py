@@ -9,6 +9,10 @@ spreads flows; mixes answer the client through the router. (ECMP in the client i
 would not do: Linux hashes a local TCP flow by its socket's random txhash, re-drawn
 after a retransmission timeout, so one connection could change mix mid-flow.)
 
+Each mix's processes run in a cgroup v2 directory of their own under the hierarchy's
+root (``meshlb-lab-<prefix>/mixN``), to which its agent attaches the tracer's sock_ops
+hook: as on a host of its own, only that mix's sockets run that mix's hook.
+
 The lab outlives the command that built it: its state (namespaces, PIDs, sockets) is
 kept in ``/run/meshlb/lab/<prefix>/state.json`` for ``status``, ``exec`` and ``down``.
 Addresses come from 198.18.0.0/15, the range set aside for benchmarking (RFC 2544), and
@@ -31,6 +35,7 @@ from typing import Any
 from pyroute2 import netns as pr_netns
 
 from meshlb import control
+from meshlb.dataplane.tracer import cgroup2_root
 from meshlb.lab.netns import Namespace, Topology, enter_netns, netns_path
 
 LAB_ROOT = Path("/run/meshlb/lab")
@@ -82,6 +87,8 @@ class LabOptions:
     idle_timeout_s: float = 300.0
     handshake_timeout_s: float = 10.0
     health_interval_s: float = 1.0
+    # "auto": a cgroup per mix (module docstring), where cgroup v2 is mounted; else the
+    # agents' conntrack.sockops_cgroup as given ("off", a path)
     sockops_cgroup: str = "auto"
     extra_toml: str = ""  # appended to every mix's cluster file (tests tune timings with it)
     vips: list[dict[str, Any]] = field(
@@ -109,7 +116,7 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def mix_config(opts: LabOptions, i: int, sdir: Path) -> str:
+def mix_config(opts: LabOptions, i: int, sdir: Path, cgroup: str | None = None) -> str:
     name = f"mix{i}"
     peers = [f"{mix_addr4(j)}:{GOSSIP_PORT}" for j in range(1, opts.nodes + 1) if j != i]
     lines = [
@@ -138,7 +145,7 @@ def mix_config(opts: LabOptions, i: int, sdir: Path) -> str:
         "[conntrack]",
         f"idle_timeout_s = {opts.idle_timeout_s}",
         f"handshake_timeout_s = {opts.handshake_timeout_s}",
-        f"sockops_cgroup = {_toml_str(opts.sockops_cgroup)}",
+        f"sockops_cgroup = {_toml_str(cgroup or opts.sockops_cgroup)}",
         "",
     ]
     for vip in opts.vips:
@@ -157,6 +164,7 @@ class Lab:
         self.sdir = state_dir(opts.prefix)
         self.topology: Topology | None = None
         self.state: dict[str, Any] = {}
+        self._cgroup: Path | None = None
 
     # --- up ---------------------------------------------------------------------------
 
@@ -204,19 +212,28 @@ class Lab:
                 ns.add_route(CLIENT_NET6, gateway=ROUTER6)
                 mixes.append(ns)
             set_next_hops(router, opts.vips, [f"mix{i}" for i in range(1, opts.nodes + 1)])
+            cg_root = cgroup2_root() if opts.sockops_cgroup == "auto" else None
+            if cg_root is not None:
+                self._cgroup = Path(cg_root) / f"meshlb-lab-{opts.prefix}"
+                self._cgroup.mkdir()
             for i, ns in enumerate(mixes, start=1):
                 name = f"mix{i}"
+                cg = None
+                if self._cgroup is not None:
+                    cg = self._cgroup / name
+                    cg.mkdir()
+                nodes[name] = {"cgroup": str(cg) if cg else None}
                 cfg_path = self.sdir / f"{name}.toml"
-                cfg_path.write_text(mix_config(opts, i, self.sdir))
+                cfg_path.write_text(mix_config(opts, i, self.sdir, str(cg) if cg else None))
                 app_log = open(self.sdir / f"{name}.app.log", "ab")
                 app = ns.popen(
-                    [sys.executable, "-m", "meshlb.lab.app", name, str(APP_PORT)],
+                    [sys.executable, "-m", "meshlb.lab.app", name, str(APP_PORT)], cgroup=cg,
                     stdout=app_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )
                 procs.append(app)
-                agent = self._start_agent(ns, name)
+                agent = self._start_agent(ns, name, cg)
                 procs.append(agent)
-                nodes[name] = {
+                nodes[name] |= {
                     "netns": ns.name,
                     "addresses": [mix_addr4(i), mix_addr6(i)],
                     "control": str(self.sdir / f"{name}.sock"),
@@ -228,6 +245,7 @@ class Lab:
                 }
             self.state = {
                 "prefix": opts.prefix,
+                "cgroup": str(self._cgroup) if self._cgroup else None,
                 "bridge_netns": topo["br"].name,
                 "nodes": nodes,
                 "vips": opts.vips,
@@ -240,18 +258,27 @@ class Lab:
             for p in procs:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
+            for p in procs:
+                _wait_pid_gone(p.pid, 3)
             topo.teardown()
             self._remove_pins()
+            if self._cgroup is not None:
+                _remove_cgroup(self._cgroup, [])
             shutil.rmtree(self.sdir, ignore_errors=True)
             raise
 
-    def _start_agent(self, ns: Namespace, name: str) -> subprocess.Popen:
+    def _start_agent(self, ns: Namespace, name: str, cgroup: str | os.PathLike | None) -> subprocess.Popen:
         log = open(self.sdir / f"{name}.log", "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         return ns.popen(
-            [sys.executable, "-m", "meshlb", "join", "--config", str(self.sdir / f"{name}.toml")],
+            [sys.executable, "-m", "meshlb", "join", "--config", str(self.sdir / f"{name}.toml")], cgroup=cgroup,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
         )
+
+    def popen(self, node: str, argv: list[str], **kw: Any) -> subprocess.Popen:
+        """Start ``argv`` on ``node`` as its own processes run: in its namespace and, for
+        a mix, its cgroup (its applications' sockets are the ones its hook sees)."""
+        return self.namespace(node).popen(argv, cgroup=self.state["nodes"][node].get("cgroup"), **kw)
 
     def _save(self) -> None:
         tmp = self.sdir / "state.json.tmp"
@@ -311,7 +338,7 @@ class Lab:
         with contextlib.suppress(ProcessLookupError):
             os.kill(info["agent_pid"], kill_signal)
         _wait_pid_gone(info["agent_pid"], 10)
-        agent = self._start_agent(self.namespace(node), node)
+        agent = self._start_agent(self.namespace(node), node, info.get("cgroup"))
         info["agent_pid"] = agent.pid
         self._save()
         return agent.pid
@@ -356,6 +383,12 @@ class Lab:
                 except Exception as exc:  # keep removing the rest
                     problems.append(f"netns {name}: {exc}")
         Lab._remove_pins_for(prefix, problems)
+        cgroup = state.get("cgroup")
+        if cgroup is None:  # no state (a crashed `up`): where it would be
+            root = cgroup2_root()
+            cgroup = os.path.join(root, f"meshlb-lab-{prefix}") if root else None
+        if cgroup is not None and os.path.isdir(cgroup):
+            _remove_cgroup(Path(cgroup), problems)
         shutil.rmtree(sdir, ignore_errors=True)
         return problems
 
@@ -381,6 +414,24 @@ def set_next_hops(router: Namespace, vips: list[dict[str, Any]], mixes: list[str
         v6 = ":" in vip["address"]
         gws = [mix_addr6(int(m[3:])) if v6 else mix_addr4(int(m[3:])) for m in mixes]
         router.set_next_hops(vip["address"] + ("/128" if v6 else "/32"), gws)
+
+
+def _remove_cgroup(path: Path, problems: list[str], wait_s: float = 3.0) -> None:
+    """rmdir the lab's cgroup and its mixes' (a cgroup goes once its last process has
+    exited and been reaped, which can lag a killed process's exit briefly)."""
+    for d in [*sorted(p for p in path.iterdir() if p.is_dir()), path] if path.is_dir() else []:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    problems.append(f"cgroup {d}: {exc}")
+                    break
+                time.sleep(0.05)
 
 
 def _tail(path: str, lines: int = 12) -> str:
@@ -440,6 +491,10 @@ def exec_in(prefix: str, node: str, argv: list[str]) -> None:
         raise LabError(f"no node {node!r} in lab {prefix!r} (nodes: {', '.join(state['nodes'])})")
     info = state["nodes"][node]
     enter_netns(info["netns"])  # single-threaded here, so the whole process moves
+    if info.get("cgroup"):
+        # a server started here is the mix's application: its hook must see its sockets
+        with open(os.path.join(info["cgroup"], "cgroup.procs"), "w") as f:
+            f.write("0")
     if "control" in info:
         os.environ["MESHLB_CONTROL"] = info["control"]
     if not argv:

@@ -391,19 +391,33 @@ class Namespace:
         return xdp.get_attr("IFLA_XDP_PROG_ID") or None
 
     # --- processes -----------------------------------------------------------
-    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
-        """Start ``argv`` inside this namespace; the topology kills it on teardown."""
+    def popen(self, argv: Sequence[str], *, cgroup: str | os.PathLike | None = None,
+              **kw: Any) -> subprocess.Popen:
+        """Start ``argv`` inside this namespace (and, given one, in the cgroup v2
+        directory ``cgroup``, with everything it forks); the topology kills it on
+        teardown."""
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        procs = -1
+        try:
+            if cgroup is not None:
+                procs = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            raise
 
         def enter() -> None:
-            # Runs in the child between fork and exec; the fd was inherited.
+            # Runs in the child between fork and exec; the fds were inherited.
             if _libc.setns(fd, CLONE_NEWNET) != 0:
                 os._exit(127)
+            if procs >= 0:
+                os.write(procs, b"0")  # "0": the writing process itself
 
         try:
             proc = subprocess.Popen(list(argv), preexec_fn=enter, **kw)
         finally:
             os.close(fd)
+            if procs >= 0:
+                os.close(procs)
         if self.topology is not None:
             self.topology._record(f"process {proc.pid}", lambda: _stop(proc))
         return proc

@@ -150,9 +150,8 @@ def test_backend_app_down_is_removed_and_returns(lab):
         assert answers.get("FAIL", 0) == 0, answers
         assert victim not in answers and set(answers) <= set(others), answers
     finally:
-        ns = lab.namespace(victim)
-        app = ns.popen([sys.executable, "-m", "meshlb.lab.app", victim, str(APP_PORT)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        app = lab.popen(victim, [sys.executable, "-m", "meshlb.lab.app", victim, str(APP_PORT)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         info["app_pid"] = app.pid
         lab._save()
 

@@ -222,9 +222,8 @@ def test_backend_app_killed_and_restarted(lab):
         import subprocess
         import sys
 
-        app = lab.namespace(victim).popen([sys.executable, "-m", "meshlb.lab.app", victim, str(APP_PORT)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True)
+        app = lab.popen(victim, [sys.executable, "-m", "meshlb.lab.app", victim, str(APP_PORT)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         info["app_pid"] = app.pid
         lab._save()
         t_restart = time.monotonic()
