@@ -215,13 +215,13 @@ class Lab:
             cg_root = cgroup2_root() if opts.sockops_cgroup == "auto" else None
             if cg_root is not None:
                 self._cgroup = Path(cg_root) / f"meshlb-lab-{opts.prefix}"
-                self._cgroup.mkdir()
+                self._cgroup.mkdir(exist_ok=True)  # left empty by a lab that crashed
             for i, ns in enumerate(mixes, start=1):
                 name = f"mix{i}"
                 cg = None
                 if self._cgroup is not None:
                     cg = self._cgroup / name
-                    cg.mkdir()
+                    cg.mkdir(exist_ok=True)
                 nodes[name] = {"cgroup": str(cg) if cg else None}
                 cfg_path = self.sdir / f"{name}.toml"
                 cfg_path.write_text(mix_config(opts, i, self.sdir, str(cg) if cg else None))
@@ -419,7 +419,9 @@ def set_next_hops(router: Namespace, vips: list[dict[str, Any]], mixes: list[str
 def _remove_cgroup(path: Path, problems: list[str], wait_s: float = 3.0) -> None:
     """rmdir the lab's cgroup and its mixes' (a cgroup goes once its last process has
     exited and been reaped, which can lag a killed process's exit briefly)."""
-    for d in [*sorted(p for p in path.iterdir() if p.is_dir()), path] if path.is_dir() else []:
+    if not path.is_dir():
+        return
+    for d in [*sorted(p for p in path.iterdir() if p.is_dir()), path]:
         deadline = time.monotonic() + wait_s
         while True:
             try:

@@ -129,8 +129,10 @@ def test_ab_load_then_conntrack_empties_within_a_second(lab, mode):
         stats = call(lab, m, "stats")
         assert stats["evictions"].get("received", 0) > 0, stats["evictions"]
         assert stats["tracer"]["ringbuf_full"] == 0 and stats["tracer"]["queue_dropped"] == 0, stats["tracer"]
-        # the closes came from the cgroup's sock_ops hook (the lab's host has cgroup v2)
-        assert stats["tracer"]["sockops"] > 0, stats["tracer"]
+        # the closes came from the sock_ops hook on the mix's cgroup (where the host has
+        # cgroup v2, which tests/integration/test_tracer.py requires in CI)
+        if lab.state.get("cgroup"):
+            assert stats["tracer"]["sockops"] > 0, stats["tracer"]
 
 
 def test_backend_app_down_is_removed_and_returns(lab):
