@@ -192,17 +192,30 @@ def test_agent_kill_and_restart_under_wrk_has_no_socket_errors(lab, mode):
     assert stats["xdp_mode"] == "adopted", stats["xdp_mode"]
 
 
+# n handshakes from ports base.. (up to SPARE_PORTS more: a handshake whose SYN-ACK does
+# not come within a second, which a loaded machine sees now and then, is given up and
+# the next port tried; its entry is half-open too). Prints the ports given up.
+SPARE_PORTS = 4
 _HALF_OPEN_CLIENT = """
 import socket, sys
 vip, base, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for port in range(base, base + n):
+done, failed = 0, []
+for port in range(base, base + n + %d):
+    if done == n:
+        break
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, bytes(8))  # close = reset, no orphan
     s.bind(("", port))
-    s.settimeout(3)
-    s.connect((vip, %d))  # completes here; the ACK that would tell the mix is dropped
+    s.settimeout(1)
+    try:
+        s.connect((vip, %d))  # completes here; the ACK that would tell the mix is dropped
+        done += 1
+    except OSError:
+        failed.append(port)
     s.close()
-""" % APP_PORT
+print(failed)
+sys.exit(0 if done == n else 1)
+""" % (SPARE_PORTS, APP_PORT)
 
 
 def _reload_all(lab, text_of):
@@ -238,18 +251,19 @@ def test_unacknowledged_handshakes_expire_and_established_flows_stay(lab, mode):
         assert not any(v.startswith("ERROR") for v in first.values()), first
         _reload_all(lab, on)
         with Nft(lab) as nft:
-            nft.add("client", "output", f"ip daddr {vip} tcp sport {base}-{base + n - 1} "
+            nft.add("client", "output", f"ip daddr {vip} tcp sport {base}-{base + n + SPARE_PORTS - 1} "
                     "tcp flags & syn == 0 counter drop")
             res = client_run(lab, [sys.executable, "-c", _HALF_OPEN_CLIENT, vip, str(base), str(n)])
-            assert res.returncode == 0, res.stderr[-2000:]
+            assert res.returncode == 0, (res.stdout, res.stderr[-2000:])
+            tried = n + len(json.loads(res.stdout))
 
             def half_open():
                 return {(m, e["client"]): e["state"] for m in mixes(lab)
                         for e in call(lab, m, "conntrack_list", limit=100000)["entries"]
-                        if base <= int(e["client"].rsplit(":", 1)[1]) < base + n}
+                        if base <= int(e["client"].rsplit(":", 1)[1]) < base + tried}
 
             seen = half_open()
-            assert len(seen) == n and set(seen.values()) == {"SYN_RECV"}, seen
+            assert len(seen) >= n and set(seen.values()) == {"SYN_RECV"}, (seen, res.stdout)
             expired = wait_for(lambda: not half_open(), timeout + 5, what="half-open entries expired")
             assert expired >= timeout * 0.5, expired  # not removed by something else at once
             assert nft.counter_packets("client") >= n  # the ACKs were really withheld

@@ -52,8 +52,8 @@ def reliability_lab(tag: str, *, conntrack: dict[str, Any] | None = None, wait_s
     if conntrack:
         extra = "".join(f"{k} = {v}\n" for k, v in conntrack.items())
 
-        def patched(o: LabOptions, i: int, sdir: Any) -> str:
-            text = original(o, i, sdir)
+        def patched(o: LabOptions, i: int, sdir: Any, *rest: Any) -> str:
+            text = original(o, i, sdir, *rest)
             assert "\n[conntrack]\n" in text, "the lab's cluster file changed shape"
             return text.replace("\n[conntrack]\n", "\n[conntrack]\n" + extra, 1)
 
