@@ -109,8 +109,8 @@ def test_ab_load_then_conntrack_empties_within_a_second(lab, mode):
         left = {m: len(es) for m, es in entries.items()}
         first = [e for es in entries.values() for e in es][:10]
         tracer = [call(lab, m, "stats")["tracer"] for m in mixes(lab)]
-        # None is left since the causes docs/benchmarks.md ("Conntrack after load") lists
-        # were fixed (the last: closes the kernel ran no tracing program for). More than
+        # None is left since the causes of leftover entries were fixed (docs/architecture.md:
+        # the last, closes the kernel ran no tracing program for). More than
         # 0.1% of the flows fails; fewer is reported as an expected failure with the
         # entries, for the cause to be found.
         assert sum(left.values()) <= 0.001 * 8000, (
