@@ -43,7 +43,6 @@ import re
 import secrets
 import socket
 import tomllib
-import typing
 from dataclasses import MISSING, dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
@@ -87,12 +86,10 @@ KEY_BYTES = 32  # AES-256-GCM and ChaCha20-Poly1305 both take 32-byte keys
 # ProtocolConfig declared tunable. The protocol module owns their meaning, presets and
 # cross-checks; here they are gated by spelling and type, so a typo fails at load time
 # with the field named. Durations are in seconds.
+# by annotation, as text (postponed annotations) or as the type itself
+_PROTOCOL_TYPES: Mapping[Any, type] = {"int": int, "float": float, int: int, float: float}
 TIMING_KNOBS: Mapping[str, type] = MappingProxyType(
-    {
-        f.name: typing.get_type_hints(ProtocolConfig)[f.name]
-        for f in dataclasses.fields(ProtocolConfig)
-        if f.metadata.get("tunable")
-    }
+    {f.name: _PROTOCOL_TYPES[f.type] for f in dataclasses.fields(ProtocolConfig) if f.metadata.get("tunable")}
 )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
