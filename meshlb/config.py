@@ -368,7 +368,7 @@ def option(
     default: Any = MISSING,
     read: Read | None = None,
     *,
-    factory: Callable[[], Any] | Any = MISSING,
+    factory: Any = MISSING,
     check: Check | None = None,
     when_absent: Callable[[_Reader, str], Any] | None = None,
     required: str = "",
@@ -627,6 +627,8 @@ _RULES: dict[type, _Rule] = {}
 
 def _rules(cls: type) -> Callable[[_Rule], _Rule]:
     def register(fn: _Rule) -> _Rule:
+        if cls in _RULES:
+            raise TypeError(f"{cls.__name__} has rules already ({_RULES[cls].__name__}): put them in one function")
         _RULES[cls] = fn
         return fn
 
