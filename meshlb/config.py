@@ -15,8 +15,20 @@ Three steps, so that the pure part is testable anywhere:
   file is readable and well formed. Returns the key ring.
 
 ``diff_live(old, new)`` tells a SIGHUP reload what it may apply in place and what needs a
-restart. cluster.toml.example documents every option with its default; the dataclass
-defaults below are the single source of those defaults.
+restart.
+
+Each option is declared once, as a field of the dataclass of its table::
+
+    interval: float = option(2.0, number(positive=True), live=True)
+
+The field's name is the key, its default the default (cluster.toml.example shows the same
+defaults, and a test holds the two together), ``read`` turns the TOML value into the
+field's value or fails naming the field, ``check`` is a rule about that value alone, and
+``live`` says a reload applies a change in place (otherwise it needs a restart). One walker
+(``_read_fields``) derives from these declarations the known keys, the required ones, the
+defaults and the types; ``diff_live`` derives what is live. Rules that involve several
+fields (timeout <= interval, nat-only keys, one mode per address, ...) are functions
+registered with ``@_rules(Table)``, run once that table's fields are read.
 """
 from __future__ import annotations
 
@@ -24,15 +36,19 @@ import base64
 import binascii
 import copy
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
 import secrets
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
+
+from meshlb import maglev
+from meshlb.cluster.protocol_config import ProtocolConfig
 
 __all__ = [
     "ConfigError",
@@ -46,6 +62,7 @@ __all__ = [
     "Config",
     "TIMING_KNOBS",
     "KEY_BYTES",
+    "DEFAULT_SNAT_PORTS",
     "parse",
     "load",
     "default_config",
@@ -54,43 +71,26 @@ __all__ = [
     "load_key_ring",
     "generate_key",
     "diff_live",
+    "option_paths",
 ]
 
 DEFAULT_GOSSIP_PORT = 7946
-DEFAULT_RING_SIZE = 65537
+DEFAULT_KEY_FILE = "/etc/meshlb/cluster.key"
+# Source ports of NAT-mode VIPs: below the kernel's default ephemeral range (32768-60999),
+# so they do not collide with the host's own outgoing connections.
+DEFAULT_SNAT_PORTS = (10000, 32767)
 MAX_RING_SIZE = 1 << 24
 KEY_BYTES = 32  # AES-256-GCM and ChaCha20-Poly1305 both take 32-byte keys
 
-# Protocol knobs that [cluster.timings] may override, by name, with their kind. The
-# protocol module (meshlb.cluster.protocol_config) owns their meaning, presets and
-# cross-checks; this list gates spelling and type so a typo fails at load time with the
-# field named. Durations are in seconds.
+# The protocol knobs [cluster.timings] may override, with their kind: the fields of
+# ProtocolConfig declared tunable. The protocol module owns their meaning, presets and
+# cross-checks; here they are gated by spelling and type, so a typo fails at load time
+# with the field named. Durations are in seconds.
+# by annotation, as text (postponed annotations) or as the type itself
+_PROTOCOL_TYPES: Mapping[Any, type] = {"int": int, "float": float, int: int, float: float}
 TIMING_KNOBS: Mapping[str, type] = MappingProxyType(
-    {
-        "probe_interval": float,
-        "probe_timeout": float,
-        "indirect_checks": int,
-        "suspicion_mult": float,
-        "suspicion_max_timeout_mult": float,
-        "retransmit_mult": int,
-        "gossip_interval": float,
-        "gossip_nodes": int,
-        "gossip_max_datagrams": int,
-        "push_pull_interval": float,
-        "awareness_max_multiplier": int,
-        "dead_reap_interval": float,
-        "eviction_retransmit_mult": int,
-        "max_datagram": int,
-    }
+    {f.name: _PROTOCOL_TYPES[f.type] for f in dataclasses.fields(ProtocolConfig) if f.metadata.get("tunable")}
 )
-
-XDP_MODES = ("native", "generic", "auto")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-DISCOVERY_KINDS = ("unicast", "multicast", "broadcast")
-PRESETS = ("lan", "wan", "local")
-PROTOCOLS = ("tcp", "udp")
-MODES = ("dr", "nat")
-HEALTH_KINDS = ("tcp", "http")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Linux: IFNAMSIZ is 16 including the NUL; '/' and whitespace are rejected by the kernel
@@ -104,9 +104,6 @@ class ConfigError(Exception):
     """A configuration problem, always one line: ``<file>: <field>: <what is wrong>``."""
 
 
-# --- value types --------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class HostPort:
     host: str
@@ -116,101 +113,7 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    name: str
-    pin_dir: str
-    control: str
-    iface: str | None = None
-    bind: HostPort = HostPort("0.0.0.0", DEFAULT_GOSSIP_PORT)
-    # None: the agent advertises the first address of iface
-    advertise: HostPort | None = None
-    xdp_mode: str = "auto"
-    metrics: HostPort | None = HostPort("127.0.0.1", 9477)
-    log_level: str = "info"
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    key_file: str
-    label: str = "meshlb"
-    peers: tuple[HostPort, ...] = ()
-    discovery: str = "unicast"
-    multicast_group: HostPort = HostPort("239.77.77.77", DEFAULT_GOSSIP_PORT)
-    multicast_ttl: int = 1
-    broadcast_address: str = "255.255.255.255"
-    preset: str = "lan"
-    max_datagram: int = 1400
-    timings: Mapping[str, int | float] = field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclass(frozen=True)
-class VipConfig:
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    port: int
-    protocol: str = "tcp"
-    mode: str = "dr"
-    ring_size: int = DEFAULT_RING_SIZE
-    # the rest applies to mode = "nat" only
-    backend_port: int | None = None
-    snat_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    snat_ports: tuple[int, int] | None = None
-
-    @property
-    def key(self) -> str:
-        """Stable text identity, e.g. ``10.0.0.1:80/tcp`` (used in table digests)."""
-        return f"{HostPort(str(self.address), self.port)}/{self.protocol}"
-
-
-DEFAULT_SNAT_PORTS = (10000, 32767)
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    interval: float = 2.0
-    timeout: float = 1.0
-    kind: str = "tcp"
-    http_path: str = "/"
-    rise: int = 2
-    fall: int = 3
-    # True: every member; False: none (membership alone decides); or a tuple of names
-    check_peers: bool | tuple[str, ...] = True
-    # None: each VIP's backend_port (or port)
-    app_port: int | None = None
-
-
-@dataclass(frozen=True)
-class ConntrackConfig:
-    max_entries: int = 262144
-    idle_timeout_s: float = 300.0
-    sweep_interval_s: float = 30.0
-    # a TCP entry whose handshake the client never acknowledged; 0 keeps them
-    handshake_timeout_s: float = 10.0
-    # cgroup v2 directory whose sockets' closes a sock_ops program reports besides the
-    # tracepoint: "auto" (the root of the first cgroup2 mount), "off", or a path
-    sockops_cgroup: str = "auto"
-
-
-@dataclass(frozen=True)
-class DrainConfig:
-    timeout_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class Config:
-    node: NodeConfig
-    cluster: ClusterConfig
-    vips: tuple[VipConfig, ...] = ()
-    health: HealthConfig = HealthConfig()
-    conntrack: ConntrackConfig = ConntrackConfig()
-    drain: DrainConfig = DrainConfig()
-    # where it came from, for error messages; not part of the configuration's value
-    source: str = field(default="cluster.toml", compare=False)
-    _raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    _base_dir: str | None = field(default=None, compare=False, repr=False)
-
-
-# --- parsing helpers --------------------------------------------------------------
+# --- reading values -----------------------------------------------------------------
 
 
 def _show(v: Any) -> str:
@@ -234,21 +137,16 @@ def _choices(opts: Sequence[str]) -> str:
     return ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
 
 
-def _next_prime(n: int) -> int:
-    from meshlb.maglev import is_prime
+class _Reader:
+    """What every read needs: the file name and the command-line overrides, to locate an
+    error; the directory of the file; and the values read so far by dotted path
+    (``values["node.bind"]``), for defaults that follow an earlier field."""
 
-    n = max(n, 2)
-    while not is_prime(n):
-        n += 1
-    return n
-
-
-class _Parser:
-    """Carries the file name and the CLI overrides so every error can be located."""
-
-    def __init__(self, source: str, cli_labels: Mapping[str, str] | None = None):
+    def __init__(self, source: str, base_dir: str | None = None, cli_labels: Mapping[str, str] | None = None):
         self.source = source
+        self.base_dir = base_dir
         self.cli_labels = dict(cli_labels or {})
+        self.values: dict[str, Any] = {}
 
     def fail(self, path: str, msg: str) -> NoReturn:
         for dotted, flag in self.cli_labels.items():
@@ -265,412 +163,596 @@ class _Parser:
             self.fail(where, f"unknown key (known: {', '.join(sorted(allowed))})")
         return value
 
-    # Each getter takes the table, its dotted path and the key, and returns the default
-    # when the key is absent.
 
-    def string(self, t: dict, path: str, key: str, default: Any, choices: Sequence[str] | None = None):
-        if key not in t:
-            return default
-        v = t[key]
-        where = f"{path}.{key}"
-        if choices is not None and (not isinstance(v, str) or v not in choices):
-            self.fail(where, f"expected {_choices(choices)}, got {_show(v)}")
+# (reader, the TOML value, its dotted path) -> the field's value, or reader.fail(...)
+Read = Callable[[_Reader, Any, str], Any]
+# (the field's value, the TOML value) -> what is wrong with it, or None
+Check = Callable[[Any, Any], "str | None"]
+
+
+def text(*choices: str) -> Read:
+    """A string; with ``choices``, one of them."""
+
+    def read(r: _Reader, v: Any, where: str) -> str:
+        if choices and (not isinstance(v, str) or v not in choices):
+            r.fail(where, f"expected {_choices(choices)}, got {_show(v)}")
         if not isinstance(v, str):
-            self.fail(where, f"expected a string, got {_show(v)}")
+            r.fail(where, f"expected a string, got {_show(v)}")
         return v
 
-    def integer(self, t: dict, path: str, key: str, default: Any, lo: int | None = None, hi: int | None = None):
-        if key not in t:
-            return default
-        return self.int_value(t[key], f"{path}.{key}", lo, hi)
+    return read
 
-    def int_value(self, v: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
+
+def integer(lo: int | None = None, hi: int | None = None) -> Read:
+    def read(r: _Reader, v: Any, where: str) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
-            self.fail(where, f"expected an integer, got {_show(v)}")
+            r.fail(where, f"expected an integer, got {_show(v)}")
         if lo is not None and v < lo or hi is not None and v > hi:
             if hi is None:
-                self.fail(where, f"expected an integer >= {lo}, got {v}")
-            self.fail(where, f"expected an integer in {lo}..{hi}, got {v}")
+                r.fail(where, f"expected an integer >= {lo}, got {v}")
+            r.fail(where, f"expected an integer in {lo}..{hi}, got {v}")
         return v
 
-    def number(self, t: dict, path: str, key: str, default: Any, *, positive: bool = False):
-        if key not in t:
-            return default
-        return self.num_value(t[key], f"{path}.{key}", positive=positive)
+    return read
 
-    def num_value(self, v: Any, where: str, *, positive: bool) -> float:
+
+def number(*, positive: bool = False) -> Read:
+    """A finite number (an integer is taken as a float), >= 0 or, if ``positive``, > 0."""
+
+    def read(r: _Reader, v: Any, where: str) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            self.fail(where, f"expected a number, got {_show(v)}")
+            r.fail(where, f"expected a number, got {_show(v)}")
         if v != v or v in (float("inf"), float("-inf")):
-            self.fail(where, f"expected a finite number, got {v}")
+            r.fail(where, f"expected a finite number, got {v}")
         if positive and v <= 0:
-            self.fail(where, f"expected a number > 0, got {v}")
+            r.fail(where, f"expected a number > 0, got {v}")
         if not positive and v < 0:
-            self.fail(where, f"expected a number >= 0, got {v}")
+            r.fail(where, f"expected a number >= 0, got {v}")
         return float(v)
 
-    def boolean(self, t: dict, path: str, key: str, default: Any):
-        if key not in t:
-            return default
-        v = t[key]
+    return read
+
+
+def flag() -> Read:
+    def read(r: _Reader, v: Any, where: str) -> bool:
         if not isinstance(v, bool):
-            self.fail(f"{path}.{key}", f"expected true or false, got {_show(v)}")
+            r.fail(where, f"expected true or false, got {_show(v)}")
         return v
 
-    def ip(self, v: Any, where: str):
-        if not isinstance(v, str):
-            self.fail(where, f"expected an IP address string, got {_show(v)}")
-        try:
-            return ipaddress.ip_address(v)
-        except ValueError:
-            self.fail(where, f"expected an IPv4 or IPv6 address, got {_show(v)}")
+    return read
 
-    def host_port(self, v: Any, where: str, *, default_port: int | None, ip_only: bool) -> HostPort:
-        """Parse ``host:port``, ``[v6]:port``, or (with a default port) a bare host."""
-        if not isinstance(v, str):
-            self.fail(where, f"expected a string \"host:port\", got {_show(v)}")
-        form = '"address:port"' if ip_only else '"host:port"'
-        host, port_text = v, None
-        if v.startswith("["):
-            close = v.find("]")
-            if close < 0 or (close + 1 < len(v) and v[close + 1] != ":"):
-                self.fail(where, f"expected {form}, got {_show(v)}")
-            host = v[1:close]
-            port_text = v[close + 2 :] if close + 1 < len(v) else None
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                self.fail(where, f"expected an IPv6 address inside [], got {_show(v)}")
-        elif v.count(":") == 1:
-            host, port_text = v.split(":")
-        elif v.count(":") > 1:
-            # a bare IPv6 address: the port cannot be told apart without brackets
-            pass
-        if port_text is None:
-            if default_port is None:
-                self.fail(where, f"expected {form} with a port, got {_show(v)}")
-            port = default_port
-        else:
-            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-                self.fail(where, f"expected a port in 1..65535 in {form}, got {_show(v)}")
-            port = int(port_text)
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            addr = None
-        if addr is None:
-            if ip_only:
-                self.fail(where, f"expected an IP address in {form}, got {_show(v)}")
-            # all-numeric names would be read as (bad) IPv4 addresses by resolvers
-            if not _HOSTNAME_RE.match(host) or re.fullmatch(r"[\d.]+", host):
-                self.fail(where, f"expected a host name or IP address in {form}, got {_show(v)}")
-            return HostPort(host, port)
-        return HostPort(str(addr), port)
 
-    def abs_path(self, t: dict, path: str, key: str, default: str) -> str:
-        v = self.string(t, path, key, default)
+def ip_address(*, as_text: bool = False) -> Read:
+    """An IPv4 or IPv6 address, as an ``ipaddress`` object or (``as_text``) its text."""
+
+    def read(r: _Reader, v: Any, where: str) -> Any:
+        if not isinstance(v, str):
+            r.fail(where, f"expected an IP address string, got {_show(v)}")
+        try:
+            a = ipaddress.ip_address(v)
+        except ValueError:
+            r.fail(where, f"expected an IPv4 or IPv6 address, got {_show(v)}")
+        return str(a) if as_text else a
+
+    return read
+
+
+def host_port(*, ip_only: bool, port_from: str | None = None, blank_is_none: bool = False) -> Read:
+    """``host:port``, ``[v6]:port``, or a bare host taking the port of the HostPort read
+    at ``port_from`` (e.g. "node.bind"); without ``port_from`` the port is required.
+    ``ip_only``: the host must be an address, not a name. ``blank_is_none``: "" is None."""
+
+    def read(r: _Reader, v: Any, where: str) -> HostPort | None:
+        if blank_is_none and v == "":
+            return None
+        default_port = r.values[port_from].port if port_from else None
+        return _host_port(r, v, where, default_port=default_port, ip_only=ip_only)
+
+    return read
+
+
+def _host_port(r: _Reader, v: Any, where: str, *, default_port: int | None, ip_only: bool) -> HostPort:
+    if not isinstance(v, str):
+        r.fail(where, f"expected a string \"host:port\", got {_show(v)}")
+    form = '"address:port"' if ip_only else '"host:port"'
+    host, port_text = v, None
+    if v.startswith("["):
+        close = v.find("]")
+        if close < 0 or (close + 1 < len(v) and v[close + 1] != ":"):
+            r.fail(where, f"expected {form}, got {_show(v)}")
+        host = v[1:close]
+        port_text = v[close + 2 :] if close + 1 < len(v) else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            r.fail(where, f"expected an IPv6 address inside [], got {_show(v)}")
+    elif v.count(":") == 1:
+        host, port_text = v.split(":")
+    elif v.count(":") > 1:
+        # a bare IPv6 address: the port cannot be told apart without brackets
+        pass
+    if port_text is None:
+        if default_port is None:
+            r.fail(where, f"expected {form} with a port, got {_show(v)}")
+        port = default_port
+    else:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            r.fail(where, f"expected a port in 1..65535 in {form}, got {_show(v)}")
+        port = int(port_text)
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None
+    if addr is None:
+        if ip_only:
+            r.fail(where, f"expected an IP address in {form}, got {_show(v)}")
+        # all-numeric names would be read as (bad) IPv4 addresses by resolvers
+        if not _HOSTNAME_RE.match(host) or re.fullmatch(r"[\d.]+", host):
+            r.fail(where, f"expected a host name or IP address in {form}, got {_show(v)}")
+        return HostPort(host, port)
+    return HostPort(str(addr), port)
+
+
+def absolute_path() -> Read:
+    def read(r: _Reader, v: Any, where: str) -> str:
+        v = text()(r, v, where)
         if not os.path.isabs(v):
-            self.fail(f"{path}.{key}", f"expected an absolute path, got {_show(v)}")
+            r.fail(where, f"expected an absolute path, got {_show(v)}")
         return os.path.normpath(v)
 
-
-# --- sections -----------------------------------------------------------------------
-
-
-def _parse_node(p: _Parser, raw: Any) -> NodeConfig:
-    keys = ("name", "iface", "bind", "advertise", "xdp_mode", "pin_dir", "control", "metrics", "log_level")
-    t = p.table(raw, "node", keys)
-    d = NodeConfig
-    name = p.string(t, "node", "name", None)
-    if name is None:
-        name = socket.gethostname().split(".")[0]
-        if not _NAME_RE.match(name):
-            p.fail("node.name", f"the host name {_show(name)} is not a valid member name; set node.name")
-    elif not _NAME_RE.match(name):
-        p.fail("node.name", f"expected 1-63 characters of A-Z a-z 0-9 . _ - starting with a letter or digit, got {_show(name)}")
-
-    iface = p.string(t, "node", "iface", None)
-    if iface is not None and (not _IFACE_RE.match(iface) or iface in (".", "..")):
-        p.fail("node.iface", f"expected an interface name (1-15 characters, no '/', ':' or spaces), got {_show(iface)}")
-
-    bind = d.bind
-    if "bind" in t:
-        bind = p.host_port(t["bind"], "node.bind", default_port=None, ip_only=True)
-
-    advertise = None
-    if "advertise" in t:
-        advertise = p.host_port(t["advertise"], "node.advertise", default_port=bind.port, ip_only=True)
-        a = ipaddress.ip_address(advertise.host)
-        if a.is_unspecified or a.is_multicast:
-            p.fail("node.advertise", f"expected an address peers can reach, got {_show(t['advertise'])}")
-
-    metrics: HostPort | None = d.metrics
-    if "metrics" in t:
-        if t["metrics"] == "":
-            metrics = None
-        else:
-            metrics = p.host_port(t["metrics"], "node.metrics", default_port=None, ip_only=True)
-
-    return NodeConfig(
-        name=name,
-        iface=iface,
-        bind=bind,
-        advertise=advertise,
-        xdp_mode=p.string(t, "node", "xdp_mode", d.xdp_mode, XDP_MODES),
-        pin_dir=p.abs_path(t, "node", "pin_dir", f"/sys/fs/bpf/meshlb/{name}"),
-        control=p.abs_path(t, "node", "control", f"/run/meshlb/{name}.sock"),
-        metrics=metrics,
-        log_level=p.string(t, "node", "log_level", d.log_level, LOG_LEVELS),
-    )
+    return read
 
 
-def _parse_cluster(p: _Parser, raw: Any, node: NodeConfig, base_dir: str | None) -> ClusterConfig:
-    keys = (
-        "label", "key_file", "peers", "discovery", "multicast_group", "multicast_ttl",
-        "broadcast_address", "preset", "max_datagram", "timings",
-    )
-    t = p.table(raw, "cluster", keys)
-    d = ClusterConfig
+class _Array:
+    """An array whose items are read with ``item``; the value is a tuple."""
 
-    label = p.string(t, "cluster", "label", d.label)
-    if not _NAME_RE.match(label):
-        p.fail("cluster.label", f"expected 1-63 characters of A-Z a-z 0-9 . _ - starting with a letter or digit, got {_show(label)}")
+    def __init__(self, item: Read, of: str):
+        self.item, self.of = item, of
 
-    if "key_file" not in t:
-        p.fail("cluster.key_file", "required: gossip is authenticated with a shared key (create one with `meshlb keygen` or the lab)")
-    key_file = p.string(t, "cluster", "key_file", None)
-    if not key_file:
-        p.fail("cluster.key_file", "expected a path, got \"\"")
-    if not os.path.isabs(key_file) and base_dir is not None:
+    def __call__(self, r: _Reader, v: Any, where: str) -> tuple[Any, ...]:
+        if not isinstance(v, list):
+            r.fail(where, f"expected an array of {self.of}, got {_show(v)}")
+        return tuple(self.item(r, x, f"{where}[{i}]") for i, x in enumerate(v))
+
+
+def array(item: Read, *, of: str) -> Read:
+    """``of`` names the items in the error for a non-array: 'expected an array of <of>'."""
+    return _Array(item, of)
+
+
+class _Table:
+    """A TOML table read into ``cls``, a dataclass whose fields are declared with option()."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __call__(self, r: _Reader, v: Any, where: str) -> Any:
+        return self.cls(**_read_fields(r, self.cls, v, where))
+
+
+def tables(cls: type, *, of: str) -> Read:
+    """An array of tables (``[[name]]``), each read into ``cls``. When ``cls`` has a
+    ``key`` property, diff_live reports changes per item by that key."""
+    return _Array(_Table(cls), of)
+
+
+class _Knobs:
+    """A table of named counts and durations, each of a kind (int or float), all > 0."""
+
+    def __init__(self, kinds: Mapping[str, type]):
+        self.kinds = kinds
+
+    def __call__(self, r: _Reader, v: Any, where: str) -> Mapping[str, int | float]:
+        t = r.table(v, where, tuple(self.kinds))
+        out = {}
+        for k, x in t.items():
+            read = integer(lo=1) if self.kinds[k] is int else number(positive=True)
+            out[k] = read(r, x, f"{where}.{k}")
+        return MappingProxyType(dict(sorted(out.items())))
+
+
+@dataclass(frozen=True)
+class _Option:
+    read: Read
+    check: Check | None
+    when_absent: Callable[[_Reader, str], Any] | None
+    required: str
+    live: bool
+    only_with: tuple[str, Any] | None
+
+
+_OPTION = "meshlb.config.option"
+
+
+def option(
+    default: Any = MISSING,
+    read: Read | None = None,
+    *,
+    factory: Any = MISSING,
+    check: Check | None = None,
+    when_absent: Callable[[_Reader, str], Any] | None = None,
+    required: str = "",
+    live: bool = False,
+    only_with: tuple[str, Any] | None = None,
+) -> Any:
+    """Declare a dataclass field as an option of the file.
+
+    When the key is absent: ``when_absent(reader, path)`` if given (a default computed
+    from fields read before), else ``default`` / ``factory()``, else it is required
+    (``required`` says why, after "required: "). ``live``: a reload applies a change of
+    it in place; otherwise diff_live lists it as needing a restart. ``only_with=(key,
+    value)``: the key may be given only when the option ``key``, declared before it in
+    the same table, has that value.
+    """
+    if read is None:
+        raise TypeError("option() needs read=")
+    meta = {_OPTION: _Option(read, check, when_absent, required, live, only_with)}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, default: Any = MISSING, *, required: str = "") -> Any:
+    """A ``[table]`` of options read into ``cls``. Absent, it reads as an empty table (its
+    options' defaults), unless ``required``. ``default`` is for constructing in code."""
+    read = _Table(cls)
+    absent = None if required else (lambda r, where: read(r, {}, where))
+    return option(default, read, when_absent=absent, required=required)
+
+
+# --- single-field checks --------------------------------------------------------------
+
+
+def _member_name(v: str, raw: Any) -> str | None:
+    if not _NAME_RE.match(v):
+        return f"expected 1-63 characters of A-Z a-z 0-9 . _ - starting with a letter or digit, got {_show(v)}"
+    return None
+
+
+def _host_name(r: _Reader, where: str) -> str:
+    name = socket.gethostname().split(".")[0]
+    if not _NAME_RE.match(name):
+        r.fail(where, f"the host name {_show(name)} is not a valid member name; set node.name")
+    return name
+
+
+def _interface_name(v: str, raw: Any) -> str | None:
+    if not _IFACE_RE.match(v) or v in (".", ".."):
+        return f"expected an interface name (1-15 characters, no '/', ':' or spaces), got {_show(v)}"
+    return None
+
+
+def _reachable(hp: HostPort, raw: Any) -> str | None:
+    a = ipaddress.ip_address(hp.host)
+    if a.is_unspecified or a.is_multicast:
+        return f"expected an address peers can reach, got {_show(raw)}"
+    return None
+
+
+def _multicast(hp: HostPort, raw: Any) -> str | None:
+    if not ipaddress.ip_address(hp.host).is_multicast:
+        return f"expected a multicast address, got {_show(raw)}"
+    return None
+
+
+def _ipv4(a: str, raw: Any) -> str | None:
+    if ipaddress.ip_address(a).version != 4:
+        return f"broadcast is IPv4 only, got {_show(raw)}"
+    return None
+
+
+def _unicast(a: ipaddress.IPv4Address | ipaddress.IPv6Address, raw: Any) -> str | None:
+    if a.is_unspecified or a.is_multicast:
+        return f"expected a unicast address, got {_show(raw)}"
+    return None
+
+
+def _prime(n: int, raw: Any) -> str | None:
+    nxt = max(n, 2)
+    while not maglev.is_prime(nxt):
+        nxt += 1
+    if nxt != n:
+        return f"expected a prime number (Maglev needs one), got {n}; the next prime is {nxt}"
+    return None
+
+
+def _request_path(p: str, raw: Any) -> str | None:
+    # the path goes verbatim into a request line: no spaces or control characters
+    if not p.startswith("/") or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in p):
+        return f"expected a path starting with \"/\" without spaces, got {_show(p)}"
+    return None
+
+
+def _key_file(r: _Reader, v: Any, where: str) -> str:
+    v = text()(r, v, where)
+    if not v:
+        r.fail(where, "expected a path, got \"\"")
+    if not os.path.isabs(v) and r.base_dir is not None:
         # relative to the cluster file, so a directory with both can be moved as a whole
-        key_file = os.path.join(base_dir, key_file)
-    key_file = os.path.normpath(key_file)
+        v = os.path.join(r.base_dir, v)
+    return os.path.normpath(v)
 
-    peers: list[HostPort] = []
-    if "peers" in t:
-        if not isinstance(t["peers"], list):
-            p.fail("cluster.peers", f"expected an array of \"host[:port]\" strings, got {_show(t['peers'])}")
-        for i, v in enumerate(t["peers"]):
-            peers.append(p.host_port(v, f"cluster.peers[{i}]", default_port=node.bind.port, ip_only=False))
 
-    group = d.multicast_group
-    if "multicast_group" in t:
-        group = p.host_port(t["multicast_group"], "cluster.multicast_group", default_port=node.bind.port, ip_only=True)
-        if not ipaddress.ip_address(group.host).is_multicast:
-            p.fail("cluster.multicast_group", f"expected a multicast address, got {_show(t['multicast_group'])}")
+def _check_peers(r: _Reader, v: Any, where: str) -> bool | tuple[str, ...]:
+    if isinstance(v, bool):
+        return v
+    if not isinstance(v, list):
+        r.fail(where, f"expected true, false or an array of member names, got {_show(v)}")
+    names: list[str] = []
+    for j, n in enumerate(v):
+        if not isinstance(n, str) or not _NAME_RE.match(n):
+            r.fail(f"{where}[{j}]", f"expected a member name, got {_show(n)}")
+        if n in names:
+            r.fail(f"{where}[{j}]", f"duplicate member name {_show(n)}")
+        names.append(n)
+    return tuple(names)
 
-    bcast = d.broadcast_address
-    if "broadcast_address" in t:
-        a = p.ip(t["broadcast_address"], "cluster.broadcast_address")
-        if a.version != 4:
-            p.fail("cluster.broadcast_address", f"broadcast is IPv4 only, got {_show(t['broadcast_address'])}")
-        bcast = str(a)
 
-    max_dgram = p.integer(t, "cluster", "max_datagram", d.max_datagram, 512, 65507)
+def _port_range(r: _Reader, v: Any, where: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d{1,5})-(\d{1,5})", v) if isinstance(v, str) else None
+    lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if not m or not (1 <= lo <= hi <= 65535):
+        r.fail(where, f'expected "low-high" with 1 <= low <= high <= 65535, got {_show(v)}')
+    return lo, hi
 
-    timings: dict[str, int | float] = {}
-    if "timings" in t:
-        tt = p.table(t["timings"], "cluster.timings", tuple(TIMING_KNOBS))
-        for k, v in tt.items():
-            where = f"cluster.timings.{k}"
-            if TIMING_KNOBS[k] is int:
-                timings[k] = p.int_value(v, where, lo=1)
-            else:
-                timings[k] = p.num_value(v, where, positive=True)
-        if "max_datagram" in timings:
-            if "max_datagram" in t and t["max_datagram"] != timings["max_datagram"]:
-                p.fail("cluster.timings.max_datagram", f"conflicts with cluster.max_datagram = {t['max_datagram']}; set one")
-            max_dgram = p.int_value(timings.pop("max_datagram"), "cluster.timings.max_datagram", 512, 65507)
 
-    preset = p.string(t, "cluster", "preset", d.preset, PRESETS)
-    _check_protocol(p, preset, timings, max_dgram)
+def _cgroup(r: _Reader, v: Any, where: str) -> str:
+    v = text()(r, v, where)
+    if v in ("auto", "off"):
+        return v
+    if not os.path.isabs(v):
+        r.fail(where, f'expected "auto", "off" or an absolute path, got {_show(v)}')
+    return os.path.normpath(v)
 
-    return ClusterConfig(
-        label=label,
-        key_file=key_file,
-        peers=tuple(peers),
-        discovery=p.string(t, "cluster", "discovery", d.discovery, DISCOVERY_KINDS),
-        multicast_group=group,
-        multicast_ttl=p.integer(t, "cluster", "multicast_ttl", d.multicast_ttl, 1, 255),
-        broadcast_address=bcast,
-        preset=preset,
-        max_datagram=max_dgram,
-        timings=MappingProxyType(dict(sorted(timings.items()))),
+
+# --- the options ----------------------------------------------------------------------
+# cluster.toml.example documents each of them, with the same default.
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    # default: the host name up to the first dot
+    name: str = option(read=text(), check=_member_name, when_absent=_host_name)
+    pin_dir: str = option(read=absolute_path(), when_absent=lambda r, _: f"/sys/fs/bpf/meshlb/{r.values['node.name']}")
+    control: str = option(read=absolute_path(), when_absent=lambda r, _: f"/run/meshlb/{r.values['node.name']}.sock")
+    iface: str | None = option(None, text(), check=_interface_name)
+    bind: HostPort = option(HostPort("0.0.0.0", DEFAULT_GOSSIP_PORT), host_port(ip_only=True))
+    # None: the agent advertises the first address of iface
+    advertise: HostPort | None = option(None, host_port(ip_only=True, port_from="node.bind"), check=_reachable)
+    xdp_mode: str = option("auto", text("native", "generic", "auto"))
+    metrics: HostPort | None = option(HostPort("127.0.0.1", 9477), host_port(ip_only=True, blank_is_none=True))
+    log_level: str = option("info", text("debug", "info", "warning", "error"), live=True)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    key_file: str = option(
+        read=_key_file, live=True,
+        required="gossip is authenticated with a shared key (create one with `meshlb keygen` or the lab)",
+    )
+    label: str = option("meshlb", text(), check=_member_name)
+    peers: tuple[HostPort, ...] = option(
+        (), array(host_port(ip_only=False, port_from="node.bind"), of='"host[:port]" strings'), live=True
+    )
+    discovery: str = option("unicast", text("unicast", "multicast", "broadcast"))
+    multicast_group: HostPort = option(
+        HostPort("239.77.77.77", DEFAULT_GOSSIP_PORT), host_port(ip_only=True, port_from="node.bind"), check=_multicast
+    )
+    multicast_ttl: int = option(1, integer(1, 255))
+    broadcast_address: str = option("255.255.255.255", ip_address(as_text=True), check=_ipv4)
+    preset: str = option("lan", text("lan", "wan", "local"), live=True)
+    max_datagram: int = option(1400, integer(512, 65507), live=True)
+    timings: Mapping[str, int | float] = option(
+        factory=lambda: MappingProxyType({}), read=_Knobs(TIMING_KNOBS), live=True
     )
 
 
-def _check_protocol(p: _Parser, preset: str, timings: Mapping[str, int | float], max_dgram: int) -> None:
-    """Let the protocol's own rules (e.g. probe_timeout <= probe_interval) judge the
-    preset with the overrides applied, so a bad combination fails here, not at join."""
-    from meshlb.cluster.protocol_config import ProtocolConfig
+@dataclass(frozen=True)
+class VipConfig:
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address = option(read=ip_address(), check=_unicast)
+    port: int = option(read=integer(1, 65535))
+    protocol: str = option("tcp", text("tcp", "udp"))
+    mode: str = option("dr", text("dr", "nat"))
+    ring_size: int = option(maglev.DEFAULT_SIZE, integer(2, MAX_RING_SIZE), check=_prime)
+    # with mode = "nat" the defaults are port and DEFAULT_SNAT_PORTS (see _vip)
+    backend_port: int | None = option(None, integer(1, 65535), only_with=("mode", "nat"))
+    snat_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = option(
+        None, ip_address(), check=_unicast, only_with=("mode", "nat")
+    )
+    snat_ports: tuple[int, int] | None = option(None, _port_range, only_with=("mode", "nat"))
 
+    @property
+    def key(self) -> str:
+        """Stable text identity, e.g. ``10.0.0.1:80/tcp`` (used in table digests)."""
+        return f"{HostPort(str(self.address), self.port)}/{self.protocol}"
+
+    @property
+    def target_port(self) -> int:
+        """The port the backends listen on."""
+        return self.backend_port or self.port
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval: float = option(2.0, number(positive=True), live=True)
+    timeout: float = option(1.0, number(positive=True), live=True)
+    kind: str = option("tcp", text("tcp", "http"), live=True)
+    http_path: str = option("/", text(), check=_request_path, live=True)
+    rise: int = option(2, integer(1, 100), live=True)
+    fall: int = option(3, integer(1, 100), live=True)
+    # True: every member; False: none (membership alone decides); or a tuple of names
+    check_peers: bool | tuple[str, ...] = option(True, _check_peers, live=True)
+    # None: each VIP's backend_port (or port)
+    app_port: int | None = option(None, integer(1, 65535), live=True)
+
+
+@dataclass(frozen=True)
+class ConntrackConfig:
+    max_entries: int = option(262144, integer(1, 1 << 28))
+    idle_timeout_s: float = option(300.0, number(), live=True)
+    sweep_interval_s: float = option(30.0, number(positive=True), live=True)
+    # a TCP entry whose handshake the client never acknowledged; 0 keeps them
+    handshake_timeout_s: float = option(10.0, number(), live=True)
+    # cgroup v2 directory whose sockets' closes a sock_ops program reports besides the
+    # tracepoint: "auto" (the root of the first cgroup2 mount), "off", or a path
+    sockops_cgroup: str = option("auto", _cgroup)
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    timeout_s: float = option(30.0, number(), live=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = section(NodeConfig)
+    cluster: ClusterConfig = section(ClusterConfig, required="the [cluster] table (at least key_file)")
+    vips: tuple[VipConfig, ...] = option((), tables(VipConfig, of="tables ([[vips]])"), live=True)
+    health: HealthConfig = section(HealthConfig, HealthConfig())
+    conntrack: ConntrackConfig = section(ConntrackConfig, ConntrackConfig())
+    drain: DrainConfig = section(DrainConfig, DrainConfig())
+    # where it came from, for error messages; not part of the configuration's value
+    source: str = field(default="cluster.toml", compare=False)
+    _raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _base_dir: str | None = field(default=None, compare=False, repr=False)
+
+
+# --- rules between fields ---------------------------------------------------------------
+# Each gets the reader, the table's path, its values (which it may complete) and the keys
+# the file gave; it runs after the table's own fields are read, before it is built.
+
+_Rule = Callable[[_Reader, str, dict[str, Any], Mapping[str, Any]], None]
+_RULES: dict[type, _Rule] = {}
+
+
+def _rules(cls: type) -> Callable[[_Rule], _Rule]:
+    def register(fn: _Rule) -> _Rule:
+        if cls in _RULES:
+            raise TypeError(f"{cls.__name__} has rules already ({_RULES[cls].__name__}): put them in one function")
+        _RULES[cls] = fn
+        return fn
+
+    return register
+
+
+@_rules(ClusterConfig)
+def _cluster(r: _Reader, path: str, got: dict[str, Any], given: Mapping[str, Any]) -> None:
+    timings = dict(got["timings"])
+    if "max_datagram" in timings:
+        # a protocol knob too, but it sizes buffers outside the protocol: kept in one field
+        where = f"{path}.timings.max_datagram"
+        if "max_datagram" in given and given["max_datagram"] != timings["max_datagram"]:
+            r.fail(where, f"conflicts with {path}.max_datagram = {given['max_datagram']}; set one")
+        got["max_datagram"] = _option_of(ClusterConfig, "max_datagram").read(r, timings.pop("max_datagram"), where)
+        got["timings"] = MappingProxyType(timings)
+    # the protocol's own rules (e.g. probe_timeout <= probe_interval) judge the preset with
+    # the overrides applied, so a bad combination fails here, not at join
     try:
-        ProtocolConfig.preset(preset, **{**timings, "max_datagram": max_dgram})
+        ProtocolConfig.preset(got["preset"], **{**timings, "max_datagram": got["max_datagram"]})
     except (ValueError, TypeError) as exc:
-        where = "cluster.timings" if timings else "cluster.max_datagram"
-        p.fail(where, f"{exc} (preset \"{preset}\" with these overrides)")
+        where = f"{path}.timings" if timings else f"{path}.max_datagram"
+        r.fail(where, f"{exc} (preset \"{got['preset']}\" with these overrides)")
 
 
-def _parse_vip(p: _Parser, raw: Any, i: int) -> VipConfig:
-    path = f"vips[{i}]"
-    keys = ("address", "port", "protocol", "mode", "ring_size", "backend_port", "snat_address", "snat_ports")
-    t = p.table(raw, path, keys)
-    d = VipConfig
-    for req in ("address", "port"):
-        if req not in t:
-            p.fail(f"{path}.{req}", "required")
-    address = p.ip(t["address"], f"{path}.address")
-    if address.is_unspecified or address.is_multicast:
-        p.fail(f"{path}.address", f"expected a unicast address, got {_show(t['address'])}")
-    port = p.int_value(t["port"], f"{path}.port", 1, 65535)
-    mode = p.string(t, path, "mode", d.mode, MODES)
-
-    ring = p.integer(t, path, "ring_size", d.ring_size, 2, MAX_RING_SIZE)
-    if _next_prime(ring) != ring:
-        p.fail(f"{path}.ring_size", f"expected a prime number (Maglev needs one), got {ring}; the next prime is {_next_prime(ring)}")
-
-    if mode != "nat":
-        for k in ("backend_port", "snat_address", "snat_ports"):
-            if k in t:
-                p.fail(f"{path}.{k}", 'only valid with mode = "nat"')
-        return VipConfig(address=address, port=port, protocol=p.string(t, path, "protocol", d.protocol, PROTOCOLS),
-                         mode=mode, ring_size=ring)
-
-    snat_address = None
-    if "snat_address" in t:
-        snat_address = p.ip(t["snat_address"], f"{path}.snat_address")
-        if snat_address.version != address.version:
-            p.fail(f"{path}.snat_address", f"expected an IPv{address.version} address like the VIP, got {_show(t['snat_address'])}")
-        if snat_address.is_unspecified or snat_address.is_multicast:
-            p.fail(f"{path}.snat_address", f"expected a unicast address, got {_show(t['snat_address'])}")
-
-    snat_ports = DEFAULT_SNAT_PORTS
-    if "snat_ports" in t:
-        v = t["snat_ports"]
-        m = re.fullmatch(r"(\d{1,5})-(\d{1,5})", v) if isinstance(v, str) else None
-        lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-        if not m or not (1 <= lo <= hi <= 65535):
-            p.fail(f"{path}.snat_ports", f'expected "low-high" with 1 <= low <= high <= 65535, got {_show(v)}')
-        snat_ports = (lo, hi)
-
-    return VipConfig(
-        address=address,
-        port=port,
-        protocol=p.string(t, path, "protocol", d.protocol, PROTOCOLS),
-        mode=mode,
-        ring_size=ring,
-        backend_port=p.integer(t, path, "backend_port", port, 1, 65535),
-        snat_address=snat_address,
-        snat_ports=snat_ports,
-    )
+@_rules(VipConfig)
+def _vip(r: _Reader, path: str, got: dict[str, Any], given: Mapping[str, Any]) -> None:
+    if got["mode"] != "nat":
+        return
+    if got["backend_port"] is None:
+        got["backend_port"] = got["port"]
+    if got["snat_ports"] is None:
+        got["snat_ports"] = DEFAULT_SNAT_PORTS
+    snat, vip = got["snat_address"], got["address"]
+    if snat is not None and snat.version != vip.version:
+        r.fail(f"{path}.snat_address", f"expected an IPv{vip.version} address like the VIP, got {_show(given['snat_address'])}")
 
 
-def _parse_vips(p: _Parser, raw: Any) -> tuple[VipConfig, ...]:
-    if not isinstance(raw, list):
-        p.fail("vips", f"expected an array of tables ([[vips]]), got {_show(raw)}")
-    vips: list[VipConfig] = []
+@_rules(HealthConfig)
+def _health(r: _Reader, path: str, got: dict[str, Any], given: Mapping[str, Any]) -> None:
+    if got["timeout"] > got["interval"]:
+        r.fail(f"{path}.timeout", f"must not exceed {path}.interval ({got['interval']:g}), got {got['timeout']:g}")
+
+
+@_rules(Config)
+def _vips(r: _Reader, path: str, got: dict[str, Any], given: Mapping[str, Any]) -> None:
     seen: dict[tuple, int] = {}
     mode_of: dict[Any, tuple[str, int]] = {}
-    for i, item in enumerate(raw):
-        v = _parse_vip(p, item, i)
+    for i, v in enumerate(got["vips"]):
         ident = (v.address, v.port, v.protocol)
         if ident in seen:
-            p.fail(f"vips[{i}]", f"{v.key} is already defined in vips[{seen[ident]}]")
+            r.fail(f"vips[{i}]", f"{v.key} is already defined in vips[{seen[ident]}]")
         seen[ident] = i
         # In DR mode the VIP address is configured on every mix and packets keep it as
         # destination; in NAT mode it is rewritten. One address cannot be both, or
         # traffic for a NAT port would also be answered by the DR-configured address.
-        prev = mode_of.get(v.address)
-        if prev is not None and prev[0] != v.mode:
-            p.fail(f"vips[{i}].mode", f"{v.address} is \"{prev[0]}\" in vips[{prev[1]}]; an address takes one mode")
-        mode_of.setdefault(v.address, (v.mode, i))
-        vips.append(v)
-    return tuple(vips)
+        prev = mode_of.setdefault(v.address, (v.mode, i))
+        if prev[0] != v.mode:
+            r.fail(f"vips[{i}].mode", f"{v.address} is \"{prev[0]}\" in vips[{prev[1]}]; an address takes one mode")
 
 
-def _parse_health(p: _Parser, raw: Any) -> HealthConfig:
-    keys = ("interval", "timeout", "kind", "http_path", "rise", "fall", "check_peers", "app_port")
-    t = p.table(raw, "health", keys)
-    d = HealthConfig
-    interval = p.number(t, "health", "interval", d.interval, positive=True)
-    timeout = p.number(t, "health", "timeout", d.timeout, positive=True)
-    if timeout > interval:
-        p.fail("health.timeout", f"must not exceed health.interval ({interval:g}), got {timeout:g}")
-    http_path = p.string(t, "health", "http_path", d.http_path)
-    # the path goes verbatim into a request line: no spaces or control characters
-    if not http_path.startswith("/") or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in http_path):
-        p.fail("health.http_path", f"expected a path starting with \"/\" without spaces, got {_show(http_path)}")
+# --- the walker -------------------------------------------------------------------------
 
-    check_peers: bool | tuple[str, ...] = d.check_peers
-    if "check_peers" in t:
-        v = t["check_peers"]
-        if isinstance(v, bool):
-            check_peers = v
-        elif isinstance(v, list):
-            names = []
-            for j, n in enumerate(v):
-                if not isinstance(n, str) or not _NAME_RE.match(n):
-                    p.fail(f"health.check_peers[{j}]", f"expected a member name, got {_show(n)}")
-                if n in names:
-                    p.fail(f"health.check_peers[{j}]", f"duplicate member name {_show(n)}")
-                names.append(n)
-            check_peers = tuple(names)
+
+@functools.cache
+def _options(cls: type) -> tuple[tuple[dataclasses.Field, _Option], ...]:
+    opts = tuple((f, f.metadata[_OPTION]) for f in dataclasses.fields(cls) if _OPTION in f.metadata)
+    for i, (f, o) in enumerate(opts):
+        # the walker reads in declaration order: what a field depends on must come first
+        if o.only_with is not None and o.only_with[0] not in [g.name for g, _ in opts[:i]]:
+            raise TypeError(f"{cls.__name__}.{f.name}: only_with names {o.only_with[0]!r}, not an option declared before it")
+    return opts
+
+
+def _option_of(cls: type, name: str) -> _Option:
+    return next(o for f, o in _options(cls) if f.name == name)
+
+
+def _read_fields(r: _Reader, cls: type, raw: Any, path: str) -> dict[str, Any]:
+    """Read the table ``raw`` at ``path`` as the options of ``cls``: unknown keys,
+    required keys, each value, then the table's rules. Returns the constructor's kwargs."""
+    opts = _options(cls)
+    given = r.table(raw, path, [f.name for f, _ in opts])
+    got: dict[str, Any] = {}
+    for f, o in opts:
+        where = f"{path}.{f.name}" if path else f.name
+        if f.name in given:
+            if o.only_with is not None and got[o.only_with[0]] != o.only_with[1]:
+                r.fail(where, f"only valid with {o.only_with[0]} = {_show(o.only_with[1])}")
+            value = o.read(r, given[f.name], where)
+            problem = o.check(value, given[f.name]) if o.check else None
+            if problem:
+                r.fail(where, problem)
+        elif o.when_absent is not None:
+            value = o.when_absent(r, where)
+        elif f.default is not MISSING:
+            value = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
         else:
-            p.fail("health.check_peers", f"expected true, false or an array of member names, got {_show(v)}")
-
-    return HealthConfig(
-        interval=interval,
-        timeout=timeout,
-        kind=p.string(t, "health", "kind", d.kind, HEALTH_KINDS),
-        http_path=http_path,
-        rise=p.integer(t, "health", "rise", d.rise, 1, 100),
-        fall=p.integer(t, "health", "fall", d.fall, 1, 100),
-        check_peers=check_peers,
-        app_port=p.integer(t, "health", "app_port", d.app_port, 1, 65535),
-    )
+            r.fail(where, f"required: {o.required}" if o.required else "required")
+        got[f.name] = r.values[where] = value
+    if cls in _RULES:
+        _RULES[cls](r, path, got, given)
+    return got
 
 
-def _parse_conntrack(p: _Parser, raw: Any) -> ConntrackConfig:
-    t = p.table(raw, "conntrack", ("max_entries", "idle_timeout_s", "sweep_interval_s",
-                                   "handshake_timeout_s", "sockops_cgroup"))
-    d = ConntrackConfig
-    cgroup = p.string(t, "conntrack", "sockops_cgroup", d.sockops_cgroup)
-    if cgroup not in ("auto", "off"):
-        if not os.path.isabs(cgroup):
-            p.fail("conntrack.sockops_cgroup", f'expected "auto", "off" or an absolute path, got {_show(cgroup)}')
-        cgroup = os.path.normpath(cgroup)
-    return ConntrackConfig(
-        max_entries=p.integer(t, "conntrack", "max_entries", d.max_entries, 1, 1 << 28),
-        idle_timeout_s=p.number(t, "conntrack", "idle_timeout_s", d.idle_timeout_s),
-        sweep_interval_s=p.number(t, "conntrack", "sweep_interval_s", d.sweep_interval_s, positive=True),
-        handshake_timeout_s=p.number(t, "conntrack", "handshake_timeout_s", d.handshake_timeout_s),
-        sockops_cgroup=cgroup,
-    )
-
-
-def _parse_drain(p: _Parser, raw: Any) -> DrainConfig:
-    t = p.table(raw, "drain", ("timeout_s",))
-    return DrainConfig(timeout_s=p.number(t, "drain", "timeout_s", DrainConfig.timeout_s))
+def option_paths(cls: type = Config, prefix: str = "") -> Iterator[str]:
+    """Every option the file takes, as a dotted path: ``node.name``, ``vips.port`` (an
+    array of tables without an index), ``cluster.timings.probe_interval``."""
+    for f, o in _options(cls):
+        path = prefix + f.name
+        read = o.read.item if isinstance(o.read, _Array) else o.read
+        if isinstance(read, _Table):
+            yield from option_paths(read.cls, path + ".")
+        elif isinstance(read, _Knobs):
+            yield from (f"{path}.{k}" for k in read.kinds)
+        else:
+            yield path
 
 
 def _build(doc: Mapping[str, Any], source: str, base_dir: str | None, cli_labels: Mapping[str, str] | None = None) -> Config:
-    p = _Parser(source, cli_labels)
-    p.table(doc, "", ("node", "cluster", "vips", "health", "conntrack", "drain"))
-    node = _parse_node(p, doc.get("node", {}))
-    if "cluster" not in doc:
-        p.fail("cluster", "required: the [cluster] table (at least key_file)")
-    cluster = _parse_cluster(p, doc["cluster"], node, base_dir)
-    return Config(
-        node=node,
-        cluster=cluster,
-        vips=_parse_vips(p, doc.get("vips", [])),
-        health=_parse_health(p, doc.get("health", {})),
-        conntrack=_parse_conntrack(p, doc.get("conntrack", {})),
-        drain=_parse_drain(p, doc.get("drain", {})),
-        source=source,
-        _raw=copy.deepcopy(dict(doc)),
-        _base_dir=base_dir,
-    )
+    r = _Reader(source, base_dir, cli_labels)
+    return Config(**_read_fields(r, Config, doc, ""), source=source, _raw=copy.deepcopy(dict(doc)), _base_dir=base_dir)
 
 
 # --- public entry points ----------------------------------------------------------
@@ -708,9 +790,6 @@ _CLI_FLAGS = {
 }
 
 
-DEFAULT_KEY_FILE = "/etc/meshlb/cluster.key"
-
-
 def default_config(key_file: str = DEFAULT_KEY_FILE) -> Config:
     """The configuration of a node started without a cluster file (flags only)."""
     return _build({"cluster": {"key_file": key_file}}, "defaults", None)
@@ -740,10 +819,10 @@ def merge_cli(
     ):
         if value is None:
             continue
-        section, key = dotted.split(".")
-        doc.setdefault(section, {})
-        if isinstance(doc[section], dict):
-            doc[section][key] = value
+        table, key = dotted.split(".")
+        doc.setdefault(table, {})
+        if isinstance(doc[table], dict):
+            doc[table][key] = value
         labels[dotted] = _CLI_FLAGS[dotted]
     return _build(doc, config.source, config._base_dir, labels)
 
@@ -817,53 +896,50 @@ def validate_host(config: Config, *, sys_class_net: str = "/sys/class/net") -> t
 
 
 # --- live reload ------------------------------------------------------------------
-
-# What a SIGHUP can change in place. Everything else is fixed for the agent's life:
-# identity (name), kernel attachment (iface, xdp_mode, pin_dir, map sizes), listening
-# sockets (bind, control, metrics, discovery) and cluster identity (label).
-_LIVE_FIELDS = {
-    "node": {"log_level"},
-    "cluster": {"key_file", "peers", "preset", "max_datagram", "timings"},
-    "health": {f.name for f in dataclasses.fields(HealthConfig)},
-    "conntrack": {"idle_timeout_s", "sweep_interval_s", "handshake_timeout_s"},
-    "drain": {"timeout_s"},
-}
+# What a SIGHUP can change in place is declared by each option (live=True). Everything
+# else is fixed for the agent's life: identity (name), kernel attachment (iface, xdp_mode,
+# pin_dir, map sizes), listening sockets (bind, control, metrics, discovery) and cluster
+# identity (label).
 
 
 def diff_live(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """Compare two configurations for a reload: (changes applied live, changes that need
     a restart). Entries name the field, e.g. ``health.interval``,
-    ``cluster.timings.probe_interval``, ``vips: add 10.0.0.2:80/tcp``. The key file is
-    re-read on every reload whether or not its path changed; that is not listed here."""
-    applied: list[str] = []
-    restart: list[str] = []
-    for section in ("node", "cluster", "health", "conntrack", "drain"):
-        a, b = getattr(old, section), getattr(new, section)
-        for f in dataclasses.fields(a):
-            va, vb = getattr(a, f.name), getattr(b, f.name)
-            if va == vb:
-                continue
-            if section == "cluster" and f.name == "timings":
-                for k in sorted(set(va) | set(vb)):
-                    if va.get(k) != vb.get(k):
-                        applied.append(f"cluster.timings.{k}")
-                continue
-            (applied if f.name in _LIVE_FIELDS[section] else restart).append(f"{section}.{f.name}")
+    ``cluster.timings.probe_interval``, ``vips: add 10.0.0.2:80/tcp``; the entries of
+    arrays of tables come last, sorted. The key file is re-read on every reload whether or
+    not its path changed; that is not listed here."""
+    # live? -> (fields, array entries)
+    out: dict[bool, tuple[list[str], list[str]]] = {True: ([], []), False: ([], [])}
+    _diff(Config, old, new, "", out)
+    return [*out[True][0], *sorted(out[True][1])], [*out[False][0], *sorted(out[False][1])]
 
-    before = {v.key: v for v in old.vips}
-    after = {v.key: v for v in new.vips}
-    for k in before.keys() - after.keys():
-        applied.append(f"vips: remove {k}")
-    for k in after.keys() - before.keys():
-        applied.append(f"vips: add {k}")
+
+def _diff(cls: type, a: Any, b: Any, prefix: str, out: dict[bool, tuple[list[str], list[str]]]) -> None:
+    for f, o in _options(cls):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if va == vb:
+            continue
+        path = prefix + f.name
+        if isinstance(o.read, _Table):
+            _diff(o.read.cls, va, vb, path + ".", out)
+            continue
+        fields, entries = out[o.live]
+        keyed = isinstance(o.read, _Array) and isinstance(o.read.item, _Table) and hasattr(o.read.item.cls, "key")
+        if isinstance(va, Mapping):
+            fields += [f"{path}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        elif keyed:
+            entries += _diff_items(path, va, vb)
+        else:
+            fields.append(path)
+
+
+def _diff_items(path: str, old: Sequence[Any], new: Sequence[Any]) -> list[str]:
+    before = {v.key: v for v in old}
+    after = {v.key: v for v in new}
+    out = [f"{path}: remove {k}" for k in before.keys() - after.keys()]
+    out += [f"{path}: add {k}" for k in after.keys() - before.keys()]
     for k in before.keys() & after.keys():
         if before[k] != after[k]:
-            changed = [f.name for f in dataclasses.fields(VipConfig) if getattr(before[k], f.name) != getattr(after[k], f.name)]
-            applied.append(f"vips: change {k} ({', '.join(changed)})")
-    return _sorted_vips_last(applied), restart
-
-
-def _sorted_vips_last(items: list[str]) -> list[str]:
-    plain = [i for i in items if not i.startswith("vips:")]
-    vips = sorted(i for i in items if i.startswith("vips:"))
-    return plain + vips
+            changed = [f.name for f in dataclasses.fields(before[k]) if getattr(before[k], f.name) != getattr(after[k], f.name)]
+            out.append(f"{path}: change {k} ({', '.join(changed)})")
+    return out

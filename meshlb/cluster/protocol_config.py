@@ -31,32 +31,41 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
-__all__ = ["ProtocolConfig", "preset", "push_pull_scale", "retransmit_limit", "suspicion_bounds"]
+__all__ = ["ProtocolConfig", "preset", "push_pull_scale", "retransmit_limit", "suspicion_bounds", "tunable"]
+
+_T = TypeVar("_T", int, float)
+
+
+def tunable(default: _T) -> _T:
+    """A knob operators may override on top of a preset (the cluster file's
+    [cluster.timings]); the fields declared without it are internal bounds."""
+    return dataclasses.field(default=default, metadata={"tunable": True})
 
 
 @dataclass(frozen=True)
 class ProtocolConfig:
     # Failure detection.
-    probe_interval: float = 0.8
-    probe_timeout: float = 0.4
-    indirect_checks: int = 3
+    probe_interval: float = tunable(0.8)
+    probe_timeout: float = tunable(0.4)
+    indirect_checks: int = tunable(3)
     # Lifeguard suspicion: min = alpha*log10(N)*probe_interval, max = beta*min.
-    suspicion_mult: float = 3.0  # alpha
-    suspicion_max_timeout_mult: float = 6.0  # beta
-    awareness_max_multiplier: int = 8
+    suspicion_mult: float = tunable(3.0)  # alpha
+    suspicion_max_timeout_mult: float = tunable(6.0)  # beta
+    awareness_max_multiplier: int = tunable(8)
 
     # Dissemination.
-    retransmit_mult: int = 4
-    gossip_interval: float = 0.2
-    gossip_nodes: int = 4
-    gossip_max_datagrams: int = 16  # per target and round, while the queue has news
+    retransmit_mult: int = tunable(4)
+    gossip_interval: float = tunable(0.2)
+    gossip_nodes: int = tunable(4)
+    gossip_max_datagrams: int = tunable(16)  # per target and round, while the queue has news
     # Delay before fresh membership news is forwarded (see eviction_batch_delay).
     update_batch_delay: float = 0.02
     broadcast_queue_max: int = 4096
 
     # Anti-entropy.
-    push_pull_interval: float = 30.0
+    push_pull_interval: float = tunable(30.0)
     join_retry_interval: float = 1.0
     # When joining through GROUP every member hears the announcement; each answers with
     # probability min(1, group_join_replies / N) so a big cluster is not stampeded.
@@ -75,10 +84,10 @@ class ProtocolConfig:
     reconnect_interval: float = 10.0
 
     # Dead and left members are remembered (and still gossiped about) this long.
-    dead_reap_interval: float = 30.0
+    dead_reap_interval: float = tunable(30.0)
 
     # Evictions.
-    eviction_retransmit_mult: int = 4
+    eviction_retransmit_mult: int = tunable(4)
     eviction_batch_delay: float = 0.01
     eviction_buffer_max: int = 8192  # recent events kept to answer repairs
     eviction_buffer_ttl: float = 120.0
@@ -99,7 +108,7 @@ class ProtocolConfig:
     # Bounds on per-probe state.
     pending_probes_max: int = 1024
 
-    max_datagram: int = 1400
+    max_datagram: int = tunable(1400)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -609,3 +609,147 @@ def test_all_zero_key_refused(tmp_path):
     key = write_key(tmp_path, "00" * 32 + "\n")
     with pytest.raises(ConfigError, match="all-zero key"):
         load_key_ring(str(key))
+
+
+# --- one declaration per option -------------------------------------------------------
+
+
+def _example_keys() -> set[str]:
+    """Every ``key = value`` of the example, commented out or not, as ``table.key``."""
+    table, keys = "", set()
+    for line in EXAMPLE.read_text().splitlines():
+        m = re.match(r"^#?\[\[?([\w.]+)\]\]?\s*$", line)
+        if m:
+            table = m.group(1)
+            continue
+        m = re.match(r"^#?(\w+) = ", line)
+        if m:
+            keys.add(f"{table}.{m.group(1)}")
+    return keys
+
+
+def test_example_documents_every_declared_option_in_its_table():
+    declared = set(cfg.option_paths())
+    assert {"node.name", "cluster.timings.probe_interval", "vips.snat_ports", "drain.timeout_s"} <= declared
+    documented = _example_keys()
+    assert declared - documented == set(), "declared but not in cluster.toml.example"
+    assert documented - declared == set(), "in cluster.toml.example but not declared"
+
+
+def test_example_timing_knobs_show_the_lan_values():
+    from meshlb.cluster.protocol_config import ProtocolConfig
+
+    lan = ProtocolConfig.lan()
+    shown = dict(re.findall(r"^#(\w+) = (\S+)$", EXAMPLE.read_text().split("[cluster.timings]")[1].split("[[vips]]")[0], re.M))
+    assert set(shown) == set(cfg.TIMING_KNOBS)
+    for knob, value in shown.items():
+        assert cfg.TIMING_KNOBS[knob](value) == getattr(lan, knob), knob
+
+
+def test_timing_knobs_are_the_tunable_protocol_fields_with_their_types():
+    from meshlb.cluster.protocol_config import ProtocolConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ProtocolConfig)}
+    assert cfg.TIMING_KNOBS["probe_interval"] is float and cfg.TIMING_KNOBS["gossip_nodes"] is int
+    # a protocol field not declared tunable is an internal bound, not a knob
+    assert "broadcast_queue_max" in fields and "broadcast_queue_max" not in cfg.TIMING_KNOBS
+    msg = err(BASE + "[cluster.timings]\nbroadcast_queue_max = 10\n")
+    assert msg == ("cluster.toml: cluster.timings.broadcast_queue_max: unknown key (known: "
+                   + ", ".join(sorted(cfg.TIMING_KNOBS)) + ")")
+
+
+def test_unknown_key_lists_the_declared_options():
+    known = sorted(f.name for f in dataclasses.fields(cfg.NodeConfig))
+    assert err(BASE.replace("[node]", "[node]\ncolour = 1")) == (
+        f"cluster.toml: node.colour: unknown key (known: {', '.join(known)})"
+    )
+    assert err(BASE + "[drain]\ntimeout = 2\n") == "cluster.toml: drain.timeout: unknown key (known: timeout_s)"
+    # the top level: the tables, not Config's bookkeeping fields (source, ...)
+    assert err("bogus = 1\n" + BASE) == (
+        "cluster.toml: bogus: unknown key (known: cluster, conntrack, drain, health, node, vips)"
+    )
+
+
+def test_nat_only_key_is_named_before_its_value_is_judged():
+    assert err(BASE + vip("backend_port = 0")) == 'cluster.toml: vips[0].backend_port: only valid with mode = "nat"'
+    assert err(BASE + vip('snat_address = 7')) == 'cluster.toml: vips[0].snat_address: only valid with mode = "nat"'
+
+
+def test_vip_config_is_the_vip_type():
+    v = cfg.VipConfig(address=ipaddress.ip_address("10.0.0.1"), port=80)
+    assert v.target_port == 80 and v.key == "10.0.0.1:80/tcp"
+    nat = cfg.VipConfig(address=ipaddress.ip_address("2001:db8::1"), port=443, mode="nat", backend_port=8443)
+    assert nat.target_port == 8443 and nat.key == "[2001:db8::1]:443/tcp"
+    (parsed,) = parse(BASE + vip('mode = "nat"')).vips
+    assert parsed.target_port == 80
+    assert {v, v, nat} == {v, nat}  # hashable, by value
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.port = 81  # type: ignore[misc]
+
+
+def test_diff_live_follows_the_declarations():
+    old = parse(BASE)
+    applied, restart = diff_live(old, parse(BASE + 'discovery = "multicast"\npreset = "wan"\n'
+                                              + '[conntrack]\nsockops_cgroup = "off"\n[health]\nkind = "http"\n'))
+    assert applied == ["cluster.preset", "health.kind"]
+    assert restart == ["cluster.discovery", "conntrack.sockops_cgroup"]
+
+
+def test_a_table_declared_with_the_vocabulary_reads_like_the_others():
+    """How a new table is declared (here a sketch of an [announce] table with an array of
+    neighbour tables): the same walker gives it unknown keys, required keys, types,
+    choices, nat-only-like gates and located errors without code of its own."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Neighbour:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = cfg.option(read=cfg.ip_address())
+        asn: int = cfg.option(read=cfg.integer(1, 4294967295))
+        hold_time_s: float = cfg.option(90.0, cfg.number(positive=True))
+        bfd: bool = cfg.option(False, cfg.flag())
+
+    @dataclass(frozen=True)
+    class Announce:
+        mode: str = cfg.option("none", cfg.text("bgp", "l2", "none"))
+        asn: int | None = cfg.option(None, cfg.integer(1, 4294967295), only_with=("mode", "bgp"))
+        neighbours: tuple[Neighbour, ...] = cfg.option(
+            (), cfg.tables(Neighbour, of="tables ([[announce.neighbours]])"), only_with=("mode", "bgp"), live=True
+        )
+
+    def read(raw):
+        return cfg._Table(Announce)(cfg._Reader("cluster.toml"), raw, "announce")
+
+    def fails(raw):
+        with pytest.raises(ConfigError) as exc:
+            read(raw)
+        return str(exc.value)
+
+    assert read({}) == Announce()
+    a = read({"mode": "bgp", "asn": 65001, "neighbours": [{"address": "192.0.2.1", "asn": 65000, "bfd": True}]})
+    assert a.neighbours == (Neighbour(address=ipaddress.ip_address("192.0.2.1"), asn=65000, bfd=True),)
+    assert fails({"mode": "ospf"}) == 'cluster.toml: announce.mode: expected "bgp", "l2" or "none", got "ospf"'
+    assert fails({"asn": 1}) == 'cluster.toml: announce.asn: only valid with mode = "bgp"'
+    assert fails({"mode": "bgp", "neighbours": {}}) == (
+        "cluster.toml: announce.neighbours: expected an array of tables ([[announce.neighbours]]), got a table"
+    )
+    bad = {"mode": "bgp", "neighbours": [{"address": "192.0.2.1", "asn": 1}, {"address": "192.0.2.2", "asn": 0}]}
+    assert fails(bad) == "cluster.toml: announce.neighbours[1].asn: expected an integer in 1..4294967295, got 0"
+    assert fails({"mode": "bgp", "neighbours": [{"asn": 1}]}) == "cluster.toml: announce.neighbours[0].address: required"
+    assert fails({"mode": "bgp", "neighbours": [{"address": "192.0.2.1", "asn": 1, "port": 179}]}) == (
+        "cluster.toml: announce.neighbours[0].port: unknown key (known: address, asn, bfd, hold_time_s)"
+    )
+    assert list(cfg.option_paths(Announce)) == [
+        "mode", "asn", "neighbours.address", "neighbours.asn", "neighbours.hold_time_s", "neighbours.bfd",
+    ]
+
+
+def test_only_with_must_name_an_earlier_option():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Backwards:
+        asn: int | None = cfg.option(None, cfg.integer(1), only_with=("mode", "bgp"))
+        mode: str = cfg.option("none", cfg.text("bgp", "none"))
+
+    with pytest.raises(TypeError, match="only_with names 'mode'"):
+        cfg._Table(Backwards)(cfg._Reader("x"), {}, "t")
