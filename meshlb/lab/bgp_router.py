@@ -108,7 +108,7 @@ class RouterBird:
 def stop_daemon(pid: int, marker: str, timeout: float = 5.0) -> bool:
     """SIGTERM (then SIGKILL) the process ``pid`` if its command line still contains
     ``marker`` (a PID reused by another process since is left alone); True if it is gone."""
-    if not _cmdline_has(pid, marker):
+    if not daemon_running(pid, marker):
         return True
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -118,13 +118,14 @@ def stop_daemon(pid: int, marker: str, timeout: float = 5.0) -> bool:
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _cmdline_has(pid, marker):
+            if not daemon_running(pid, marker):
                 return True
             time.sleep(0.05)
     return False
 
 
-def _cmdline_has(pid: int, marker: str) -> bool:
+def daemon_running(pid: int, marker: str) -> bool:
+    """Whether ``pid`` runs and its command line contains ``marker``."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read()

@@ -110,3 +110,24 @@ class RouteMonitor:
             hops = [words[words.index("via") + 1]] if "via" in words else []
             out.append((deleted, words[0], hops))
         return out
+
+
+def gossip(drivers: dict[str, Driver], forwardable: dict[str, list[str]], rounds: int = 6) -> list[dict]:
+    """Hand every announcer the others' ready and claimed VIPs (what their member
+    metadata would carry), round after round until nothing changes; returns each
+    round's statuses by member. Stands in for the agent's gossip, not for the network."""
+    members = list(drivers)
+    history = []
+    statuses = {m: drivers[m].status() for m in members}
+    for _ in range(rounds):
+        ready = {m: statuses[m]["ready"] for m in members}
+        claims = {m: statuses[m]["owned"] for m in members}
+        new = {m: drivers[m].call("update", forwardable=forwardable[m], ready=ready, claims=claims)["status"]
+               for m in members}
+        history.append(new)
+        settled = all(new[m]["owned"] == statuses[m]["owned"] and new[m]["ready"] == statuses[m]["ready"]
+                      for m in members)
+        statuses = new
+        if settled:
+            break
+    return history

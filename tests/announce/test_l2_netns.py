@@ -21,7 +21,7 @@ import pytest
 from meshlb.announce.ownership import owners
 from meshlb.lab.netns import Topology
 from tests.announce.helpers import need_program
-from tests.announce.netns_helpers import Driver, wait_for
+from tests.announce.netns_helpers import Driver, gossip, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -61,24 +61,8 @@ class Segment:
         d.call("start")
         return d
 
-    def gossip(self, members: list[str], rounds: int = 6) -> list[dict]:
-        """Hand every member in ``members`` the others' ready and claimed VIPs (what
-        their metadata would say), round after round until no claim changes; returns
-        each round's statuses."""
-        history = []
-        statuses = {m: self.drivers[m].status() for m in members}
-        for _ in range(rounds):
-            ready = {m: statuses[m]["ready"] for m in members}
-            claims = {m: statuses[m]["owned"] for m in members}
-            new = {m: self.drivers[m].call("update", forwardable=self.forwardable[m], ready=ready,
-                                           claims=claims)["status"] for m in members}
-            history.append(new)
-            settled = all(new[m]["owned"] == statuses[m]["owned"] and new[m]["ready"] == statuses[m]["ready"]
-                          for m in members)
-            statuses = new
-            if settled:
-                break
-        return history
+    def gossip(self, members: list[str]) -> list[dict]:
+        return gossip({m: self.drivers[m] for m in members}, self.forwardable)
 
     def holders(self, vip: str, members=MIXES) -> list[str]:
         return [m for m in members if vip in self.topo[m].addresses("eth0")]
