@@ -4,9 +4,14 @@ one interface (``interface.py``) the agent drives. Nothing here owns cluster sta
 touches the data plane."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
-from meshlb.announce.interface import Announcer, ClusterView, ready_addresses, vip_address
+from meshlb.announce.interface import (
+    Announcer,
+    ClusterView,
+    ready_addresses,
+    vip_address,
+)
 from meshlb.announce.settings import AnnounceSettings
 
 __all__ = ["Announcer", "ClusterView", "make_announcer", "ready_addresses", "vip_address"]
@@ -18,15 +23,15 @@ def make_announcer(settings: AnnounceSettings, *, name: str, iface: str = "", ro
     interface (L2); ``router_id``: the BGP router ID when the settings leave it empty
     (the agent's IPv4 address)."""
     if settings.mode == "bgp":
-        from meshlb.announce.bgp import BgpAnnouncer  # noqa: PLC0415
+        from meshlb.announce.bgp import BgpAnnouncer
 
         return BgpAnnouncer(settings.bgp, name=name, router_id=router_id, vips=vips)
     if settings.mode == "l2":
-        from meshlb.announce.l2 import L2Announcer  # noqa: PLC0415
+        from meshlb.announce.l2 import L2Announcer
 
         return L2Announcer(settings.l2, name=name, iface=iface, vips=vips)
     if settings.mode == "none":
-        from meshlb.announce.none import NoAnnouncer  # noqa: PLC0415
+        from meshlb.announce.none import NoAnnouncer
 
         return NoAnnouncer(vips)
     raise ValueError(f"announce mode {settings.mode!r}: expected one of bgp, l2, none")

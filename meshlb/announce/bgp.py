@@ -22,11 +22,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AbstractSet, Any, Iterable
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from typing import Any
 
-from meshlb.announce.bird import BirdError, BirdProcess, parse_bfd_sessions, parse_protocols, protocol_name, \
-    render_config, session_status
-from meshlb.announce.interface import EMPTY_VIEW, Announcer, ClusterView, ready_addresses
+from meshlb.announce.bird import (
+    BirdError,
+    BirdProcess,
+    parse_bfd_sessions,
+    parse_protocols,
+    protocol_name,
+    render_config,
+    session_status,
+)
+from meshlb.announce.interface import (
+    EMPTY_VIEW,
+    Announcer,
+    ClusterView,
+    ready_addresses,
+)
 from meshlb.announce.kernel_table import KernelVipTable
 from meshlb.announce.settings import BgpSettings
 

@@ -267,7 +267,7 @@ class BirdProcess:
             raise BirdError(f"{self.birdc}: {exc.strerror}") from None
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout or self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
@@ -369,7 +369,7 @@ async def _run(*argv: str, timeout: float, new_session: bool = False) -> tuple[s
         raise BirdError(f"{argv[0]}: {exc.strerror}") from None
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Iterable, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)

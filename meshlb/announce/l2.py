@@ -20,13 +20,21 @@ import errno
 import ipaddress
 import logging
 import socket
-from typing import AbstractSet, Any, Iterable
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meshlb.announce import garp, ownership
-from meshlb.announce.interface import EMPTY_VIEW, Announcer, ClusterView, ready_addresses, vip_address
+from meshlb.announce.interface import (
+    EMPTY_VIEW,
+    Announcer,
+    ClusterView,
+    ready_addresses,
+    vip_address,
+)
 from meshlb.announce.settings import L2Settings
 
 log = logging.getLogger("meshlb.announce.l2")

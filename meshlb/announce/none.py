@@ -2,9 +2,15 @@
 (static routes, an external speaker the operator drives, a load balancer in front)."""
 from __future__ import annotations
 
-from typing import AbstractSet, Any
+from collections.abc import Set as AbstractSet
+from typing import Any
 
-from meshlb.announce.interface import EMPTY_VIEW, Announcer, ClusterView, ready_addresses
+from meshlb.announce.interface import (
+    EMPTY_VIEW,
+    Announcer,
+    ClusterView,
+    ready_addresses,
+)
 
 
 class NoAnnouncer(Announcer):

@@ -21,7 +21,8 @@ it, so that the VIP is never answered by nobody while a successor exists.
 from __future__ import annotations
 
 import hashlib
-from typing import AbstractSet, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 
 
 def rank(vip: str, member: str) -> bytes:

@@ -18,8 +18,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
 
 from meshlb.lab.netns import Namespace
 
@@ -41,8 +41,8 @@ def router_config(router_id: str, peers: Sequence[tuple[str, Sequence[str]]], *,
         "timeformat protocol iso long;",
         "protocol device {}",
         "protocol bfd {",
-        f'  interface "{iface}" {{ min rx interval {bfd_interval_ms} ms; min tx interval {bfd_interval_ms} ms; '
-        f"multiplier {bfd_multiplier}; }};",
+        (f'  interface "{iface}" {{ min rx interval {bfd_interval_ms} ms; min tx interval {bfd_interval_ms} ms; '
+         f"multiplier {bfd_multiplier}; }};"),
         "}",
         # persist off (the default): a stopped router takes its routes with it
         "protocol kernel kernel4 { merge paths on; ipv4 { import none; export all; }; }",

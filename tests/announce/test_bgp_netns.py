@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from meshlb.lab.bgp_router import MIX_ASN, ROUTER_ASN, RouterBird, daemon_pids_under, next_hops, router_config, \
-    stop_daemon
+from meshlb.lab.bgp_router import (
+    MIX_ASN,
+    ROUTER_ASN,
+    RouterBird,
+    daemon_pids_under,
+    next_hops,
+    router_config,
+    stop_daemon,
+)
 from meshlb.lab.netns import Topology
 from tests.announce.helpers import need_program
 from tests.announce.netns_helpers import Driver, RouteMonitor, wait_for

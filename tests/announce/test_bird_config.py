@@ -7,7 +7,13 @@ from dataclasses import replace
 
 import pytest
 
-from meshlb.announce.bird import parse_bfd_sessions, parse_protocols, protocol_name, render_config, session_status
+from meshlb.announce.bird import (
+    parse_bfd_sessions,
+    parse_protocols,
+    protocol_name,
+    render_config,
+    session_status,
+)
 from meshlb.announce.settings import BgpSettings, Neighbor
 from tests.announce.helpers import need_program
 

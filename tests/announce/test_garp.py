@@ -5,7 +5,12 @@ import pytest
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from meshlb.announce.garp import announcement, arp_announcement, mac_bytes, unsolicited_na
+from meshlb.announce.garp import (
+    announcement,
+    arp_announcement,
+    mac_bytes,
+    unsolicited_na,
+)
 
 MAC = "02:00:5e:10:00:01"
 

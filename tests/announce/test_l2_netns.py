@@ -138,7 +138,7 @@ class Capture:
         time.sleep(1.5)  # tshark takes a moment to open its capture
 
     def frames(self) -> list[dict[str, str]]:
-        out, err = self.proc.communicate(timeout=60)
+        out, _ = self.proc.communicate(timeout=60)
         return [dict(zip(self.FIELDS, line.split("|"))) for line in out.splitlines() if line.strip()]
 
 
@@ -172,8 +172,8 @@ def test_crashed_owner_is_replaced_and_the_client_cache_moves(seg):
     new = {vip: expected_owner(vip, survivors) for vip in lost}
     for vip in lost:
         mac = seg.topo[new[vip]].mac("eth0")
-        took = wait_for(lambda: seg.client_neighbour(vip) == mac, 3, 0.01,
-                        what=f"client's neighbour entry for {vip} on the new owner")
+        wait_for(lambda vip=vip, mac=mac: seg.client_neighbour(vip) == mac, 3, 0.01,
+                 what=f"client's neighbour entry for {vip} on the new owner")
         print(f"{vip}: client's cache moved to {new[vip]} {time.monotonic() - detected:.3f} s "
               f"after the view changed, without the client asking")
     frames = cap.frames()

@@ -113,7 +113,7 @@ def test_l2_lab_the_owner_answers_for_each_vip_and_balances():
 
 @pytest.mark.parametrize("routing", ["ospf", ""])
 def test_unknown_routing_is_refused_before_anything_is_built(routing):
-    from meshlb.lab.lab import Lab, LabError, LabOptions  # noqa: PLC0415
+    from meshlb.lab.lab import Lab, LabError, LabOptions
 
     with pytest.raises(LabError, match="--routing must be one of static, bgp, l2"):
         Lab(LabOptions(prefix=f"mlr{os.getpid()}", routing=routing)).up()
