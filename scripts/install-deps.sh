@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# bird2: the BGP speaker of the mixes (announce mode bgp, managed) and of the lab's router
+# (lab up --routing bgp); frr: the other speaker the external mode is tested with
 APT_PACKAGES=(
   clang llvm libbpf-dev libbpf1 bpftool make iproute2 nftables
   curl wrk apache2-utils haproxy tshark python3-scapy
+  bird2 frr
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

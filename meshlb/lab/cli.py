@@ -24,14 +24,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     _need_root()
     lab = _lab()
     opts = lab.LabOptions(
-        nodes=args.nodes, prefix=args.prefix, xdp_mode=args.xdp_mode, discovery=args.discovery, preset=args.preset
+        nodes=args.nodes, prefix=args.prefix, xdp_mode=args.xdp_mode, discovery=args.discovery, preset=args.preset,
+        routing=args.routing,
     )
     try:
         state = lab.Lab(opts).up(wait_s=args.wait)
     except lab.LabError as exc:
         raise CliError(str(exc)) from None
+    others = [n for n in state["nodes"] if not lab.is_mix(n)]
     mixes = [n for n in state["nodes"] if lab.is_mix(n)]
-    print(f"lab {args.prefix!r} up: client, router, {', '.join(mixes)}; VIPs: "
+    print(f"lab {args.prefix!r} up ({state['routing']} routing): {', '.join(others + mixes)}; VIPs: "
           + ", ".join(f"{v['address']}:{v['port']} ({v['mode']})" for v in state["vips"]))
     return 0
 
@@ -61,6 +63,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             extra = f" agent={'up' if node['agent_running'] else 'DOWN'} app={'up' if node['app_running'] else 'DOWN'}"
         print(f"{name:8} {node['netns']:16} {' '.join(node['addresses'])}{extra}")
     print("VIPs: " + ", ".join(f"{v['address']}:{v['port']}/{v['protocol']} {v['mode']}" for v in state["vips"]))
+    print(f"routing: {state['routing']}")
+    for d in state.get("daemons", ()):
+        print(f"  {d['what']} pid {d['pid']} {'running' if d['running'] else 'NOT RUNNING'}")
+    for vip, hops in state.get("next_hops", {}).items():
+        print(f"  router: {vip} via {', '.join(hops) or 'nothing (not announced)'}")
     return 0
 
 
@@ -88,6 +95,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--xdp-mode", choices=("native", "generic", "auto"), default="native")
     q.add_argument("--discovery", choices=("unicast", "multicast", "broadcast"), default="unicast")
     q.add_argument("--preset", choices=("lan", "wan", "local"), default="lan")
+    q.add_argument("--routing", choices=("static", "bgp", "l2"), default="static",
+                   help="how client packets reach the mixes: a static ECMP route on the router (default), "
+                        "the router's BGP (BIRD, BFD, multipath; the mixes announce), or one L2 segment "
+                        "(no router, the VIP's owner answers ARP/NDP)")
     q.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the cluster to converge")
     prefix(q)
     q.set_defaults(func=cmd_up)

@@ -9,6 +9,17 @@ spreads flows; mixes answer the client through the router. (ECMP in the client i
 would not do: Linux hashes a local TCP flow by its socket's random txhash, re-drawn
 after a retransmission timeout, so one connection could change mix mid-flow.)
 
+How client packets reach the mixes is the lab's ``routing``:
+
+* ``static`` (the default): the router's route to each VIP is a static ECMP route over
+  every mix, as above; tests that play the router change it (``route_vips_through``).
+* ``bgp``: the router runs BIRD (``bgp_router.py``), peering with every mix (one
+  session per mix and address family, BFD on each) and merging the mixes' routes into
+  one ECMP route; there is no static route, so a VIP is routed to the mixes that
+  announce it, and to none while none does.
+* ``l2``: no router: the client sits on the mixes' bridge and reaches the VIPs on-link,
+  by ARP / neighbour discovery; whichever mix owns a VIP answers for it.
+
 Each mix's processes run in a cgroup v2 directory of their own under the hierarchy's
 root (``meshlb-lab-<prefix>/mixN``), to which its agent attaches the tracer's sock_ops
 hook: as on a host of its own, only that mix's sockets run that mix's hook.
@@ -36,6 +47,7 @@ from pyroute2 import netns as pr_netns
 
 from meshlb import control
 from meshlb.dataplane.tracer import cgroup2_root
+from meshlb.lab import bgp_router
 from meshlb.lab.netns import Namespace, Topology, enter_netns, netns_path
 
 LAB_ROOT = Path("/run/meshlb/lab")
@@ -70,6 +82,12 @@ ROUTER_CLIENT4 = "198.18.1.1"
 ROUTER_CLIENT6 = "fd00:6d6c:62:1::1"
 ROUTER4 = f"{NET4}.1"  # the router on the mixes' LAN
 ROUTER6 = f"{NET6}1"
+# routing "l2": the client on the mixes' LAN, the VIP ranges on-link
+CLIENT_L2_4 = f"{NET4}.2"
+CLIENT_L2_6 = f"{NET6}2"
+VIP_NET4 = "198.19.0.0/24"
+VIP_NET6 = "fd00:6d6c:63::/64"
+ROUTINGS = ("static", "bgp", "l2")
 
 
 def is_mix(node: str) -> bool:
@@ -91,6 +109,7 @@ class LabOptions:
     # agents' conntrack.sockops_cgroup as given ("off", a path)
     sockops_cgroup: str = "auto"
     extra_toml: str = ""  # appended to every mix's cluster file (tests tune timings with it)
+    routing: str = "static"  # "static", "bgp" or "l2" (module docstring)
     vips: list[dict[str, Any]] = field(
         default_factory=lambda: [
             {"address": VIP_DR, "port": APP_PORT, "protocol": "tcp", "mode": "dr"},
@@ -174,6 +193,8 @@ class Lab:
             raise LabError(f"lab {opts.prefix!r} is already up (meshlb lab down --prefix {opts.prefix})")
         if not 1 <= opts.nodes <= 200:
             raise LabError("--nodes must be between 1 and 200")
+        if opts.routing not in ROUTINGS:
+            raise LabError(f"--routing must be one of {', '.join(ROUTINGS)}, not {opts.routing!r}")
         self.sdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.sdir, 0o700)
         topo = self.topology = Topology(prefix=opts.prefix)
@@ -185,21 +206,29 @@ class Lab:
                 f.write(os.urandom(32).hex() + "\n")
             topo.add_bridge("br")
             client = topo.add_namespace("client")
-            router = topo.add_namespace("router")
+            routed = opts.routing != "l2"
             # veth quirks of native XDP (see Topology.connect): full transmit checksums
             # everywhere, and an XDP program on the bridge side of every balancer port
-            topo.connect(router, "br", addresses=[f"{ROUTER4}/24", f"{ROUTER6}/64"], tx_checksum=False)
-            topo.link_pair(client, router, a_ifname="eth0", b_ifname="eth1",
-                           a_addresses=[f"{CLIENT4}/24", f"{CLIENT6}/64"],
-                           b_addresses=[f"{ROUTER_CLIENT4}/24", f"{ROUTER_CLIENT6}/64"], tx_checksum=False)
-            client.add_route("0.0.0.0/0", gateway=ROUTER_CLIENT4)
-            client.add_route("::/0", gateway=ROUTER_CLIENT6)
-            topo.enable_forwarding(router)
-            topo.enable_l4_multipath_hash(router)
-            nodes: dict[str, Any] = {
-                "client": {"netns": client.name, "addresses": [CLIENT4, CLIENT6]},
-                "router": {"netns": router.name, "addresses": [ROUTER4, ROUTER6, ROUTER_CLIENT4, ROUTER_CLIENT6]},
-            }
+            if routed:
+                router = topo.add_namespace("router")
+                topo.connect(router, "br", addresses=[f"{ROUTER4}/24", f"{ROUTER6}/64"], tx_checksum=False)
+                topo.link_pair(client, router, a_ifname="eth0", b_ifname="eth1",
+                               a_addresses=[f"{CLIENT4}/24", f"{CLIENT6}/64"],
+                               b_addresses=[f"{ROUTER_CLIENT4}/24", f"{ROUTER_CLIENT6}/64"], tx_checksum=False)
+                client.add_route("0.0.0.0/0", gateway=ROUTER_CLIENT4)
+                client.add_route("::/0", gateway=ROUTER_CLIENT6)
+                topo.enable_forwarding(router)
+                topo.enable_l4_multipath_hash(router)
+                nodes: dict[str, Any] = {
+                    "client": {"netns": client.name, "addresses": [CLIENT4, CLIENT6]},
+                    "router": {"netns": router.name,
+                               "addresses": [ROUTER4, ROUTER6, ROUTER_CLIENT4, ROUTER_CLIENT6]},
+                }
+            else:
+                topo.connect(client, "br", addresses=[f"{CLIENT_L2_4}/24", f"{CLIENT_L2_6}/64"], tx_checksum=False)
+                client.add_route(VIP_NET4, ifname="eth0")  # on-link: the client asks ARP / NDP for each VIP
+                client.add_route(VIP_NET6, ifname="eth0")
+                nodes = {"client": {"netns": client.name, "addresses": [CLIENT_L2_4, CLIENT_L2_6]}}
             mixes: list[Namespace] = []
             for i in range(1, opts.nodes + 1):
                 ns = topo.add_namespace(f"mix{i}")
@@ -208,10 +237,19 @@ class Lab:
                 ns.sysctl("net.ipv6.conf.all.forwarding", 0)
                 topo.connect(ns, "br", addresses=[f"{mix_addr4(i)}/24", f"{mix_addr6(i)}/64"],
                              peer_xdp_pass=True, tx_checksum=False)
-                ns.add_route(CLIENT_NET4, gateway=ROUTER4)
-                ns.add_route(CLIENT_NET6, gateway=ROUTER6)
+                if routed:
+                    ns.add_route(CLIENT_NET4, gateway=ROUTER4)
+                    ns.add_route(CLIENT_NET6, gateway=ROUTER6)
                 mixes.append(ns)
-            set_next_hops(router, opts.vips, [f"mix{i}" for i in range(1, opts.nodes + 1)])
+            daemons: list[dict[str, Any]] = []
+            if opts.routing == "static":
+                set_next_hops(router, opts.vips, [f"mix{i}" for i in range(1, opts.nodes + 1)])
+            elif opts.routing == "bgp":
+                peers = [(f"mix{i}", [mix_addr4(i), mix_addr6(i)]) for i in range(1, opts.nodes + 1)]
+                bird = bgp_router.RouterBird(self.sdir)
+                pid = bird.start(router, bgp_router.router_config(ROUTER4, peers))
+                daemons.append({"what": "router BIRD", "node": "router", "pid": pid, "marker": str(bird.ctl)})
+                self.state["daemons"] = daemons  # for the clean-up below, if the rest fails
             cg_root = cgroup2_root() if opts.sockops_cgroup == "auto" else None
             if cg_root is not None:
                 self._cgroup = Path(cg_root) / f"meshlb-lab-{opts.prefix}"
@@ -245,12 +283,24 @@ class Lab:
                 }
             self.state = {
                 "prefix": opts.prefix,
+                "routing": opts.routing,
                 "cgroup": str(self._cgroup) if self._cgroup else None,
                 "bridge_netns": topo["br"].name,
                 "nodes": nodes,
                 "vips": opts.vips,
+                "daemons": daemons,
                 "created": time.time(),
             }
+            if opts.routing == "bgp":
+                self.state["bgp"] = {
+                    "router_asn": bgp_router.ROUTER_ASN,
+                    "mix_asn": bgp_router.MIX_ASN,
+                    "router_addresses": [ROUTER4, ROUTER6],
+                    "router_control": str(bgp_router.RouterBird(self.sdir).ctl),
+                    "bfd_interval_ms": bgp_router.BFD_INTERVAL_MS,
+                    "bfd_multiplier": bgp_router.BFD_MULTIPLIER,
+                    "hold_time": bgp_router.HOLD_TIME,
+                }
             self._save()
             self.wait_converged(wait_s)
             return self.state
@@ -260,6 +310,7 @@ class Lab:
                     os.kill(p.pid, signal.SIGKILL)
             for p in procs:
                 _wait_pid_gone(p.pid, 3)
+            _stop_daemons(self.state, self.sdir, [])
             topo.teardown()
             self._remove_pins()
             if self._cgroup is not None:
@@ -330,8 +381,18 @@ class Lab:
     def route_vips_through(self, mixes: list[str]) -> None:
         """Point the router's ECMP route for every VIP at ``mixes`` only: what a real
         router does when its own check (BFD, a BGP hold timer) withdraws a dead next
-        hop, and when the node comes back."""
+        hop, and when the node comes back. Static routing only: elsewhere the router
+        (or the segment) does this itself."""
+        routing = self.state.get("routing", "static")
+        if routing != "static":
+            raise LabError(f"the lab's routing is {routing}: the router's routes are not the test's to set")
         set_next_hops(self.namespace("router"), self.state["vips"], mixes)
+
+    def next_hops(self) -> dict[str, list[str]]:
+        """The router's next hops for each VIP, as its kernel has them."""
+        if "router" not in self.state["nodes"]:
+            return {}
+        return bgp_router.next_hops(self.namespace("router"), [v["address"] for v in self.state["vips"]])
 
     def restart_agent(self, node: str, kill_signal: int = signal.SIGKILL) -> int:
         info = self.state["nodes"][node]
@@ -370,6 +431,9 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 _wait_pid_gone(pid, 3)
+        # daemons detach from whoever started them: the router's BIRD and any speaker
+        # a mix's agent left running (by their PID files under the lab's directory)
+        _stop_daemons(state, sdir, problems)
         names = {n["netns"] for n in state.get("nodes", {}).values() if "netns" in n}
         if state.get("bridge_netns"):
             names.add(state["bridge_netns"])
@@ -407,6 +471,13 @@ class Lab:
                     problems.append(f"pins {entry}: {exc}")
         with contextlib.suppress(OSError):
             PIN_ROOT.rmdir()  # only if empty: other agents may pin there
+
+
+def _stop_daemons(state: dict[str, Any], sdir: Path, problems: list[str]) -> None:
+    known = [(d["pid"], d["marker"]) for d in state.get("daemons", ())]
+    for pid, marker in known + bgp_router.daemon_pids_under(sdir):
+        if not bgp_router.stop_daemon(pid, marker):
+            problems.append(f"daemon {pid} ({marker}) would not stop")
 
 
 def set_next_hops(router: Namespace, vips: list[dict[str, Any]], mixes: list[str]) -> None:
@@ -479,10 +550,16 @@ def _wait_pid_gone(pid: int, timeout: float) -> bool:
 
 def status(prefix: str) -> dict[str, Any]:
     state = load_state(prefix)
+    state.setdefault("routing", "static")  # a lab from before routing was a choice
     for name, node in state["nodes"].items():
         if "agent_pid" in node:
             node["agent_running"] = _pid_alive(node["agent_pid"])
             node["app_running"] = _pid_alive(node["app_pid"])
+    for d in state.get("daemons", ()):
+        d["running"] = bgp_router.daemon_running(d["pid"], d["marker"])
+    if state["routing"] == "bgp" and "router" in state["nodes"]:
+        router = Namespace(None, state["nodes"]["router"]["netns"], "router")
+        state["next_hops"] = bgp_router.next_hops(router, [v["address"] for v in state["vips"]])
     return state
 
 
