@@ -156,19 +156,48 @@ def cmd_leave(args: argparse.Namespace) -> int:
     return 0
 
 
+def tree_lines(value: Any, indent: str = "") -> list[str]:
+    """Nested JSON values as indented ``key: value`` lines (mappings sorted by key, list
+    items as ``- item``), the way the table format shows every nested result."""
+    lines: list[str] = []
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: str(kv[0]))
+        for k, v in items:
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{indent}{k}:")
+                lines.extend(tree_lines(v, indent + "  "))
+            else:
+                lines.append(f"{indent}{k}: {_scalar(v)}")
+    elif isinstance(value, list):
+        for v in value:
+            if isinstance(v, (dict, list)) and v:
+                sub = tree_lines(v, indent + "  ")
+                lines.append(f"{indent}- {sub[0].lstrip()}")
+                lines.extend(sub[1:])
+            else:
+                lines.append(f"{indent}- {_scalar(v)}")
+    else:
+        lines.append(f"{indent}{_scalar(value)}")
+    return lines
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None:
+        return "-"
+    if isinstance(v, (dict, list)):
+        return "(none)"  # empty
+    return str(v)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     result = _call(args, "stats")
     if args.format == "json":
         _print_json(result)
         return 0
-    for section in sorted(result):
-        value = result[section]
-        if isinstance(value, dict):
-            print(f"{section}:")
-            for k in sorted(value):
-                print(f"  {k}: {value[k]}")
-        else:
-            print(f"{section}: {value}")
+    for line in tree_lines(result):
+        print(line)
     return 0
 
 
