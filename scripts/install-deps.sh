@@ -2,11 +2,15 @@
 # Installs what a fresh Debian/Ubuntu machine lacks to build, run and test meshlb,
 # builds the BPF objects and installs the package (editable) with its test extras.
 set -euo pipefail
+# root does it directly; anyone else through sudo
+if [ "$(id -u)" -ne 0 ]; then exec sudo -- bash "$0" "$@"; fi
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  clang llvm libbpf-dev libbpf1 bpftool make iproute2 nftables
-  curl wrk apache2-utils haproxy tshark python3-scapy
+  # build: the data plane (clang, bpftool, make), a wheel in a fresh venv, a clone of the tree
+  clang llvm libbpf-dev libbpf1 bpftool make git python3-venv
+  # run and test: labs, traffic, checks of the operator files (systemd-analyze, promtool)
+  iproute2 nftables util-linux curl wrk apache2-utils haproxy tshark python3-scapy systemd prometheus
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -17,6 +21,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # the tests want promtool only: a Prometheus server this install started goes again
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 
 PY=${PYTHON:-python3}
