@@ -54,12 +54,14 @@ def check_privileges() -> None:
     if missing:
         raise StartError(
             f"running as root without {', '.join(missing)} (a container or a unit that drops them?): "
-            f"the agent needs {', '.join(NEEDED_CAPS)}")
+            f"the agent needs {', '.join(NEEDED_CAPS)} (CAP_SYS_ADMIN stands for the first and the last)")
 
 
 def missing_capabilities(status: str | None = None) -> list[str]:
     """Names of the needed capabilities absent from this process's effective set.
-    Kernels before 5.8 have no CAP_BPF and CAP_PERFMON: CAP_SYS_ADMIN stands for both."""
+    CAP_SYS_ADMIN stands for CAP_BPF and CAP_PERFMON, as the kernel counts it (and as
+    kernels before 5.8, which have neither, need it; a container engine that does not
+    know the two new names grants it instead)."""
     if status is None:
         try:
             status = Path("/proc/self/status").read_text()
@@ -68,21 +70,9 @@ def missing_capabilities(status: str | None = None) -> list[str]:
     eff = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:")), None)
     if eff is None:
         return []
-    missing = []
-    for name, bit in NEEDED_CAPS.items():
-        if eff >> bit & 1:
-            continue
-        if bit in (CAP_BPF, CAP_PERFMON) and eff >> CAP_SYS_ADMIN & 1 and _last_cap() < CAP_BPF:
-            continue
-        missing.append(name)
-    return missing
-
-
-def _last_cap() -> int:
-    try:
-        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    except (OSError, ValueError):
-        return CAP_BPF
+    sys_admin = bool(eff >> CAP_SYS_ADMIN & 1)
+    return [name for name, bit in NEEDED_CAPS.items()
+            if not eff >> bit & 1 and not (sys_admin and bit in (CAP_BPF, CAP_PERFMON))]
 
 
 def check_kernel_btf(path: Path = VMLINUX_BTF) -> None:
