@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,8 @@ from typing import Any
 
 from meshlb import control
 from meshlb.cli import CliError
+
+log = logging.getLogger("meshlb.cli")
 
 CONTROL_DIR = "/run/meshlb"
 DEFAULT_CONTROL = f"{CONTROL_DIR}/<name>.sock"
@@ -68,8 +71,16 @@ def _ago(seconds: float) -> str:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from meshlb import config as config_mod  # noqa: PLC0415  (keeps `members` fast)
+    from meshlb import preflight  # noqa: PLC0415  (keeps `members` fast)
+
+    try:
+        # privileges first: a user without them learns that before anything about the file
+        preflight.check_privileges()
+    except preflight.StartError as exc:
+        raise CliError(str(exc)) from None
+    from meshlb import config as config_mod  # noqa: PLC0415
     from meshlb.agent import run_agent  # noqa: PLC0415
+    from meshlb.dataplane.libbpf import BpfError  # noqa: PLC0415
 
     try:
         cfg = config_mod.load(args.config) if args.config else config_mod.default_config()
@@ -78,11 +89,19 @@ def cmd_join(args: argparse.Namespace) -> int:
             cfg, peers=peers, iface=args.iface, name=args.name, bind=args.bind, control=args.control
         )
         keys = config_mod.validate_host(cfg)
-    except config_mod.ConfigError as exc:
+        preflight.check_host()
+    except (config_mod.ConfigError, preflight.StartError) as exc:
         raise CliError(str(exc)) from None
-    if os.geteuid() != 0:
-        raise CliError("must run as root (it loads BPF programs and owns the control socket)")
-    return run_agent(cfg, keys, config_path=args.config)
+    try:
+        return run_agent(cfg, keys, config_path=args.config)
+    except BpfError as exc:
+        log.debug("the agent failed to start", exc_info=True)
+        raise CliError(preflight.explain(exc)) from None
+    except RuntimeError as exc:
+        # the agent's own start failures (cannot attach XDP, mount bpffs, ...) carry
+        # their one line; the traceback is for log_level = "debug"
+        log.debug("the agent failed", exc_info=True)
+        raise CliError(str(exc)) from None
 
 
 # --- members ------------------------------------------------------------------------
@@ -137,19 +156,48 @@ def cmd_leave(args: argparse.Namespace) -> int:
     return 0
 
 
+def tree_lines(value: Any, indent: str = "") -> list[str]:
+    """Nested JSON values as indented ``key: value`` lines (mappings sorted by key, list
+    items as ``- item``), the way the table format shows every nested result."""
+    lines: list[str] = []
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: str(kv[0]))
+        for k, v in items:
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{indent}{k}:")
+                lines.extend(tree_lines(v, indent + "  "))
+            else:
+                lines.append(f"{indent}{k}: {_scalar(v)}")
+    elif isinstance(value, list):
+        for v in value:
+            if isinstance(v, (dict, list)) and v:
+                sub = tree_lines(v, indent + "  ")
+                lines.append(f"{indent}- {sub[0].lstrip()}")
+                lines.extend(sub[1:])
+            else:
+                lines.append(f"{indent}- {_scalar(v)}")
+    else:
+        lines.append(f"{indent}{_scalar(value)}")
+    return lines
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None:
+        return "-"
+    if isinstance(v, (dict, list)):
+        return "(none)"  # empty
+    return str(v)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     result = _call(args, "stats")
     if args.format == "json":
         _print_json(result)
         return 0
-    for section in sorted(result):
-        value = result[section]
-        if isinstance(value, dict):
-            print(f"{section}:")
-            for k in sorted(value):
-                print(f"  {k}: {value[k]}")
-        else:
-            print(f"{section}: {value}")
+    for line in tree_lines(result):
+        print(line)
     return 0
 
 

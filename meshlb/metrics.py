@@ -37,6 +37,7 @@ class Snapshot:
     backend_traffic: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     dataplane_reasons: Mapping[str, int] = field(default_factory=dict)  # reason -> packets
     conntrack_entries: int = 0
+    conntrack_capacity: int = 0  # the map's max_entries; 0: not known
     evictions: Mapping[str, int] = field(default_factory=dict)  # sent/received/applied/...
     tracer_events: Mapping[str, int] = field(default_factory=dict)  # emitted/recovered/missed/...
     gossip_datagrams: Mapping[str, int] = field(default_factory=dict)  # sent/received
@@ -77,6 +78,9 @@ class AgentCollector(Collector):
         yield reasons
 
         yield GaugeMetricFamily("meshlb_conntrack_entries", "Entries in the conntrack map", value=s.conntrack_entries)
+        yield GaugeMetricFamily("meshlb_conntrack_capacity",
+                                "Entries the conntrack map holds before it forgets the least recently used "
+                                "(0: not known)", value=s.conntrack_capacity)
 
         ev = CounterMetricFamily("meshlb_evictions", "Conntrack evictions by kind", labels=["kind"])
         for kind, n in sorted(s.evictions.items()):

@@ -2,6 +2,8 @@
 # Fresh Debian/Ubuntu machine -> a 3-mix meshlb lab in network namespaces, balancing.
 # Leaves the lab up; remove it with: meshlb lab down
 set -euo pipefail
+# root does it directly; anyone else through sudo
+if [ "$(id -u)" -ne 0 ]; then exec sudo -- bash "$0" "$@"; fi
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 meshlb lab down >/dev/null 2>&1 || true

@@ -2,13 +2,17 @@
 # Installs what a fresh Debian/Ubuntu machine lacks to build, run and test meshlb,
 # builds the BPF objects and installs the package (editable) with its test extras.
 set -euo pipefail
+# root does it directly; anyone else through sudo
+if [ "$(id -u)" -ne 0 ]; then exec sudo -- bash "$0" "$@"; fi
 cd "$(dirname "$0")/.."
 
-# bird2: the BGP speaker of the mixes (announce mode bgp, managed) and of the lab's router
-# (lab up --routing bgp); frr: the other speaker the external mode is tested with
 APT_PACKAGES=(
-  clang llvm libbpf-dev libbpf1 bpftool make iproute2 nftables
-  curl wrk apache2-utils haproxy tshark python3-scapy
+  # build: the data plane (clang, bpftool, make), a wheel in a fresh venv, a clone of the tree
+  clang llvm libbpf-dev libbpf1 bpftool make git python3-venv
+  # run and test: labs, traffic, checks of the operator files (systemd-analyze, promtool)
+  iproute2 nftables util-linux curl wrk apache2-utils haproxy tshark python3-scapy systemd prometheus
+  # announcement: BIRD, the BGP speaker of the mixes (mode bgp, managed) and of the lab's
+  # router; FRR, the other speaker the external mode is tested with
   bird2 frr
 )
 missing=()
@@ -20,6 +24,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # the tests want promtool only: a Prometheus server this install started goes again
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 
 PY=${PYTHON:-python3}

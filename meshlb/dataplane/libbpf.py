@@ -6,8 +6,12 @@ Importing it needs neither libbpf nor root: the library is opened on first use.
 
 Errors are :class:`BpfError` (an ``OSError``) whose message names the
 operation and the map/program/path; a failed :meth:`BpfObject.load` also
-carries the verifier log in ``.log``. libbpf's own messages go to the logger
-``meshlb.libbpf`` at DEBUG.
+carries the verifier log in ``.log``. The failures a user acts on have types of
+their own, so the command line can say what to do in one line: no library
+(:class:`LibbpfNotFound`), an object that cannot be opened
+(:class:`ObjectOpenError`), a program the kernel refused
+(:class:`VerifierError`), no kernel BTF (:class:`KernelBtfError`).
+libbpf's own messages go to the logger ``meshlb.libbpf`` at DEBUG.
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ from .libbpf_ffi import (
     ENOTSUPP,
     LIBBPF_WARN,
     BpfError,
+    KernelBtfError,
+    LibbpfNotFound,
+    ObjectOpenError,
+    VerifierError,
     btf_type,
     btf_var_secinfo,
     bpf_object_open_opts,
@@ -101,6 +109,9 @@ _load_lock = threading.Lock()
 _LOG_RE = re.compile(r"prog '([^']*)': -- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --",
                      re.S)
 _FAILED_PROG_RE = re.compile(r"prog '([^']*)': (?:BPF program load failed|failed to load)")
+# what libbpf prints when it finds no vmlinux BTF (sysfs nor the fallback locations)
+_NO_KERNEL_BTF_RE = re.compile(r"failed to find valid kernel BTF|Error loading vmlinux BTF|"
+                               r"failed to find kernel BTF")
 
 
 def _btf_kind(t: btf_type) -> int:
@@ -146,10 +157,7 @@ class BpfObject(Closeable):
         with capture_libbpf_output() as lines:
             ptr = lib().bpf_object__open_file(os.fsencode(path), byref(o))
         if not ptr:
-            err = ctypes.get_errno() or errno.EINVAL
-            detail = _warnings(lines)
-            raise BpfError(err, f"bpf_object__open_file({path!r})" +
-                           (f": {detail}" if detail else ""))
+            raise ObjectOpenError(ctypes.get_errno() or errno.EINVAL, path, _warnings(lines))
         return cls(ptr, path)
 
     # ------------------------------------------------------------- lookups
@@ -331,10 +339,15 @@ class BpfObject(Closeable):
                     if ln and not ln.startswith("processed ")][-3:]
             msg = (f"bpf_object__load({self.name!r}): program {prog!r} failed to load"
                    + (": " + " | ".join(tail) if tail else ""))
+            if verifier_log:
+                return VerifierError(err, msg, verifier_log, program=prog, object_path=self.path,
+                                     libbpf_output=text)
         else:
             detail = _warnings(lines)
             msg = f"bpf_object__load({self.name!r})" + (f": {detail}" if detail else "")
-        e = BpfError(err, msg, verifier_log)
+        # libbpf reads the running kernel's types before relocating anything (CO-RE)
+        cls = KernelBtfError if _NO_KERNEL_BTF_RE.search(text) else BpfError
+        e = cls(err, msg, verifier_log)
         e.program = prog
         e.libbpf_output = text
         return e
@@ -379,7 +392,8 @@ def get_pinned_fd(path: str) -> int:
 
 __all__ = sorted(
     {n for n in globals() if n.isupper() and not n.startswith("_")} | {
-        "BpfError", "BpfObject", "Map", "Program", "Link", "RingReader", "TestRunResult",
+        "BpfError", "KernelBtfError", "LibbpfNotFound", "ObjectOpenError", "VerifierError",
+        "BpfObject", "Map", "Program", "Link", "RingReader", "TestRunResult",
         "num_possible_cpus", "xdp_query", "xdp_detach", "xdp_attach_netlink",
         "obj_pinned_type", "prog_info", "link_info", "pinned_map_or_none", "get_pinned_fd",
     } - {"BTF_KIND_VAR", "BTF_KIND_DATASEC"}

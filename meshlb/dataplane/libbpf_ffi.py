@@ -78,8 +78,83 @@ class BpfError(OSError):
         self.log = log
 
     def __str__(self) -> str:
+        if self.errno in _LIBBPF_ERRNOS:
+            return f"{self.strerror} [libbpf: {_LIBBPF_ERRNOS[self.errno]}]"
         name = _errno.errorcode.get(self.errno, "ENOTSUPP" if self.errno == ENOTSUPP else "?")
         return f"{self.strerror} [{name}: {os.strerror(self.errno)}]"
+
+
+# libbpf's own error numbers (enum libbpf_errno in libbpf.h), which strerror does not know
+_LIBBPF_ERRNOS = {
+    4000: "something wrong in libelf", 4001: "BPF object format invalid",
+    4002: "incorrect or no 'version' section", 4003: "endianness mismatch",
+    4004: "internal error in libbpf", 4005: "relocation failed", 4006: "load program failed",
+    4007: "kernel verifier blocks program loading", 4008: "program too big",
+    4009: "incorrect kernel version", 4010: "kernel does not support this program type",
+    4011: "wrong pid in netlink message", 4012: "invalid netlink sequence", 4013: "netlink parse error",
+}
+
+
+class LibbpfNotFound(BpfError):
+    """The shared library could not be opened (``path`` is what was asked for)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(_errno.ENOENT, f"cannot load libbpf ({path}): {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ObjectOpenError(BpfError):
+    """A BPF ELF object could not be opened or parsed (missing, unreadable, not BPF)."""
+
+    def __init__(self, err: int, path: str, detail: str = "") -> None:
+        super().__init__(err, f"bpf_object__open_file({path!r})" + (f": {detail}" if detail else ""))
+        self.path = path
+        self.detail = detail
+
+
+class VerifierError(BpfError):
+    """The kernel refused a program of an object at load time.
+
+    ``log`` is the verifier's whole log, ``program`` the program's name,
+    ``object_path`` the ELF file and ``libbpf_output`` everything libbpf printed
+    during the load; :meth:`save_log` writes them to a file so that the one line
+    reporting the failure can point at them.
+    """
+
+    def __init__(self, err: int, message: str, log: str, *, program: str, object_path: str,
+                 libbpf_output: str) -> None:
+        super().__init__(err, message, log)
+        self.program = program
+        self.object_path = object_path
+        self.libbpf_output = libbpf_output
+
+    def summary(self) -> str:
+        """The verifier's last words: the line that says what it refused."""
+        lines = [ln for ln in self.log.strip().splitlines()
+                 if ln.strip() and not ln.startswith(("processed ", "verification time"))]
+        return lines[-1].strip() if lines else ""
+
+    def save_log(self, directory: str | os.PathLike) -> str:
+        """Write the log to ``directory``; returns the file's path. One file per object
+        and program, overwritten by the next failure of the same program, so a unit
+        that restarts on failure does not fill the disk."""
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        stem = os.path.basename(self.object_path).split(".")[0] or "object"
+        path = os.path.join(directory, f"verifier-{stem}-{self.program}.log")
+        name = _errno.errorcode.get(self.errno, str(self.errno))
+        with open(path, "w") as f:
+            f.write(f"# program {self.program!r} of {self.object_path} refused by the kernel "
+                    f"({name}), kernel {platform.release()}\n")
+            f.write("# verifier log:\n")
+            f.write(self.log if self.log.endswith("\n") else self.log + "\n")
+            f.write("# libbpf's messages during the load:\n")
+            f.write(self.libbpf_output)
+        return path
+
+
+class KernelBtfError(BpfError):
+    """A load failed because libbpf found no BTF describing the running kernel."""
 
 
 def check(ret: int, what: str) -> int:
@@ -344,9 +419,12 @@ def lib() -> ctypes.CDLL:
         try:
             handle = ctypes.CDLL(path, use_errno=True)
         except OSError as e:
-            raise BpfError(_errno.ENOENT, f"cannot load libbpf ({path}): {e}") from None
+            raise LibbpfNotFound(path, str(e)) from None
         for name, restype, argtypes in _PROTOS:
-            fn = getattr(handle, name)
+            try:
+                fn = getattr(handle, name)
+            except AttributeError:
+                raise LibbpfNotFound(path, f"it has no {name}(): libbpf 1.0 or later is needed") from None
             fn.restype = restype
             fn.argtypes = argtypes
         _libc = _load_libc()

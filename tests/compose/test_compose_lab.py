@@ -3,7 +3,8 @@
 The test makes what it needs itself: the engine (scripts/docker-engine.sh, which
 installs Debian's docker.io and starts dockerd when none runs), the base image and the
 wheelhouse (scripts/docker-base.sh: debootstrap, since no image registry is reachable
-here) and the BPF objects (make). It then builds the image on the local base, brings
+here) and meshlb's wheel (pip wheel, which compiles the data plane). It then builds the
+image on the local base, brings
 the lab up under a project name of its own, and checks it from the inside: all three
 mixes alive in `meshlb members`, requests through each VIP (client -> router -> ECMP)
 answered by every mix.
@@ -21,6 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,8 +176,10 @@ def test_compose_lab_balances_over_every_mix(capsys):
     try:
         phase("engine", engine.ensure)
         phase("base image + wheels", _run, ["bash", str(REPO / "scripts" / "docker-base.sh")], timeout=600)
-        if not list((REPO / "meshlb" / "dataplane" / "bpf").glob("*.bpf.o")):
-            phase("make", _run, ["make", "-s", "all"], timeout=300)
+        dist = REPO / "build" / "compose-dist"
+        shutil.rmtree(dist, ignore_errors=True)  # the image installs the one wheel of this tree
+        phase("wheel", _run, [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO)],
+              timeout=600)
         project = Project(f"meshlb-test-{os.getpid()}")
         try:
             phase("build", project, "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", timeout=600)
