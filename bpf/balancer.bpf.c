@@ -105,7 +105,6 @@ static __always_inline __u32 addr_slot(const __u32 *a, __u8 family)
 	return (x * MLB_VIP_FILTER_MULT) >> MLB_VIP_FILTER_SHIFT;
 }
 
-
 /*
  * Every packet the balancer does not forward leaves through here, counted by its
  * reason (enum mlb_counter): the DROP_* reasons drop, every other one goes to the
@@ -712,6 +711,9 @@ int meshlb_balancer(struct xdp_md *ctx)
  * this program once (BPF_PROG_TEST_RUN); meshlb/dataplane/balancer.py is its only
  * caller. The moves are those XDP expects: an evicted entry goes to ct_closed, so
  * a late segment still reaches its old backend without setting the flow up again.
+ * The agent's expiry of entries no close removes (idle flows, handshakes nobody
+ * finished) goes through here as well, so that one piece of code knows how a flow's
+ * entries are found and removed.
  * ------------------------------------------------------------------------------ */
 
 /* client -> VIP: move the conntrack entry to ct_closed; *out gets what it held. */
@@ -724,6 +726,19 @@ static __always_inline int evict_forward(const struct flow_key *k, struct ct_val
 	*out = *ct;
 	remove_flow(k, out, 1);
 	return 1;
+}
+
+/* client -> VIP as an expiry scan saw it (*seen): removed with its nat reverse entry,
+ * not into ct_closed (nothing of the flow ended: a retransmitted SYN is balanced
+ * afresh), unless a packet touched it since the scan: its client may have just
+ * spoken, and removing a nat flow then would reset it. */
+static __always_inline int expire_forward(const struct flow_key *k, const struct ct_value *seen)
+{
+	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, k);
+
+	if (!ct || ct->last_seen_ns != seen->last_seen_ns || ct->flags != seen->flags)
+		return 0;
+	return remove_flow(k, ct, 0);
 }
 
 /* SNAT addr:port -> backend addr:port, a nat backend's closed socket: the reverse
@@ -784,6 +799,9 @@ static long evict_one(__u64 i, void *data)
 	} else if (op == MLB_EVICT_OP_BACKEND) {
 		if (evict_backend_side(&k))
 			s->result = MLB_EVICT_BACKEND;
+	} else if (op == MLB_EVICT_OP_EXPIRE) {
+		if (expire_forward(&k, &s->ct))
+			s->result = MLB_EVICT_EXPIRED;
 	}
 	if (s->result != MLB_EVICT_NONE)
 		run->removed++;

@@ -201,16 +201,20 @@ struct nat_rev_value {
 #define MLB_EVICT_OP_FORWARD  1   /* client -> VIP, the conntrack key */
 #define MLB_EVICT_OP_BACKEND  2   /* SNAT addr:port -> backend addr:port, as a nat
                                    * backend's socket saw it */
+#define MLB_EVICT_OP_EXPIRE   3   /* client -> VIP, with .ct the entry as an expiry scan
+                                   * read it: removed unless a packet touched it since
+                                   * (last_seen_ns or flags differ), not into ct_closed */
 /* evict_slot.result (out): what was removed */
-#define MLB_EVICT_NONE        0   /* nothing held here */
+#define MLB_EVICT_NONE        0   /* nothing held here (or, expiring, touched since) */
 #define MLB_EVICT_FORWARD     1   /* a conntrack entry (copied into .ct), now in ct_closed */
 #define MLB_EVICT_BACKEND     2   /* a nat reverse entry (and its forward entry, if
                                    * that was still the same flow) */
+#define MLB_EVICT_EXPIRED     3   /* a conntrack entry, gone with its nat reverse entry */
 struct evict_slot {
 	struct flow_key key;
 	__u32 op;
 	__u32 result;
-	struct ct_value ct;
+	struct ct_value ct;  /* in for MLB_EVICT_OP_EXPIRE, out for MLB_EVICT_FORWARD */
 };
 struct evict_batch {
 	__u32 count;   /* slots in use; the program clamps it to MLB_EVICT_BATCH */

@@ -103,6 +103,36 @@ def test_op_forces_how_a_key_is_read(lb):
     assert lb.lb.evict_many([k], L.MLB_EVICT_OP_FORWARD)[0][0] == L.MLB_EVICT_FORWARD
 
 
+def test_expiry_removes_an_entry_as_scanned_only(lb):
+    """OP_EXPIRE (conntrack_expire): the entry goes, with its nat reverse entry and
+    not into ct_closed, only while it is what the scan read; an entry whose time or
+    flags moved on is kept, and a reverse entry another flow claimed stays."""
+    setup_vip(lb, "v4", "nat", nat_port=8080)
+    pkts = [tcp4(flags="S", sport=32000 + i, seq=100 + i) for i in range(3)]
+    for pkt in pkts:
+        lb.run(pkt)
+    scanned = [(key_of(p), lb.lb.conntrack_lookup(key_of(p))) for p in pkts]
+    touched = L.CtValue.from_bytes(bytes(scanned[1][1]))
+    touched.last_seen_ns -= 1  # a packet came after the scan
+    established = L.CtValue.from_bytes(bytes(scanned[2][1]))
+    established.flags |= L.MLB_CT_F_ESTABLISHED  # the scan saw it before the client's ACK
+    rev = dict((rv.orig, rk) for rk, rv in lb.lb.nat_entries())
+    assert lb.lb.conntrack_expire([scanned[0], (scanned[1][0], touched),
+                                   (scanned[2][0], established)]) == 1
+    assert lb.lb.conntrack_lookup(scanned[0][0]) is None
+    assert lb.lb.closed_lookup(scanned[0][0]) is None
+    assert {rv.orig for _, rv in lb.lb.nat_entries()} == {scanned[1][0], scanned[2][0]}
+    # the reverse entry of the next one was since claimed by another flow: it stays
+    rk = rev[scanned[1][0]]
+    other = L.NatRevValue(orig=L.flow_key(CLIENT4, 41234, VIP4, 80, 6), last_seen_ns=1)
+    lb.lb.maps["nat_reverse"].update(bytes(rk), bytes(other))
+    assert lb.lb.conntrack_expire([scanned[1]]) == 1
+    assert lb.lb.conntrack_lookup(scanned[1][0]) is None
+    assert (rk, other) in lb.lb.nat_entries()
+    with pytest.raises(ValueError, match="conntrack_expire"):
+        lb.lb.evict_many([bytes(scanned[2][0])], L.MLB_EVICT_OP_EXPIRE)
+
+
 def test_keys_of_the_wrong_size_are_refused(lb):
     with pytest.raises(ValueError, match="40 bytes"):
         lb.lb.evict_many([bytes(39)])
