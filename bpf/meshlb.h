@@ -67,6 +67,18 @@ struct tracer_config {
 	__u64 netns_cookie;  /* 0: report every namespace */
 };
 
+/* Index into the tracer's per-CPU "tracer_stats" array. */
+enum mlb_tracer_stat {
+	MLB_TRACER_STAT_EMITTED = 0,     /* records written to the ring buffer */
+	MLB_TRACER_STAT_RINGBUF_FULL,    /* records lost: the ring buffer was full */
+	MLB_TRACER_STAT_RECOVERED,       /* emitted by the backup: the primary missed it */
+	MLB_TRACER_STAT_RESET,           /* emitted for a segment no socket took */
+	MLB_TRACER_STAT_RESET_LIMITED,   /* such segments over the per-CPU budget, unreported */
+	MLB_TRACER_STAT_LOCAL_EVICTED,   /* closes evicted by the program, not reported */
+	MLB_TRACER_STAT_SOCKOPS,         /* closes the sock_ops program handled */
+	MLB_TRACER_STAT_MAX,
+};
+
 /* ------------------------------------------------------------------------------
  * Balancer (bpf/balancer.bpf.c). Everything below is owned by the balancer.
  * ------------------------------------------------------------------------------ */
