@@ -24,7 +24,7 @@ from .layouts import (
     SnatConfig, VipKey, VipMeta,
 )
 from .libbpf import (
-    BPF_ANY, BPF_MAP_TYPE_ARRAY, BpfError, BpfObject, Link, Map, Program,
+    BPF_MAP_TYPE_ARRAY, BpfError, BpfObject, Link, Map, Program,
 )
 
 OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"

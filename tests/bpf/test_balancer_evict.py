@@ -7,10 +7,8 @@ import pytest
 
 from meshlb.dataplane import layouts as L
 
-from .test_balancer_forward import setup_vip, snat_port_of
-from .test_balancer_helpers import (  # noqa: F401 - fixtures
-    BE_TX4, CLIENT4, SNAT4, VIP4, key_of, lb, netns, tcp4, tcp6,
-)
+from .harness import setup_vip, snat_port_of
+from .pkt import BE_TX4, CLIENT4, SNAT4, VIP4, key_of, tcp4, tcp6
 
 pytestmark = pytest.mark.privileged
 
