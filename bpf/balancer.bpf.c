@@ -113,7 +113,7 @@ static __always_inline __u32 addr_slot(const __u32 *a, __u8 family)
 static __always_inline int verdict(__u32 reason)
 {
 	count(reason);
-	if (reason >= MLB_CNT_DROP_FIB && reason <= MLB_CNT_DROP_UDP6_ZERO_CSUM)
+	if (reason >= MLB_CNT_DROP_FIRST && reason <= MLB_CNT_DROP_LAST)
 		return XDP_DROP;
 	return XDP_PASS;
 }

@@ -262,8 +262,6 @@ enum mlb_counter {
 	MLB_CNT_PASS_FROM_PEER,    /* carried a peer's mark: un-marked, passed */
 	MLB_CNT_PASS_NO_NEIGH,     /* fib: neighbour unknown, kernel resolves it */
 	MLB_CNT_PASS_FIB_OTHER,    /* fib failed, passed (see MLB_CNT_FIB_RC) */
-	/* The DROP_* reasons are the ones from here to DROP_UDP6_ZERO_CSUM: the balancer
-	 * drops a packet for those, passes it to the stack for every other. */
 	MLB_CNT_DROP_FIB,          /* fib said blackhole/unreachable/prohibit */
 	MLB_CNT_DROP_NO_TABLE,     /* VIP without a (matching) Maglev table */
 	MLB_CNT_DROP_NO_BACKEND,   /* table slot points to a missing/down backend */
@@ -291,5 +289,11 @@ enum mlb_counter {
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };
+
+/* The reasons the balancer drops a packet for, every other one passes it to the
+ * stack: one range, so that one comparison tells. A new DROP_* reason goes inside it
+ * (the layout test fails otherwise). */
+#define MLB_CNT_DROP_FIRST    MLB_CNT_DROP_FIB
+#define MLB_CNT_DROP_LAST     MLB_CNT_DROP_UDP6_ZERO_CSUM
 
 #endif /* MESHLB_H */

@@ -100,6 +100,9 @@ class Counter(enum.IntEnum):
 
 
 MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS
+# the reasons the balancer drops a packet for (every other one passes it)
+MLB_CNT_DROP_FIRST = Counter.DROP_FIB
+MLB_CNT_DROP_LAST = Counter.DROP_UDP6_ZERO_CSUM
 
 
 class TracerStat(enum.IntEnum):

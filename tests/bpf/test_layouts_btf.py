@@ -110,6 +110,13 @@ def test_constants_match_header():
         assert {prefix + m.name for m in py_enum} | {prefix + "MAX"} == set(names), cname
 
 
+def test_drop_reasons_are_one_range():
+    """verdict() in the balancer drops for the reasons in [DROP_FIRST, DROP_LAST] and
+    passes for every other: the DROP_* counters must be exactly those."""
+    drops = {c for c in L.Counter if c.name.startswith("DROP_")}
+    assert drops == {c for c in L.Counter if L.MLB_CNT_DROP_FIRST <= c <= L.MLB_CNT_DROP_LAST}
+
+
 def _resolve(types: dict[int, dict], tid: int) -> dict:
     t = types[tid]
     while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"):
