@@ -3,6 +3,13 @@
 all measured with BPF_PROG_TEST_RUN in the same run on one pinned CPU.
 
     sudo python3 bench/bpf_bench.py [--repeat N] [--runs 5] [--cpu 1] [--flows 100000,1000000]
+                                    [--object OBJ] [--baseline OBJ]
+
+With --baseline, a second balancer object (say one built from another commit) is
+loaded next to the first, each with maps of its own, and every path is measured on
+both, their runs interleaved in alternating order (ABBA...): the table then gives
+both medians and their ratio, which a shared, noisy machine cannot skew the way it
+skews two separate runs.
 
 Every run is checked: its return code and the counter deltas must say that all N
 iterations took the claimed path (see the repeat trap in BENCHMARKING.md). Paths that
@@ -31,7 +38,7 @@ from scapy.layers.inet import IP, TCP  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
 
 from meshlb.dataplane import layouts as L  # noqa: E402
-from meshlb.dataplane.balancer import Balancer  # noqa: E402
+from meshlb.dataplane.balancer import OBJECT_PATH, Balancer  # noqa: E402
 from meshlb.dataplane.libbpf import BpfObject, XDP_PASS, XDP_TX  # noqa: E402
 
 PID = os.getpid()
@@ -126,6 +133,13 @@ def marked_tcp(**kw) -> bytes:
     return bytes(pkt)
 
 
+class Subject:
+    """One program under test; lb is the balancer whose counters check its runs."""
+
+    def __init__(self, label: str, lb: Balancer | None = None, path: Path | None = None) -> None:
+        self.label, self.lb, self.path = label, lb, path
+
+
 class Bench:
     def __init__(self, ns: Netns, repeat: int, runs: int, floor_flows: int = 1024) -> None:
         self.ns, self.repeat, self.runs = ns, repeat, runs
@@ -134,47 +148,67 @@ class Bench:
         self.floor.load()
         self.rows: list[dict] = []
         self.wrap_overhead = 0.0
+        self._wrap_cfg = b""
 
     def run(self, prog, data: bytes, repeat: int):
         ctx = bytes(L.XdpMd(data=0, data_end=len(data), ingress_ifindex=self.ns.ifindex))
         return self.ns.call(lambda: prog.test_run(data, repeat=repeat, ctx=ctx))
 
-    def wrap(self, target, pristine: bytes, nflows: int = 0, vary_seq: bool = False) -> None:
+    def wrap(self, target, pristine: bytes, nflows: int = 0, vary_seq: bool = False,
+             restart: bool = False) -> None:
+        """Point the wrapper at ``target``. Its iteration count (the flow, the sequence
+        number) starts over when the packet or the variation changes, or on
+        ``restart``; switching the target alone carries on, so that subjects taking
+        turns on one primed flow set or sequence continue where the other stopped."""
         cfg = pristine[:64].ljust(64, b"\0") + struct.pack("=II", nflows, int(vary_seq))
-        self.floor.map("wrap_cfg").update(struct.pack("=I", 0), cfg)
-        self.floor.map("wrap_iter").update(struct.pack("=I", 0), struct.pack("=I", 0))
+        if restart or cfg != self._wrap_cfg:
+            self.floor.map("wrap_cfg").update(struct.pack("=I", 0), cfg)
+            self.floor.map("wrap_iter").update(struct.pack("=I", 0), struct.pack("=I", 0))
+            self._wrap_cfg = cfg
         self.floor.map("wrap_target").update(struct.pack("=I", 0),
                                              struct.pack("=I", target.fd))
 
-    def measure(self, name: str, prog, data: bytes, want_rc: int, *, lb: Balancer | None = None,
+    def measure(self, name: str, subjects: list[Subject], case, want_rc: int, *,
                 want: dict[str, int] | None = None, wrapped: bool = False, anchor=None,
-                before_run=None, repeat: int | None = None) -> dict:
+                repeat: int | None = None) -> dict:
+        """``case(subject, run)`` prepares a run (the wrapper's target, fresh flows)
+        and returns (program, packet). Subjects take turns run by run, in alternating
+        order, so drift of the machine during the measurement hits each alike."""
         repeat = repeat or self.repeat
-        times = []
+        times: dict[str, list[int]] = {s.label: [] for s in subjects}
         for i in range(self.runs):
-            if before_run:
-                before_run(i)
-            c0 = lb.counters() if lb else None
-            r = self.run(prog, data, repeat)
-            if r.retval != want_rc:
-                raise SystemExit(f"{name}: return code {r.retval}, expected {want_rc}")
-            if lb is not None and want is not None:
-                c1 = lb.counters()
-                d = {k: c1[k] - c0[k] for k in c1 if c1[k] != c0[k]}
-                exp = {k: v * repeat for k, v in want.items()}
-                got = {k: d.get(k, 0) for k in exp}
-                if got != exp or d.get("rx") != repeat:
-                    raise SystemExit(f"{name}: counters {d}, expected {exp} (repeat {repeat})")
-            times.append(r.duration_ns)
-        med = statistics.median(times)
-        row = {"name": name, "median": med, "min": min(times), "max": max(times),
-               "wrapped": wrapped, "anchor": anchor}
-        if wrapped:
-            row["net"] = med - self.wrap_overhead
+            for s in (subjects if i % 2 == 0 else subjects[::-1]):
+                prog, data = case(s, i)
+                c0 = s.lb.counters() if s.lb and want is not None else None
+                r = self.run(prog, data, repeat)
+                if r.retval != want_rc:
+                    raise SystemExit(f"{name} [{s.label}]: return code {r.retval}, "
+                                     f"expected {want_rc}")
+                if c0 is not None:
+                    c1 = s.lb.counters()
+                    d = {k: c1[k] - c0[k] for k in c1 if c1[k] != c0[k]}
+                    exp = {k: v * repeat for k, v in want.items()}
+                    got = {k: d.get(k, 0) for k in exp}
+                    if got != exp or d.get("rx") != repeat:
+                        raise SystemExit(f"{name} [{s.label}]: counters {d}, expected {exp} "
+                                         f"(repeat {repeat})")
+                times[s.label].append(r.duration_ns)
+        row = {"name": name, "wrapped": wrapped, "anchor": anchor, "by": {}}
+        for label, ts in times.items():
+            med = statistics.median(ts)
+            row["by"][label] = {"median": med, "min": min(ts), "max": max(ts),
+                                "net": med - self.wrap_overhead if wrapped else med}
         self.rows.append(row)
-        print(f"  {name:55s} {med:6.0f} ns  [{min(times)}..{max(times)}]"
-              + (f"  net {row['net']:.0f}" if wrapped else ""), flush=True)
+        print(f"  {name:55s}" + "".join(
+            f"  {lb}: {v['net']:6.0f} ns [{v['min']}..{v['max']}]" for lb, v in row["by"].items())
+            + (f"  ratio {ratio(row):.3f}" if len(row["by"]) == 2 else ""), flush=True)
         return row
+
+
+def ratio(row: dict) -> float:
+    """Second subject over first (this tree's object over the baseline)."""
+    (_, a), (_, b) = row["by"].items()
+    return b["net"] / a["net"]
 
 
 def main() -> int:
@@ -184,6 +218,10 @@ def main() -> int:
     ap.add_argument("--cpu", type=int, default=1)
     ap.add_argument("--flows", default="100000,1000000",
                     help="comma-separated flow counts for the many-flow conntrack hit")
+    ap.add_argument("--object", type=Path, default=OBJECT_PATH,
+                    help="the balancer object to measure (default: this tree's)")
+    ap.add_argument("--baseline", type=Path,
+                    help="a second balancer object, measured side by side with --object")
     ap.add_argument("--markdown", type=Path, help="write the results table here")
     args = ap.parse_args()
     os.sched_setaffinity(0, {args.cpu})  # threads created later inherit it
@@ -195,68 +233,85 @@ def main() -> int:
 
     with Netns() as ns:
         b = Bench(ns, args.repeat, args.runs, floor_flows=max(flows + [1024]))
-        lb = Balancer.load(conntrack_size=ct_size)
+        objects = ([("base", args.baseline)] if args.baseline else []) + [("this", args.object)]
+        subjects: list[Subject] = []
         try:
-            return run_all(b, lb, flows, args)
+            for label, path in objects:
+                subjects.append(Subject(label, Balancer.load(conntrack_size=ct_size, path=path),
+                                        path))
+            return run_all(b, subjects, flows, args)
         finally:
-            lb.close()
+            for s in subjects:
+                s.lb.close()
             b.floor.close()
 
 
-def run_all(b: Bench, lb: Balancer, flows: list[int], args) -> int:
+def run_all(b: Bench, subjects: list[Subject], flows: list[int], args) -> int:
     F = b.floor
+    W = F.program("bench_wrap")
     ack = tcp()
-    print(f"repeat={args.repeat} runs={args.runs} cpu={args.cpu}")
+    floor = [Subject("floor")]
+    print(f"repeat={args.repeat} runs={args.runs} cpu={args.cpu} "
+          + " ".join(f"{s.label}={s.path}" for s in subjects))
     # warm-up: the first runs of a process are slower (frequency, caches, JIT pages)
     for _ in range(3):
         b.run(F.program("floor_ret"), ack, b.repeat)
     print("floors:")
-    f_ret = b.measure("floor: return XDP_TX", F.program("floor_ret"), ack, XDP_TX)
-    f_parse = b.measure("floor: parse eth/ipv4/tcp, swap MACs, XDP_TX",
-                        F.program("floor_parse"), ack, XDP_TX)
+    f_ret = b.measure("floor: return XDP_TX", floor, lambda s, i: (F.program("floor_ret"), ack),
+                      XDP_TX)
+    b.measure("floor: parse eth/ipv4/tcp, swap MACs, XDP_TX", floor,
+              lambda s, i: (F.program("floor_parse"), ack), XDP_TX)
     F.map("floor_flows").update(bytes(L.flow_key(CLIENT, 40000, VIP, 80, 6)),
                                 struct.pack("=Q", 1))
-    f_lookup = b.measure("floor: parse + one hash lookup (flow_key), hit",
-                         F.program("floor_lookup"), ack, XDP_TX)
+    f_lookup = b.measure("floor: parse + one hash lookup (flow_key), hit", floor,
+                         lambda s, i: (F.program("floor_lookup"), ack), XDP_TX)
     b.wrap(F.program("floor_ret"), ack)
-    w = b.measure("wrapper: restore 64 B + tail call -> floor_ret", F.program("bench_wrap"),
-                  ack, XDP_TX)
-    b.wrap_overhead = w["median"] - f_ret["median"]
+    w = b.measure("wrapper: restore 64 B + tail call -> floor_ret", floor,
+                  lambda s, i: (W, ack), XDP_TX)
+    b.wrap_overhead = w["by"]["floor"]["median"] - f_ret["by"]["floor"]["median"]
     print(f"  wrapper overhead subtracted from wrapped rows: {b.wrap_overhead:.0f} ns")
 
     # dr VIP with a remote backend (fib -> TX), a nat VIP on another port
-    lb.add_vip(VIP, 80, "tcp", "dr", vip_id=1, ring_size=L.MLB_DEFAULT_RING)
-    lb.add_vip(VIP, 443, "tcp", "nat", vip_id=2, ring_size=L.MLB_DEFAULT_RING)
-    lb.set_backend(1, BACKEND, 8443)
-    lb.set_vip_table(1, [1] * L.MLB_DEFAULT_RING)
-    lb.set_vip_table(2, [1] * L.MLB_DEFAULT_RING)
-    lb.set_snat(L.AF_INET, SNAT, 1024, 65535)
-    P = lb.program
-    W = F.program("bench_wrap")
+    for s in subjects:
+        lb = s.lb
+        lb.add_vip(VIP, 80, "tcp", "dr", vip_id=1, ring_size=L.MLB_DEFAULT_RING)
+        lb.add_vip(VIP, 443, "tcp", "nat", vip_id=2, ring_size=L.MLB_DEFAULT_RING)
+        lb.set_backend(1, BACKEND, 8443)
+        lb.set_vip_table(1, [1] * L.MLB_DEFAULT_RING)
+        lb.set_vip_table(2, [1] * L.MLB_DEFAULT_RING)
+        lb.set_snat(L.AF_INET, SNAT, 1024, 65535)
+
+    def plain(data: bytes):
+        return lambda s, i: (s.lb.program, data)
+
+    def wrapped(data: bytes, nflows: int = 0, vary_seq: bool = False):
+        def case(s: Subject, i: int):
+            b.wrap(s.lb.program, data, nflows=nflows, vary_seq=vary_seq)
+            return W, data
+        return case
+
     print("balancer:")
-    b.measure("non-VIP TCP -> PASS", P, tcp(dst="192.0.2.1"), XDP_PASS, lb=lb,
+    b.measure("non-VIP TCP -> PASS", subjects, plain(tcp(dst="192.0.2.1")), XDP_PASS,
               want={"pass_not_vip": 1}, anchor=ANCHORS["nonvip"])
     # prime the flow, then measure its conntrack hit
-    assert b.run(P, tcp(flags="S"), 1).retval == XDP_TX
-    c0 = lb.counters()
-    b.run(P, ack, 1000)
-    c1 = lb.counters()
-    print(f"  (repeat trap, dr hit without wrapper: tx={c1['tx'] - c0['tx']}, "
-          f"pass_from_peer={c1['pass_from_peer'] - c0['pass_from_peer']} of 1000)")
-    b.wrap(P, ack)
-    b.measure("dr: TCP ACK, conntrack hit, cached next hop, mark, TX", W, ack, XDP_TX, lb=lb,
-              want={"ct_hit": 1, "tx": 1}, wrapped=True, anchor=ANCHORS["hit"])
+    for s in subjects:
+        lb, P = s.lb, s.lb.program
+        assert b.run(P, tcp(flags="S"), 1).retval == XDP_TX
+        c0 = lb.counters()
+        b.run(P, ack, 1000)
+        c1 = lb.counters()
+        print(f"  (repeat trap, {s.label}: dr hit without wrapper: tx={c1['tx'] - c0['tx']}, "
+              f"pass_from_peer={c1['pass_from_peer'] - c0['pass_from_peer']} of 1000)")
+    b.measure("dr: TCP ACK, conntrack hit, cached next hop, mark, TX", subjects, wrapped(ack),
+              XDP_TX, want={"ct_hit": 1, "tx": 1}, wrapped=True, anchor=ANCHORS["hit"])
     # the backend side of the same: a peer's marked packet, un-marked and passed; the
     # lookup of this mix's own entry (to note that a peer holds the flow too) is the
     # part that misses here and hits when the router moved a flow this mix balanced
-    other = marked_tcp(sport=40001)
-    b.wrap(P, other)
-    b.measure("backend side: peer-marked TCP, no own entry, unmark, PASS", W, other, XDP_PASS,
-              lb=lb, want={"pass_from_peer": 1}, wrapped=True)
-    moved = marked_tcp()
-    b.wrap(P, moved)
-    b.measure("backend side: peer-marked TCP, own entry (flow moved), unmark, PASS", W, moved,
-              XDP_PASS, lb=lb, want={"pass_from_peer": 1}, wrapped=True)
+    b.measure("backend side: peer-marked TCP, no own entry, unmark, PASS", subjects,
+              wrapped(marked_tcp(sport=40001)), XDP_PASS, want={"pass_from_peer": 1},
+              wrapped=True)
+    b.measure("backend side: peer-marked TCP, own entry (flow moved), unmark, PASS", subjects,
+              wrapped(marked_tcp()), XDP_PASS, want={"pass_from_peer": 1}, wrapped=True)
     # many flows, before the SYN runs churn the LRU's free lists
     for n in flows:
         base = "10.200.0.0"
@@ -264,68 +319,85 @@ def run_all(b: Bench, lb: Balancer, flows: list[int], args) -> int:
         fl = F.map("floor_flows")
         fl.delete_batch(list(fl.keys()))
         fl.update_batch([(bytes(cycled_key(base, i)), struct.pack("=Q", 1)) for i in range(n)])
-        b.wrap(F.program("floor_lookup"), tcp(src=base), nflows=n)
-        b.measure(f"floor: parse + lookup cycling {n} flows", W, tcp(src=base), XDP_TX,
+
+        def floor_cycle(s: Subject, i: int, n=n, base=base):
+            b.wrap(F.program("floor_lookup"), tcp(src=base), nflows=n)
+            return W, tcp(src=base)
+        b.measure(f"floor: parse + lookup cycling {n} flows", floor, floor_cycle, XDP_TX,
                   wrapped=True)
-        b.wrap(P, tcp(src=base, flags="S"), nflows=n)
-        r = b.run(W, tcp(src=base, flags="S"), n)
-        assert r.retval == XDP_TX
-        b.wrap(P, tcp(src=base), nflows=n)
-        b.measure(f"dr: conntrack hit cycling {n} flows", W, tcp(src=base), XDP_TX, lb=lb,
-                  want={"ct_hit": 1, "tx": 1}, wrapped=True, anchor=ANCHORS["hit"])
+        for s in subjects:
+            b.wrap(s.lb.program, tcp(src=base, flags="S"), nflows=n)
+            assert b.run(W, tcp(src=base, flags="S"), n).retval == XDP_TX
+        b.measure(f"dr: conntrack hit cycling {n} flows", subjects, wrapped(tcp(src=base), n),
+                  XDP_TX, want={"ct_hit": 1, "tx": 1}, wrapped=True, anchor=ANCHORS["hit"])
 
     # new SYNs: every iteration a distinct tuple (wrapper varies src/sport), a fresh
     # client /16 per run so no run finds the previous run's entries
-    def fresh(i: int) -> None:
-        b.wrap(P, tcp(src=f"10.{100 + i}.0.0", flags="S"), nflows=b.repeat)
-    b.measure("dr: TCP SYN, new tuple each: table path + conntrack insert, TX", W,
-              tcp(flags="S"), XDP_TX, lb=lb, want={"ct_miss": 1, "ct_insert": 1, "tx": 1},
-              wrapped=True, anchor=ANCHORS["syn"], before_run=fresh)
+    def fresh(s: Subject, i: int):
+        syn = tcp(src=f"10.{100 + i}.0.0", flags="S")
+        b.wrap(s.lb.program, syn, nflows=b.repeat, restart=True)
+        return W, syn
+    b.measure("dr: TCP SYN, new tuple each: table path + conntrack insert, TX", subjects,
+              fresh, XDP_TX, want={"ct_miss": 1, "ct_insert": 1, "tx": 1}, wrapped=True,
+              anchor=ANCHORS["syn"])
     # a new connection on the same tuple: another sequence number every iteration (the
     # same SYN again would be its retransmission, which keeps the entry)
     syn = tcp(flags="S")
-    b.wrap(P, syn, vary_seq=True)
-    assert b.run(W, syn, 1).retval == XDP_TX  # (re)create the entry it overwrites
-    b.measure("dr: TCP SYN, same tuple: table path + conntrack overwrite, TX", W, syn,
-              XDP_TX, lb=lb, want={"ct_reselect": 1, "ct_insert": 1, "tx": 1}, wrapped=True,
+    for s in subjects:
+        b.wrap(s.lb.program, syn, vary_seq=True)
+        assert b.run(W, syn, 1).retval == XDP_TX  # (re)create the entry it overwrites
+    b.measure("dr: TCP SYN, same tuple: table path + conntrack overwrite, TX", subjects,
+              wrapped(syn, vary_seq=True), XDP_TX,
+              want={"ct_reselect": 1, "ct_insert": 1, "tx": 1}, wrapped=True,
               anchor=ANCHORS["syn"])
     # the same many-flow hits once millions of inserts/evictions have scattered the
     # LRU's elements over its whole preallocated area (what a long-lived node sees)
     for n in flows:
         base = "10.201.0.0"
-        b.wrap(P, tcp(src=base, flags="S"), nflows=n)
-        assert b.run(W, tcp(src=base, flags="S"), n).retval == XDP_TX
-        b.wrap(P, tcp(src=base), nflows=n)
-        b.measure(f"dr: conntrack hit cycling {n} flows, after SYN churn", W, tcp(src=base),
-                  XDP_TX, lb=lb, want={"ct_hit": 1, "tx": 1}, wrapped=True,
-                  anchor=ANCHORS["hit"])
+        for s in subjects:
+            b.wrap(s.lb.program, tcp(src=base, flags="S"), nflows=n)
+            assert b.run(W, tcp(src=base, flags="S"), n).retval == XDP_TX
+        b.measure(f"dr: conntrack hit cycling {n} flows, after SYN churn", subjects,
+                  wrapped(tcp(src=base), n), XDP_TX, want={"ct_hit": 1, "tx": 1},
+                  wrapped=True, anchor=ANCHORS["hit"])
     # nat: forward hit and the reply path
     nat_syn = tcp(dport=443, flags="S")
-    assert b.run(P, nat_syn, 1).retval == XDP_TX
-    ct = lb.conntrack_lookup(L.flow_key(CLIENT, 40000, VIP, 443, 6))
-    sport = L.port_host(ct.snat_port)
-    nat_ack = tcp(dport=443)
-    b.wrap(P, nat_ack)
-    b.measure("nat: TCP ACK, conntrack hit, rewrite, cached next hop, TX", W, nat_ack, XDP_TX, lb=lb,
-              want={"ct_hit": 1, "tx": 1}, wrapped=True, anchor=ANCHORS["hit"])
-    reply = tcp(src=BACKEND, dst=SNAT, sport=8443, dport=sport)
-    b.wrap(P, reply)
-    b.measure("nat: reply backend -> client, rewrite, cached next hop, TX", W, reply, XDP_TX, lb=lb,
-              want={"nat_reply": 1, "tx": 1}, wrapped=True)
+    sports = set()
+    for s in subjects:
+        assert b.run(s.lb.program, nat_syn, 1).retval == XDP_TX
+        ct = s.lb.conntrack_lookup(L.flow_key(CLIENT, 40000, VIP, 443, 6))
+        sports.add(L.port_host(ct.snat_port))
+    assert len(sports) == 1, f"the objects chose different SNAT ports: {sports}"
+    b.measure("nat: TCP ACK, conntrack hit, rewrite, cached next hop, TX", subjects,
+              wrapped(tcp(dport=443)), XDP_TX, want={"ct_hit": 1, "tx": 1}, wrapped=True,
+              anchor=ANCHORS["hit"])
+    reply = tcp(src=BACKEND, dst=SNAT, sport=8443, dport=sports.pop())
+    b.measure("nat: reply backend -> client, rewrite, cached next hop, TX", subjects,
+              wrapped(reply), XDP_TX, want={"nat_reply": 1, "tx": 1}, wrapped=True)
 
-    print_table(b, f_lookup, args)
+    print_table(b, f_lookup, subjects, args)
     return 0
 
 
-def print_table(b: Bench, f_lookup: dict, args) -> None:
-    floor = f_lookup["median"]
-    lines = ["| path | ns/packet (median) | range | vs floor+lookup | Katran anchor |",
-             "|---|---|---|---|---|"]
+def print_table(b: Bench, f_lookup: dict, subjects: list[Subject], args) -> None:
+    floor = f_lookup["by"]["floor"]["median"]
+    labels = [s.label for s in subjects]
+    two = len(labels) == 2
+    head = "| path | " + " | ".join(f"{lb}: ns/packet (median)" for lb in labels)
+    head += " | range | vs floor+lookup |" + (f" {labels[1]}/{labels[0]} |" if two else "")
+    head += " Katran anchor |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     for r in b.rows:
-        v = r.get("net", r["median"])
-        rng = f"{r['min']}..{r['max']}" + (" (raw, before subtracting)" if r["wrapped"] else "")
+        vals = list(r["by"].values())
+        # a floor is measured once and is the floor of every subject
+        cells = [f"{v['net']:.0f}" for v in vals] * (len(labels) if len(vals) == 1 else 1)
+        rng = ", ".join(f"{v['min']}..{v['max']}" for v in vals)
+        rng += " (raw, before subtracting)" if r["wrapped"] else ""
         anchor = f"{r['anchor']} ns" if r["anchor"] else ""
-        lines.append(f"| {r['name']} | {v:.0f} | {rng} | {v / floor:.2f}x | {anchor} |")
+        line = f"| {r['name']} | " + " | ".join(cells) + f" | {rng} | {vals[-1]['net'] / floor:.2f}x |"
+        if two:
+            line += f" {ratio(r):.3f} |" if len(vals) == 2 else " |"
+        lines.append(line + f" {anchor} |")
     text = "\n".join(lines)
     print()
     print(text)

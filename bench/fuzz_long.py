@@ -36,12 +36,9 @@ def main() -> int:
             print("  ", f[:500])
         failed |= bool(target.failures)
     if args.target in ("xdp", "both"):
-        from tests.bpf.test_balancer_helpers import FibNetns, Harness
+        from tests.bpf.harness import fib_netns, loaded
 
-        env = FibNetns()
-        env.setup()
-        harness = Harness(env)
-        try:
+        with fib_netns() as env, loaded(env) as harness:
             t0 = time.monotonic()
             fz, target = run_xdp(harness, seconds=args.seconds, seed=args.seed)
             print(f"xdp: seed {args.seed}, {fz.execs} execs in {time.monotonic() - t0:.0f} s, "
@@ -50,9 +47,6 @@ def main() -> int:
             for f in target.failures[:10]:
                 print("  ", f[:500])
             failed |= bool(target.failures)
-        finally:
-            harness.close()
-            env.teardown()
     return 1 if failed else 0
 
 

@@ -105,7 +105,38 @@ static __always_inline __u32 addr_slot(const __u32 *a, __u8 family)
 	return (x * MLB_VIP_FILTER_MULT) >> MLB_VIP_FILTER_SHIFT;
 }
 
-static __always_inline void mark(struct xdp_md *ctx, struct pkt *p);
+/*
+ * Every packet the balancer does not forward leaves through here, counted by its
+ * reason (enum mlb_counter): the DROP_* reasons drop, every other one goes to the
+ * stack unchanged.
+ */
+static __always_inline int verdict(__u32 reason)
+{
+	count(reason);
+	if (reason >= MLB_CNT_DROP_FIRST && reason <= MLB_CNT_DROP_LAST)
+		return XDP_DROP;
+	return XDP_PASS;
+}
+
+/* Set (on) or clear the peer mark, fixing the IPv4 header checksum. */
+static __always_inline void set_peer_mark(struct xdp_md *ctx, struct pkt *p, int on)
+{
+	void *end = (void *)(long)ctx->data_end;
+
+	if (p->key.family == AF_INET) {
+		struct iphdr *ip = p->l3;
+		if ((void *)(ip + 1) > end)
+			return;
+		__u16 old = ip->frag_off;
+		ip->frag_off = on ? old | bpf_htons(MLB_V4_MARK) : old & ~bpf_htons(MLB_V4_MARK);
+		ip->check = csum_apply(ip->check, csum_diff16(0, old, ip->frag_off));
+	} else {
+		__be32 *w = p->l3;
+		if ((void *)(w + 1) > end)
+			return;
+		*w = (*w & ~bpf_htonl(0xfffff)) | (on ? bpf_htonl(MLB_V6_MARK) : 0);
+	}
+}
 
 static __always_inline int l2_send(struct xdp_md *ctx, struct pkt *p, const __u8 *dmac,
 				   const __u8 *smac, __u32 ifindex, int do_mark)
@@ -118,7 +149,7 @@ static __always_inline int l2_send(struct xdp_md *ctx, struct pkt *p, const __u8
 	__builtin_memcpy(eth->h_dest, dmac, 6);
 	__builtin_memcpy(eth->h_source, smac, 6);
 	if (do_mark)
-		mark(ctx, p);
+		set_peer_mark(ctx, p, 1);
 	if (ifindex == ctx->ingress_ifindex) {
 		count(MLB_CNT_TX);
 		return XDP_TX;
@@ -184,56 +215,12 @@ static __always_inline int fib_forward(struct xdp_md *ctx, struct pkt *p,
 		count(MLB_CNT_FIB_RC + rc);
 	else
 		count(MLB_CNT_FIB_RC);  /* slot 0 (SUCCESS) never counts: "negative/unknown" */
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		count(MLB_CNT_PASS_NO_NEIGH);
-		return XDP_PASS;
-	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return verdict(MLB_CNT_PASS_NO_NEIGH);
 	if (rc == BPF_FIB_LKUP_RET_BLACKHOLE || rc == BPF_FIB_LKUP_RET_UNREACHABLE ||
-	    rc == BPF_FIB_LKUP_RET_PROHIBIT) {
-		count(MLB_CNT_DROP_FIB);
-		return XDP_DROP;
-	}
-	count(MLB_CNT_PASS_FIB_OTHER);
-	return XDP_PASS;
-}
-
-/* Remove the peer mark before the local stack sees the packet. */
-static __always_inline void unmark(struct xdp_md *ctx, struct pkt *p)
-{
-	void *end = (void *)(long)ctx->data_end;
-
-	if (p->key.family == AF_INET) {
-		struct iphdr *ip = p->l3;
-		if ((void *)(ip + 1) > end)
-			return;
-		__u16 old = ip->frag_off;
-		ip->frag_off = old & ~bpf_htons(MLB_V4_MARK);
-		ip->check = csum_apply(ip->check, csum_diff16(0, old, ip->frag_off));
-	} else {
-		__be32 *w = p->l3;
-		if ((void *)(w + 1) > end)
-			return;
-		*w &= ~bpf_htonl(0xfffff);
-	}
-}
-
-static __always_inline void mark(struct xdp_md *ctx, struct pkt *p)
-{
-	void *end = (void *)(long)ctx->data_end;
-
-	if (p->key.family == AF_INET) {
-		struct iphdr *ip = p->l3;
-		if ((void *)(ip + 1) > end)
-			return;
-		__u16 old = ip->frag_off;
-		ip->frag_off = old | bpf_htons(MLB_V4_MARK);
-		ip->check = csum_apply(ip->check, csum_diff16(0, old, ip->frag_off));
-	} else {
-		__be32 *w = p->l3;
-		if ((void *)(w + 1) > end)
-			return;
-		*w = (*w & ~bpf_htonl(0xfffff)) | bpf_htonl(MLB_V6_MARK);
-	}
+	    rc == BPF_FIB_LKUP_RET_PROHIBIT)
+		return verdict(MLB_CNT_DROP_FIB);
+	return verdict(MLB_CNT_PASS_FIB_OTHER);
 }
 
 /*
@@ -363,21 +350,52 @@ static __always_inline __u16 snat_claim(const struct flow_key *k, __u32 hash,
 	return 0;
 }
 
-/* Remove a flow's entries (its packet in hand is still forwarded with what they said). */
-static __always_inline void forget_flow(const struct flow_key *k, const struct backend *be,
-					int nat, __u16 snat_port)
+/* The VIP a flow is for (its destination address, port and protocol), or NULL. */
+static __always_inline struct vip_meta *find_vip(const struct flow_key *k)
 {
-	count(MLB_CNT_CT_HANDSHAKE_RESET);
-	bpf_map_delete_elem(&conntrack, k);
-	if (nat && snat_port && !(be->flags & MLB_BE_F_LOCAL)) {
-		struct snat_config *sc = snat_for(k->family);
-		struct flow_key rk;
+	struct vip_key vk;
 
-		if (!sc)
-			return;
-		rev_key(&rk, be, be->port ? be->port : k->dport, sc, snat_port, k);
+	__builtin_memcpy(vk.addr, k->dst, 16);
+	vk.port = k->dport;
+	vk.proto = k->proto;
+	vk.family = k->family;
+	return bpf_map_lookup_elem(&vips, &vk);
+}
+
+/* The forward entry of a nat flow goes: its reverse entry goes with it, unless the
+ * reply tuple was since claimed by another flow. */
+static __always_inline void remove_reverse_of(const struct flow_key *k, const struct ct_value *v)
+{
+	__u32 bid = v->backend_id;
+	struct backend *be = bpf_map_lookup_elem(&backends, &bid);
+	struct snat_config *sc = snat_for(k->family);
+	struct nat_rev_value *rv;
+	struct flow_key rk;
+
+	if (!be || !sc || !(be->flags & MLB_BE_F_VALID) || !(sc->flags & MLB_SNAT_F_VALID))
+		return;
+	rev_key(&rk, be, be->port ? be->port : k->dport, sc, v->snat_port, k);
+	rv = bpf_map_lookup_elem(&nat_reverse, &rk);
+	if (rv && flow_key_eq(&rv->orig, k))
 		bpf_map_delete_elem(&nat_reverse, &rk);
-	}
+}
+
+/*
+ * Remove a flow's conntrack entry (*ct, read before anything goes) with its nat
+ * reverse entry. to_closed: the flow ended (its socket closed), so the entry moves to
+ * ct_closed, where its late segments find their backend; otherwise nothing of it is
+ * kept. Returns whether the conntrack entry was deleted here.
+ */
+static __always_inline int remove_flow(const struct flow_key *k, const struct ct_value *ct,
+				       int to_closed)
+{
+	struct ct_value v = *ct;
+
+	if (v.flags & MLB_CT_F_NAT)
+		remove_reverse_of(k, &v);
+	if (to_closed)
+		bpf_map_update_elem(&ct_closed, k, &v, BPF_ANY);
+	return bpf_map_delete_elem(&conntrack, k) == 0;
 }
 
 /* Reply from a nat backend to our SNAT address: back to VIP -> client. */
@@ -394,19 +412,15 @@ static __always_inline int nat_reply(struct xdp_md *ctx, struct pkt *p)
 	    sc->addr[2] != p->key.dst[2] || sc->addr[3] != p->key.dst[3])
 		return -1;
 	struct nat_rev_value *rv = bpf_map_lookup_elem(&nat_reverse, &p->key);
-	if (!rv) {
-		count(MLB_CNT_NAT_REPLY_MISS);
-		return XDP_PASS;
-	}
+	if (!rv)
+		return verdict(MLB_CNT_NAT_REPLY_MISS);
 	__u64 now = bpf_ktime_get_coarse_ns();
 	if (rv->last_seen_ns != now)
 		rv->last_seen_ns = now;
 	struct flow_key orig = rv->orig;
 	int r = rewrite(ctx, p, orig.dst, orig.dport, orig.src, orig.sport);
-	if (r) {
-		count(r);
-		return r == MLB_CNT_PASS_MALFORMED ? XDP_PASS : XDP_DROP;
-	}
+	if (r)
+		return verdict(r);
 	count(MLB_CNT_NAT_REPLY);
 	stats_add(&backend_stats, rv->backend_id, ctx->data_end - ctx->data);
 	return fib_forward(ctx, p, orig.dst, orig.src, 0, now);
@@ -417,34 +431,229 @@ static __always_inline int not_vip(struct xdp_md *ctx, struct pkt *p)
 	int r = nat_reply(ctx, p);
 	if (r >= 0)
 		return r;
-	count(MLB_CNT_PASS_NOT_VIP);
-	return XDP_PASS;
+	return verdict(MLB_CNT_PASS_NOT_VIP);
 }
 
-static __always_inline struct vip_meta *find_vip(struct pkt *p)
+/* A packet a peer balanced (it carries the mark): for this mix's own application. */
+static __always_inline int from_peer(struct xdp_md *ctx, struct pkt *p, __u64 bytes)
 {
-	struct vip_key vk;
+	struct vip_meta *vip = find_vip(&p->key);
 
-	__builtin_memcpy(vk.addr, p->key.dst, 16);
-	vk.port = p->key.dport;
-	vk.proto = p->key.proto;
-	vk.family = p->key.family;
-	return bpf_map_lookup_elem(&vips, &vk);
+	if (!vip)
+		return not_vip(ctx, p);
+	stats_add(&vip_stats, vip->vip_id, bytes);
+	set_peer_mark(ctx, p, 0);
+	/* This mix balances the flow to itself too (the router moved it): the peer that
+	 * sent this holds an entry of it, so when the flow closes here the agent must
+	 * tell the cluster, not only forget its own. */
+	struct ct_value *own = bpf_map_lookup_elem(&conntrack, &p->key);
+	if (own && !(own->flags & MLB_CT_F_PEER_SEEN))
+		own->flags |= MLB_CT_F_PEER_SEEN;
+	return verdict(MLB_CNT_PASS_FROM_PEER);
+}
+
+/* Where a packet of a VIP goes, as the conntrack or the VIP's table decided. */
+struct dst {
+	struct backend *be;
+	__u32 backend_id;
+	__u32 vip_id;
+	__u32 nat;        /* the VIP's mode is nat */
+	__u16 snat_port;  /* network order: the flow's SNAT port (nat, remote backend) */
+};
+
+/* What conntrack_select found for a packet's flow. */
+enum ct_found {
+	CT_NONE,    /* no entry */
+	CT_STALE,   /* an entry the table must replace: its VIP or backend changed, or a
+	             * SYN with another sequence number (a new connection on the tuple) */
+	CT_FOLLOW,  /* the entry decides: *d is filled */
+};
+
+/*
+ * Conntrack first: a hit needs neither the VIP hash lookup nor the table. The entry
+ * is trusted only while its VIP exists in the same mode (gen), its backend is usable,
+ * and for a SYN only if it is the flow's own SYN retransmitted (same sequence
+ * number): a new connection on a reused tuple starts over on the table.
+ */
+static __always_inline int conntrack_select(const struct pkt *p, int syn, __u64 now,
+					    struct dst *d)
+{
+	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, &p->key);
+
+	if (!ct)
+		return CT_NONE;
+	if (syn && ct->syn_seq != p->tcp_seq)
+		return CT_STALE;
+	__u32 vip_id = ct->vip_id;
+	__u32 bid = ct->backend_id;
+	struct vip_meta *vi = bpf_map_lookup_elem(&vip_info, &vip_id);
+	struct backend *be = bpf_map_lookup_elem(&backends, &bid);
+	if (!vi || !(vi->flags & MLB_VIP_F_ACTIVE) || vi->gen != ct->vip_gen || !backend_usable(be))
+		return CT_STALE;
+	count(MLB_CNT_CT_HIT);
+	if (ct->last_seen_ns != now)
+		ct->last_seen_ns = now;
+	/* A plain ACK (no SYN, no RST) can only come from a client whose handshake
+	 * completed; a reset of the handshake does not count. */
+	if (!(ct->flags & MLB_CT_F_ESTABLISHED) &&
+	    (p->tcp_flags & (MLB_TCP_SYN | MLB_TCP_RST | MLB_TCP_ACK)) == MLB_TCP_ACK)
+		ct->flags |= MLB_CT_F_ESTABLISHED;
+	d->be = be;
+	d->backend_id = bid;
+	d->vip_id = vip_id;
+	d->nat = vi->flags & MLB_VIP_F_NAT;
+	d->snat_port = ct->snat_port;
+	/* The client resets a handshake it gave up (its RST carries the SYN's sequence
+	 * number + 1; a blind one would have to guess it). The backend drops its
+	 * half-open request: no socket of the flow ever existed there, so no close will
+	 * evict the entry. This is the flow's last packet: forwarded with what the entry
+	 * said, the flow is forgotten. */
+	if ((p->tcp_flags & MLB_TCP_RST) && ct->syn_seq && p->tcp_seq == ct->syn_seq + 1) {
+		count(MLB_CNT_CT_HANDSHAKE_RESET);
+		remove_flow(&p->key, ct, 0);
+	}
+	return CT_FOLLOW;
+}
+
+/*
+ * A late segment of a flow that closed (its entry was evicted), or its SYN
+ * retransmitted late (a client retransmits a SYN whose answer was slow; the copy may
+ * arrive after the connection ended): to the same backend as before, and nothing is
+ * inserted, since no socket will close to evict it again. Returns whether it is one.
+ */
+static __always_inline int closed_select(const struct pkt *p, const struct vip_meta *vip,
+					 int syn, struct dst *d)
+{
+	struct ct_value *cl = bpf_map_lookup_elem(&ct_closed, &p->key);
+
+	if (!cl || cl->vip_id != d->vip_id || cl->vip_gen != vip->gen ||
+	    (syn && cl->syn_seq != p->tcp_seq))
+		return 0;
+	__u32 bid = cl->backend_id;
+	struct backend *be = bpf_map_lookup_elem(&backends, &bid);
+	if (!backend_usable(be))
+		return 0;
+	count(MLB_CNT_CT_CLOSED_HIT);
+	d->be = be;
+	d->backend_id = bid;
+	d->snat_port = cl->snat_port;
+	return 1;
+}
+
+/*
+ * Maglev: the backend in the flow's slot of tbl, a table of ring slots. The table is
+ * the caller's choice (a VIP's current one today). Returns 0 with d->be set, or the
+ * drop reason.
+ */
+static __always_inline int table_select(void *tbl, __u32 ring, __u32 hash, struct dst *d)
+{
+	if (!tbl || ring == 0)
+		return MLB_CNT_DROP_NO_TABLE;
+	__u32 slot = hash % ring;
+	__u32 *b = bpf_map_lookup_elem(tbl, &slot);
+	if (!b)
+		return MLB_CNT_DROP_NO_TABLE;
+	__u32 bid = *b;
+	struct backend *be = bpf_map_lookup_elem(&backends, &bid);
+	if (!backend_usable(be))
+		return MLB_CNT_DROP_NO_BACKEND;
+	d->be = be;
+	d->backend_id = bid;
+	return 0;
+}
+
+/*
+ * A new flow on the backend its table chose: its SNAT port (nat to a remote
+ * backend), then its conntrack entry. Returns 0, or the reason it goes no further.
+ */
+static __always_inline int flow_setup(const struct pkt *p, const struct vip_meta *vip, int syn,
+				      __u32 hash, __u64 now, struct dst *d)
+{
+	struct backend *be = d->be;
+	int tcp = p->key.proto == MLB_IPPROTO_TCP;
+	struct ct_value nv = {};
+
+	nv.last_seen_ns = now;
+	nv.backend_id = d->backend_id;
+	nv.vip_id = d->vip_id;
+	nv.vip_gen = vip->gen;
+	nv.syn_seq = syn ? p->tcp_seq : 0;
+	/* UDP, or picked up mid-flow (it began elsewhere: another mix may hold it) */
+	nv.flags = syn ? 0 : MLB_CT_F_ESTABLISHED | MLB_CT_F_PEER_SEEN;
+	if (d->nat && !(be->flags & MLB_BE_F_LOCAL)) {
+		/* A full-NAT TCP flow starts with a SYN; a later segment without its entry
+		 * (evicted at close, or an agent-less restart) would get a fresh SNAT port
+		 * the backend has never seen. The VIP is on lo, so the stack answers with a
+		 * RST and the client learns at once. */
+		if (tcp && !syn)
+			return MLB_CNT_PASS_NAT_NO_FLOW;
+		struct snat_config *sc = snat_for(p->key.family);
+		if (!sc || !(sc->flags & MLB_SNAT_F_VALID))
+			return MLB_CNT_DROP_NO_SNAT;
+		__u16 bport = be->port ? be->port : p->key.dport;
+		/* Salted with the SYN's sequence number: a client that reuses its port
+		 * gets another SNAT port than the connection before, whose tuple the
+		 * backend may still hold in TIME_WAIT and whose eviction may still be on
+		 * its way. */
+		d->snat_port = snat_claim(&p->key, hash ^ (p->tcp_seq * 0x9e3779b1u), be, bport, sc,
+					  d->backend_id, now);
+		if (!d->snat_port)
+			return MLB_CNT_DROP_SNAT_EXHAUSTED;
+		nv.flags |= MLB_CT_F_NAT;
+		nv.snat_port = d->snat_port;
+	} else if (tcp && (p->tcp_flags & (MLB_TCP_FIN | MLB_TCP_RST))) {
+		/* The last packets of a flow whose entry was already evicted (its socket
+		 * closed): routed by the table, but the entry does not come back to sit in
+		 * the map until the LRU pushes it out. (A nat flow to a remote backend never
+		 * gets here: see above.) */
+		count(MLB_CNT_CT_SKIP_CLOSING);
+		return 0;
+	}
+	if (bpf_map_update_elem(&conntrack, &p->key, &nv, BPF_ANY) == 0)
+		count(MLB_CNT_CT_INSERT);
+	else
+		count(MLB_CNT_CT_INSERT_FAIL);
+	return 0;
+}
+
+/* Send a packet of a VIP to the backend chosen for it. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const struct dst *d,
+				   __u64 now)
+{
+	struct backend *be = d->be;
+
+	/* The VIP is on this node's loopback: the local app takes it as is (in nat mode
+	 * too: a local backend needs no translation). */
+	if (be->flags & MLB_BE_F_LOCAL)
+		return verdict(MLB_CNT_PASS_LOCAL);
+	if (!d->nat)
+		return fib_forward(ctx, p, p->key.src, be->addr, 1, now);
+
+	struct snat_config *sc = snat_for(p->key.family);
+	if (!sc || !(sc->flags & MLB_SNAT_F_VALID))
+		return verdict(MLB_CNT_DROP_NO_SNAT);
+	__u32 saddr[4], daddr[4];
+	__builtin_memcpy(saddr, sc->addr, 16);
+	__builtin_memcpy(daddr, be->addr, 16);
+	__u16 bport = be->port ? be->port : p->key.dport;
+	int r = rewrite(ctx, p, saddr, d->snat_port, daddr, bport);
+	if (r)
+		return verdict(r);
+	return fib_forward(ctx, p, saddr, daddr, 0, now);
 }
 
 SEC("xdp")
 int meshlb_balancer(struct xdp_md *ctx)
 {
 	struct pkt p;
+	struct dst d;
 	int r;
 
 	__builtin_memset(&p, 0, sizeof(p));
 	count(MLB_CNT_RX);
 	r = parse_packet(ctx, &p);
-	if (r) {
-		count(r);
-		return XDP_PASS;
-	}
+	if (r)
+		return verdict(r);
 
 	/* Cheap exit for most traffic that is not for a VIP: one array slot. */
 	__u32 fslot = addr_slot(p.key.dst, p.key.family);
@@ -453,197 +662,43 @@ int meshlb_balancer(struct xdp_md *ctx)
 		return not_vip(ctx, &p);
 
 	__u64 bytes = ctx->data_end - ctx->data;
-	struct vip_meta *vip;
-
-	if (p.marked) {
-		vip = find_vip(&p);
-		if (!vip)
-			return not_vip(ctx, &p);
-		stats_add(&vip_stats, vip->vip_id, bytes);
-		unmark(ctx, &p);
-		/* This mix balances the flow to itself too (the router moved it): the
-		 * peer that sent this holds an entry of it, so when the flow closes
-		 * here the agent must tell the cluster, not only forget its own. */
-		struct ct_value *own = bpf_map_lookup_elem(&conntrack, &p.key);
-		if (own && !(own->flags & MLB_CT_F_PEER_SEEN))
-			own->flags |= MLB_CT_F_PEER_SEEN;
-		count(MLB_CNT_PASS_FROM_PEER);
-		return XDP_PASS;
-	}
+	if (p.marked)
+		return from_peer(ctx, &p, bytes);
 
 	int syn = p.key.proto == MLB_IPPROTO_TCP &&
 		  (p.tcp_flags & (MLB_TCP_SYN | MLB_TCP_ACK)) == MLB_TCP_SYN;
 	__u64 now = bpf_ktime_get_coarse_ns();
-	struct backend *be = NULL;
-	__u32 bid = 0, vip_id;
-	__u16 snat_port = 0;
-	int nat, handshake_reset = 0;
+	d.be = NULL;
+	d.snat_port = 0;
+	int found = conntrack_select(&p, syn, now, &d);
 
-	/* Conntrack first: a hit needs neither the VIP hash lookup nor the table. The
-	 * entry is trusted only while its VIP exists in the same mode (gen), and for a
-	 * SYN only if it is the flow's own SYN retransmitted (same sequence number): a
-	 * new connection on a reused tuple starts over on the table. */
-	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, &p.key);
-	if (ct && (!syn || ct->syn_seq == p.tcp_seq)) {
-		vip_id = ct->vip_id;
-		bid = ct->backend_id;
-		struct vip_meta *vi = bpf_map_lookup_elem(&vip_info, &vip_id);
-		be = bpf_map_lookup_elem(&backends, &bid);
-		if (vi && (vi->flags & MLB_VIP_F_ACTIVE) && vi->gen == ct->vip_gen &&
-		    backend_usable(be)) {
-			count(MLB_CNT_CT_HIT);
-			if (ct->last_seen_ns != now)
-				ct->last_seen_ns = now;
-			/* A plain ACK (no SYN, no RST) can only come from a client whose
-			 * handshake completed; a reset of the handshake does not count. */
-			if (!(ct->flags & MLB_CT_F_ESTABLISHED) &&
-			    (p.tcp_flags & (MLB_TCP_SYN | MLB_TCP_RST | MLB_TCP_ACK)) == MLB_TCP_ACK)
-				ct->flags |= MLB_CT_F_ESTABLISHED;
-			nat = vi->flags & MLB_VIP_F_NAT;
-			snat_port = ct->snat_port;
-			/* The client resets a handshake it gave up (its RST carries the
-			 * SYN's sequence number + 1; a blind one would have to guess it).
-			 * The backend drops its half-open request: no socket of the flow
-			 * ever existed there, so no close will evict the entry. This is
-			 * the flow's last packet: forward it, then forget the flow. */
-			handshake_reset = (p.tcp_flags & MLB_TCP_RST) && ct->syn_seq &&
-					  p.tcp_seq == ct->syn_seq + 1;
-			goto selected;
+	if (found != CT_FOLLOW) {
+		struct vip_meta *vip = find_vip(&p.key);
+		if (!vip)
+			return not_vip(ctx, &p);  /* also the flows of a removed VIP */
+		__u32 vip_id = vip->vip_id;
+
+		count(found == CT_STALE ? MLB_CNT_CT_RESELECT : MLB_CNT_CT_MISS);
+		d.vip_id = vip_id;
+		d.nat = vip->flags & MLB_VIP_F_NAT;
+		if (found == CT_NONE && p.key.proto == MLB_IPPROTO_TCP && closed_select(&p, vip, syn, &d)) {
+			r = 0;
+		} else {
+			__u32 hash = flow_hash(&p.key);
+			r = table_select(bpf_map_lookup_elem(&vip_tables, &vip_id), vip->ring_size, hash,
+					 &d);
+			if (!r)
+				r = flow_setup(&p, vip, syn, hash, now, &d);
 		}
 	}
-
-	vip = find_vip(&p);
-	if (!vip)
-		return not_vip(ctx, &p);  /* also the flows of a removed VIP */
-	count(ct ? MLB_CNT_CT_RESELECT : MLB_CNT_CT_MISS);
-	vip_id = vip->vip_id;
-	nat = vip->flags & MLB_VIP_F_NAT;
-
-	/* A late segment of a flow that closed (its entry was evicted), or its SYN
-	 * retransmitted late (a client retransmits a SYN whose answer was slow; the
-	 * copy may arrive after the connection ended): to the same backend as before,
-	 * and nothing is inserted, since no socket will close to evict it again. */
-	if (!ct && p.key.proto == MLB_IPPROTO_TCP) {
-		struct ct_value *cl = bpf_map_lookup_elem(&ct_closed, &p.key);
-		if (cl && cl->vip_id == vip_id && cl->vip_gen == vip->gen &&
-		    (!syn || cl->syn_seq == p.tcp_seq)) {
-			bid = cl->backend_id;
-			be = bpf_map_lookup_elem(&backends, &bid);
-			if (backend_usable(be)) {
-				count(MLB_CNT_CT_CLOSED_HIT);
-				snat_port = cl->snat_port;
-				goto selected;
-			}
-		}
-	}
-
-	/* Table path. */
-	{
-		__u32 ring = vip->ring_size;
-		void *tbl = bpf_map_lookup_elem(&vip_tables, &vip_id);
-		if (!tbl || ring == 0) {
-			count(MLB_CNT_DROP_NO_TABLE);
-			stats_add(&vip_stats, vip_id, bytes);
-			return XDP_DROP;
-		}
-		__u32 hash = flow_hash(&p.key);
-		__u32 slot = hash % ring;
-		__u32 *b = bpf_map_lookup_elem(tbl, &slot);
-		if (!b) {
-			count(MLB_CNT_DROP_NO_TABLE);
-			stats_add(&vip_stats, vip_id, bytes);
-			return XDP_DROP;
-		}
-		bid = *b;
-		be = bpf_map_lookup_elem(&backends, &bid);
-		if (!backend_usable(be)) {
-			count(MLB_CNT_DROP_NO_BACKEND);
-			stats_add(&vip_stats, vip_id, bytes);
-			return XDP_DROP;
-		}
-		struct ct_value nv = {};
-		nv.last_seen_ns = now;
-		nv.backend_id = bid;
-		nv.vip_id = vip_id;
-		nv.vip_gen = vip->gen;
-		nv.syn_seq = syn ? p.tcp_seq : 0;
-		/* UDP, or picked up mid-flow (it began elsewhere: another mix may hold it) */
-		nv.flags = syn ? 0 : MLB_CT_F_ESTABLISHED | MLB_CT_F_PEER_SEEN;
-		if (nat && !(be->flags & MLB_BE_F_LOCAL) && p.key.proto == MLB_IPPROTO_TCP && !syn) {
-			/* A full-NAT TCP flow starts with a SYN; a later segment without its
-			 * entry (evicted at close, or an agent-less restart) would get a fresh
-			 * SNAT port the backend has never seen. The VIP is on lo, so the stack
-			 * answers with a RST and the client learns at once. */
-			count(MLB_CNT_PASS_NAT_NO_FLOW);
-			stats_add(&vip_stats, vip_id, bytes);
-			return XDP_PASS;
-		}
-		if (nat && !(be->flags & MLB_BE_F_LOCAL)) {
-			struct snat_config *sc = snat_for(p.key.family);
-			if (!sc || !(sc->flags & MLB_SNAT_F_VALID)) {
-				count(MLB_CNT_DROP_NO_SNAT);
-				stats_add(&vip_stats, vip_id, bytes);
-				return XDP_DROP;
-			}
-			__u16 bport = be->port ? be->port : p.key.dport;
-			/* Salted with the SYN's sequence number: a client that reuses its
-			 * port gets another SNAT port than the connection before, whose
-			 * tuple the backend may still hold in TIME_WAIT and whose eviction
-			 * may still be on its way. */
-			snat_port = snat_claim(&p.key, hash ^ (p.tcp_seq * 0x9e3779b1u), be, bport,
-					       sc, bid, now);
-			if (!snat_port) {
-				count(MLB_CNT_DROP_SNAT_EXHAUSTED);
-				stats_add(&vip_stats, vip_id, bytes);
-				return XDP_DROP;
-			}
-			nv.flags |= MLB_CT_F_NAT;
-			nv.snat_port = snat_port;
-		}
-		if ((!nat || (be->flags & MLB_BE_F_LOCAL)) && p.key.proto == MLB_IPPROTO_TCP &&
-		    (p.tcp_flags & (MLB_TCP_FIN | MLB_TCP_RST))) {
-			/* The last packets of a flow whose entry was already evicted (its
-			 * socket closed): route them by the table, but do not bring the
-			 * entry back to sit in the map until the LRU pushes it out. (A nat
-			 * flow to a remote backend never gets here: see above.) */
-			count(MLB_CNT_CT_SKIP_CLOSING);
-		} else if (bpf_map_update_elem(&conntrack, &p.key, &nv, BPF_ANY) == 0)
-			count(MLB_CNT_CT_INSERT);
-		else
-			count(MLB_CNT_CT_INSERT_FAIL);
-	}
-
-selected:
-	if (!be)
+	/* every packet of a VIP counts for it, forwarded or not */
+	stats_add(&vip_stats, d.vip_id, bytes);
+	if (r)
+		return verdict(r);
+	if (!d.be)
 		return XDP_DROP;  /* unreachable; keeps the verifier's view simple */
-	stats_add(&vip_stats, vip_id, bytes);
-	stats_add(&backend_stats, bid, bytes);
-	if (handshake_reset)
-		forget_flow(&p.key, be, nat, snat_port);
-	if (be->flags & MLB_BE_F_LOCAL) {
-		/* The VIP is on this node's loopback: the local app takes it as is (in nat
-		 * mode too: a local backend needs no translation). */
-		count(MLB_CNT_PASS_LOCAL);
-		return XDP_PASS;
-	}
-	if (!nat)
-		return fib_forward(ctx, &p, p.key.src, be->addr, 1, now);
-
-	struct snat_config *sc = snat_for(p.key.family);
-	if (!sc || !(sc->flags & MLB_SNAT_F_VALID)) {
-		count(MLB_CNT_DROP_NO_SNAT);
-		return XDP_DROP;
-	}
-	__u32 saddr[4], daddr[4];
-	__builtin_memcpy(saddr, sc->addr, 16);
-	__builtin_memcpy(daddr, be->addr, 16);
-	__u16 bport = be->port ? be->port : p.key.dport;
-	r = rewrite(ctx, &p, saddr, snat_port, daddr, bport);
-	if (r) {
-		count(r);
-		return r == MLB_CNT_PASS_MALFORMED ? XDP_PASS : XDP_DROP;
-	}
-	return fib_forward(ctx, &p, saddr, daddr, 0, now);
+	stats_add(&backend_stats, d.backend_id, bytes);
+	return forward(ctx, &p, &d, now);
 }
 
 /* ------------------------------------------------------------------------------
@@ -656,41 +711,34 @@ selected:
  * this program once (BPF_PROG_TEST_RUN); meshlb/dataplane/balancer.py is its only
  * caller. The moves are those XDP expects: an evicted entry goes to ct_closed, so
  * a late segment still reaches its old backend without setting the flow up again.
+ * The agent's expiry of entries no close removes (idle flows, handshakes nobody
+ * finished) goes through here as well, so that one piece of code knows how a flow's
+ * entries are found and removed.
  * ------------------------------------------------------------------------------ */
-
-/* The forward entry of a nat flow is gone: its reverse entry goes with it, unless
- * the reply tuple was since claimed by another flow. */
-static __always_inline void evict_reverse_of(const struct flow_key *k, const struct ct_value *v)
-{
-	__u32 bid = v->backend_id;
-	struct backend *be = bpf_map_lookup_elem(&backends, &bid);
-	struct snat_config *sc = snat_for(k->family);
-	struct nat_rev_value *rv;
-	struct flow_key rk;
-
-	if (!be || !sc || !(be->flags & MLB_BE_F_VALID) || !(sc->flags & MLB_SNAT_F_VALID))
-		return;
-	rev_key(&rk, be, be->port ? be->port : k->dport, sc, v->snat_port, k);
-	rv = bpf_map_lookup_elem(&nat_reverse, &rk);
-	if (rv && flow_key_eq(&rv->orig, k))
-		bpf_map_delete_elem(&nat_reverse, &rk);
-}
 
 /* client -> VIP: move the conntrack entry to ct_closed; *out gets what it held. */
 static __always_inline int evict_forward(const struct flow_key *k, struct ct_value *out)
 {
 	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, k);
-	struct ct_value v;
 
 	if (!ct)
 		return 0;
-	v = *ct;
-	if (v.flags & MLB_CT_F_NAT)
-		evict_reverse_of(k, &v);
-	bpf_map_update_elem(&ct_closed, k, &v, BPF_ANY);
-	bpf_map_delete_elem(&conntrack, k);
-	*out = v;
+	*out = *ct;
+	remove_flow(k, out, 1);
 	return 1;
+}
+
+/* client -> VIP as an expiry scan saw it (*seen): removed with its nat reverse entry,
+ * not into ct_closed (nothing of the flow ended: a retransmitted SYN is balanced
+ * afresh), unless a packet touched it since the scan: its client may have just
+ * spoken, and removing a nat flow then would reset it. */
+static __always_inline int expire_forward(const struct flow_key *k, const struct ct_value *seen)
+{
+	struct ct_value *ct = bpf_map_lookup_elem(&conntrack, k);
+
+	if (!ct || ct->last_seen_ns != seen->last_seen_ns || ct->flags != seen->flags)
+		return 0;
+	return remove_flow(k, ct, 0);
 }
 
 /* SNAT addr:port -> backend addr:port, a nat backend's closed socket: the reverse
@@ -743,21 +791,17 @@ static long evict_one(__u64 i, void *data)
 	k = s->key;
 	op = s->op;
 	s->result = MLB_EVICT_NONE;
-	if (op == MLB_EVICT_OP_AUTO) {
-		struct vip_key vk = {};
-
-		__builtin_memcpy(vk.addr, k.dst, 16);
-		vk.port = k.dport;
-		vk.proto = k.proto;
-		vk.family = k.family;
-		op = bpf_map_lookup_elem(&vips, &vk) ? MLB_EVICT_OP_FORWARD : MLB_EVICT_OP_BACKEND;
-	}
+	if (op == MLB_EVICT_OP_AUTO)
+		op = find_vip(&k) ? MLB_EVICT_OP_FORWARD : MLB_EVICT_OP_BACKEND;
 	if (op == MLB_EVICT_OP_FORWARD) {
 		if (evict_forward(&k, &s->ct))
 			s->result = MLB_EVICT_FORWARD;
 	} else if (op == MLB_EVICT_OP_BACKEND) {
 		if (evict_backend_side(&k))
 			s->result = MLB_EVICT_BACKEND;
+	} else if (op == MLB_EVICT_OP_EXPIRE) {
+		if (expire_forward(&k, &s->ct))
+			s->result = MLB_EVICT_EXPIRED;
 	}
 	if (s->result != MLB_EVICT_NONE)
 		run->removed++;

@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Maps of the balancer. Layouts of keys and values are in meshlb.h. */
+/* Maps of the balancer. Layouts of keys and values are in meshlb.h; meshlb/dataplane/
+ * layouts.py (BALANCER_MAPS) says how Python reads each, and tests/bpf/test_layouts_btf.py
+ * checks that against the object's BTF. */
 #ifndef MLB_BALANCER_MAPS_H
 #define MLB_BALANCER_MAPS_H
 

@@ -67,6 +67,18 @@ struct tracer_config {
 	__u64 netns_cookie;  /* 0: report every namespace */
 };
 
+/* Index into the tracer's per-CPU "tracer_stats" array. */
+enum mlb_tracer_stat {
+	MLB_TRACER_STAT_EMITTED = 0,     /* records written to the ring buffer */
+	MLB_TRACER_STAT_RINGBUF_FULL,    /* records lost: the ring buffer was full */
+	MLB_TRACER_STAT_RECOVERED,       /* emitted by the backup: the primary missed it */
+	MLB_TRACER_STAT_RESET,           /* emitted for a segment no socket took */
+	MLB_TRACER_STAT_RESET_LIMITED,   /* such segments over the per-CPU budget, unreported */
+	MLB_TRACER_STAT_LOCAL_EVICTED,   /* closes evicted by the program, not reported */
+	MLB_TRACER_STAT_SOCKOPS,         /* closes the sock_ops program handled */
+	MLB_TRACER_STAT_MAX,
+};
+
 /* ------------------------------------------------------------------------------
  * Balancer (bpf/balancer.bpf.c). Everything below is owned by the balancer.
  * ------------------------------------------------------------------------------ */
@@ -201,16 +213,20 @@ struct nat_rev_value {
 #define MLB_EVICT_OP_FORWARD  1   /* client -> VIP, the conntrack key */
 #define MLB_EVICT_OP_BACKEND  2   /* SNAT addr:port -> backend addr:port, as a nat
                                    * backend's socket saw it */
+#define MLB_EVICT_OP_EXPIRE   3   /* client -> VIP, with .ct the entry as an expiry scan
+                                   * read it: removed unless a packet touched it since
+                                   * (last_seen_ns or flags differ), not into ct_closed */
 /* evict_slot.result (out): what was removed */
-#define MLB_EVICT_NONE        0   /* nothing held here */
+#define MLB_EVICT_NONE        0   /* nothing held here (or, expiring, touched since) */
 #define MLB_EVICT_FORWARD     1   /* a conntrack entry (copied into .ct), now in ct_closed */
 #define MLB_EVICT_BACKEND     2   /* a nat reverse entry (and its forward entry, if
                                    * that was still the same flow) */
+#define MLB_EVICT_EXPIRED     3   /* a conntrack entry, gone with its nat reverse entry */
 struct evict_slot {
 	struct flow_key key;
 	__u32 op;
 	__u32 result;
-	struct ct_value ct;
+	struct ct_value ct;  /* in for MLB_EVICT_OP_EXPIRE, out for MLB_EVICT_FORWARD */
 };
 struct evict_batch {
 	__u32 count;   /* slots in use; the program clamps it to MLB_EVICT_BATCH */
@@ -273,5 +289,11 @@ enum mlb_counter {
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };
+
+/* The reasons the balancer drops a packet for, every other one passes it to the
+ * stack: one range, so that one comparison tells. A new DROP_* reason goes inside it
+ * (the layout test fails otherwise). */
+#define MLB_CNT_DROP_FIRST    MLB_CNT_DROP_FIB
+#define MLB_CNT_DROP_LAST     MLB_CNT_DROP_UDP6_ZERO_CSUM
 
 #endif /* MESHLB_H */

@@ -23,21 +23,7 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_endian.h>
 #include "meshlb.h"
-
-#define TCP_CLOSE_STATE 7  /* enum tcp_state TCP_CLOSE (uapi, stable) */
-#define TCP_LISTEN_STATE 10
-#define IPPROTO_TCP_NUM 6
-
-enum meshlb_tracer_stat {
-	TRACER_STAT_EMITTED = 0,
-	TRACER_STAT_RINGBUF_FULL = 1,
-	TRACER_STAT_RECOVERED = 2,  /* emitted by the backup: the primary missed it */
-	TRACER_STAT_RESET = 3,      /* emitted for a segment no socket took (see below) */
-	TRACER_STAT_RESET_LIMITED = 4,
-	TRACER_STAT_LOCAL_EVICTED = 5,  /* closes evicted here, not reported (evict_local_only) */
-	TRACER_STAT_SOCKOPS = 6,  /* closes the sock_ops program handled (reported or evicted) */
-	TRACER_STAT_MAX,
-};
+#include "tracer_maps.h"
 
 const volatile struct tracer_config tracer_cfg = {};
 
@@ -45,105 +31,6 @@ const volatile struct tracer_config tracer_cfg = {};
  * not describe the records it emits, and the layout test could not check the Python
  * mirror of struct sock_event against it. Lives in .rodata next to tracer_cfg. */
 const struct sock_event *const sock_event_btf_anchor = 0;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct endpoint_key);
-	__type(value, struct endpoint_filter);
-} watched_endpoints SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	/* 4 MiB: ~58k records of 72 bytes, seconds of closes at any rate a host sees */
-	__uint(max_entries, 4 * 1024 * 1024);
-} sock_events SEC(".maps");
-
-/* Per-CPU so that the hot path never contends on a shared counter line. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, TRACER_STAT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} tracer_stats SEC(".maps");
-
-/*
- * The kernel runs a tracing program at most once per CPU at a time: when a softirq
- * closes a socket while the same CPU is inside this program for an application's
- * close(), the nested run is skipped and only counted (recursion_misses). Under a
- * few hundred concurrent connections that loses about 2 closes in 1000, and each
- * loss is a conntrack entry on every mix that nothing will evict. So the program is
- * attached twice. The primary notes, per CPU, the last socket it handled; the
- * backup runs right after it, and reports only the sockets the primary did not
- * note: those it missed, because the two are never both skipped for one event.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} primary_seen SEC(".maps");
-
-/*
- * Socket cookie of the last close the sock_ops program handled on this CPU. The
- * kernel calls it and then, in the same tcp_set_state(), the tracepoint: the
- * tracepoint's programs skip that socket. A cookie is never reused, unlike a socket's
- * address; a socket nobody asked the cookie of reads 0 and matches nothing.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} sockops_closed SEC(".maps");
-
-/*
- * Resets reported per CPU and 100 ms at most: stray segments sent at a VIP (a scan,
- * an ACK flood) are each answered with a reset, and must not each become an eviction
- * every member receives.
- */
-#define RESET_BUDGET 256
-#define RESET_WINDOW_NS 100000000ULL
-
-struct reset_budget {
-	__u64 window_start;
-	__u64 used;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct reset_budget);
-} reset_budget SEC(".maps");
-
-/*
- * The balancer's conntrack, closed-flow and backend maps. The agent loads this object
- * with the balancer's own maps in their place (bpf_map__reuse_fd); loaded alone
- * (tests, a tracer without a balancer) these one-entry stand-ins stay empty and
- * every close is reported.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-	__type(key, struct flow_key);
-	__type(value, struct ct_value);
-} conntrack SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1);
-	__type(key, struct flow_key);
-	__type(value, struct ct_value);
-} ct_closed SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct backend);
-} backends SEC(".maps");
 
 static __always_inline void bump(__u32 idx)
 {
@@ -170,7 +57,14 @@ static __always_inline __u64 sock_netns_cookie(const struct sock *sk)
 	return cookie;
 }
 
-/* A flow of a watched endpoint ended (or was refused): one ring-buffer record. */
+/*
+ * Resets reported per CPU and 100 ms at most: stray segments sent at a VIP (a scan,
+ * an ACK flood) are each answered with a reset, and must not each become an eviction
+ * every member receives.
+ */
+#define RESET_BUDGET 256
+#define RESET_WINDOW_NS 100000000ULL
+
 static __always_inline bool take_reset_budget(void)
 {
 	__u32 zero = 0;
@@ -218,6 +112,7 @@ static __always_inline bool evict_local_only(const struct flow_key *k)
 	return bpf_map_delete_elem(&conntrack, k) == 0;
 }
 
+/* A flow of a watched endpoint ended (or was refused): one ring-buffer record. */
 static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 				const __u32 raddr[4], __u16 rport, int oldstate, __u32 stat,
 				bool vip_only)
@@ -238,23 +133,23 @@ static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 		if (rp < filter->rport_lo || rp > filter->rport_hi)
 			return 0;
 	}
-	if (stat == TRACER_STAT_RESET && !take_reset_budget()) {
-		bump(TRACER_STAT_RESET_LIMITED);
+	if (stat == MLB_TRACER_STAT_RESET && !take_reset_budget()) {
+		bump(MLB_TRACER_STAT_RESET_LIMITED);
 		return 0;
 	}
 	__builtin_memcpy(key.src, raddr, 16);
 	__builtin_memcpy(key.dst, local->addr, 16);
 	key.sport = rport;
 	key.dport = local->port;
-	key.proto = IPPROTO_TCP_NUM;
+	key.proto = IPPROTO_TCP;
 	key.family = local->family;
 	/* a refused flow is always reported: its reset is news to the mix that sent it */
-	if (stat != TRACER_STAT_RESET && evict_local_only(&key)) {
-		bump(TRACER_STAT_LOCAL_EVICTED);
+	if (stat != MLB_TRACER_STAT_RESET && evict_local_only(&key)) {
+		bump(MLB_TRACER_STAT_LOCAL_EVICTED);
 	} else {
 		ev = bpf_ringbuf_reserve(&sock_events, sizeof(*ev), 0);
 		if (!ev) {
-			bump(TRACER_STAT_RINGBUF_FULL);
+			bump(MLB_TRACER_STAT_RINGBUF_FULL);
 			return 0;
 		}
 		ev->key = key;
@@ -263,10 +158,10 @@ static __always_inline int emit(__u64 cookie, const struct endpoint_key *local,
 		ev->oldstate = oldstate;
 		ev->pad = 0;
 		bpf_ringbuf_submit(ev, 0);
-		bump(TRACER_STAT_EMITTED);
+		bump(MLB_TRACER_STAT_EMITTED);
 	}
 	/* which hook handled it: the backup, the reset hook or sock_ops */
-	if (stat != TRACER_STAT_EMITTED)
+	if (stat != MLB_TRACER_STAT_EMITTED)
 		bump(stat);
 	return 0;
 }
@@ -305,9 +200,9 @@ static __always_inline int report_close(const struct sock *sk, int oldstate, __u
 	__u64 cookie;
 
 	/* A listener closing has no peer: nothing to evict. */
-	if (oldstate == TCP_LISTEN_STATE)
+	if (oldstate == TCP_LISTEN)
 		return 0;
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP_NUM)
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	if (closed_by_sockops(sk))
 		return 0;
@@ -333,7 +228,7 @@ static __always_inline int report_close(const struct sock *sk, int oldstate, __u
 	/* Not skc_num: by the time the state becomes CLOSE the port has been released
 	 * from the bind table, which zeroes it. inet_sport survives. */
 	local.port = BPF_CORE_READ((const struct inet_sock *)sk, inet_sport);
-	local.proto = IPPROTO_TCP_NUM;
+	local.proto = IPPROTO_TCP;
 	rport = BPF_CORE_READ(sk, __sk_common.skc_dport);
 	return emit(cookie, &local, raddr, rport, oldstate, stat, false);
 }
@@ -350,12 +245,12 @@ int BPF_PROG(meshlb_sock_close, const struct sock *sk, int oldstate, int newstat
 {
 	__u64 *seen;
 
-	if (newstate != TCP_CLOSE_STATE)
+	if (newstate != TCP_CLOSE)
 		return 0;
 	seen = seen_slot();
 	if (seen)
 		*seen = (__u64)sk;
-	return report_close(sk, oldstate, TRACER_STAT_EMITTED);
+	return report_close(sk, oldstate, MLB_TRACER_STAT_EMITTED);
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -363,12 +258,12 @@ int BPF_PROG(meshlb_sock_close_backup, const struct sock *sk, int oldstate, int 
 {
 	__u64 *seen;
 
-	if (newstate != TCP_CLOSE_STATE)
+	if (newstate != TCP_CLOSE)
 		return 0;
 	seen = seen_slot();
 	if (!seen || *seen == (__u64)sk)
 		return 0;
-	return report_close(sk, oldstate, TRACER_STAT_RECOVERED);
+	return report_close(sk, oldstate, MLB_TRACER_STAT_RECOVERED);
 }
 
 /*
@@ -409,7 +304,7 @@ static __always_inline int ops_endpoint(const struct bpf_sock_ops *skops,
 	/* local_port is in host order; remote_port holds the network-order port in
 	 * the word's upper half on little-endian machines (bpf_ntohl undoes both) */
 	local->port = bpf_htons((__u16)skops->local_port);
-	local->proto = IPPROTO_TCP_NUM;
+	local->proto = IPPROTO_TCP;
 	*rport = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
 	return 0;
 }
@@ -435,7 +330,7 @@ int meshlb_sock_ops(struct bpf_sock_ops *skops)
 
 	if (op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
-	if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != TCP_CLOSE_STATE)
+	if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != TCP_CLOSE)
 		return 1;
 	cookie = bpf_get_netns_cookie(skops);
 	if (tracer_cfg.netns_cookie && cookie != tracer_cfg.netns_cookie)
@@ -454,7 +349,7 @@ int meshlb_sock_ops(struct bpf_sock_ops *skops)
 
 	if (last)
 		*last = bpf_get_socket_cookie(skops);
-	emit(cookie, &local, raddr, rport, (int)skops->args[0], TRACER_STAT_SOCKOPS, false);
+	emit(cookie, &local, raddr, rport, (int)skops->args[0], MLB_TRACER_STAT_SOCKOPS, false);
 	return 1;
 }
 
@@ -485,7 +380,7 @@ int BPF_PROG(meshlb_reset_sent, const struct sock *sk, const struct sk_buff *skb
 
 	if (!skb)
 		return 0;  /* an active reset of a socket: it reports its own close */
-	if (sk && BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN_STATE)
+	if (sk && BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN)
 		return 0;
 	if (sk) {
 		cookie = sock_netns_cookie(sk);
@@ -510,7 +405,7 @@ int BPF_PROG(meshlb_reset_sent, const struct sock *sk, const struct sk_buff *skb
 	if (version == 4) {
 		struct iphdr ip;
 
-		if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh) || ip.protocol != IPPROTO_TCP_NUM)
+		if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh) || ip.protocol != IPPROTO_TCP)
 			return 0;
 		raddr[0] = ip.saddr;
 		local.addr[0] = ip.daddr;
@@ -530,8 +425,8 @@ int BPF_PROG(meshlb_reset_sent, const struct sock *sk, const struct sk_buff *skb
 	if (bpf_probe_read_kernel(&th, sizeof(th), head + toff) || th.rst)
 		return 0;
 	local.port = th.dest;
-	local.proto = IPPROTO_TCP_NUM;
-	return emit(cookie, &local, raddr, th.source, MLB_SOCK_EVENT_RESET, TRACER_STAT_RESET,
+	local.proto = IPPROTO_TCP;
+	return emit(cookie, &local, raddr, th.source, MLB_SOCK_EVENT_RESET, MLB_TRACER_STAT_RESET,
 		    sk != NULL);
 }
 

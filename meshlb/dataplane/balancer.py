@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from . import layouts as L
 from .layouts import (
@@ -24,7 +24,7 @@ from .layouts import (
     SnatConfig, VipKey, VipMeta,
 )
 from .libbpf import (
-    BPF_ANY, BPF_MAP_TYPE_ARRAY, BpfError, BpfObject, Link, Map, Program,
+    BPF_MAP_TYPE_ARRAY, BpfError, BpfObject, Link, Map, Program,
 )
 
 OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"
@@ -474,16 +474,25 @@ class Balancer:
         are of flows it does not hold: the cost is in the batch, not per key."""
         if any(len(k) != _KEY_SIZE for k in keys):
             raise ValueError(f"flow keys are {_KEY_SIZE} bytes")
-        out: list[tuple[int, bytes]] = []
+        if op == L.MLB_EVICT_OP_EXPIRE:
+            raise ValueError("expiry needs the entries as scanned: conntrack_expire")
         tail = _U32.pack(op) + bytes(_SLOT_TAIL)
-        with self._evict_lock:
-            buf = self._evict_buffer()
-            prog = self.obj.program(EVICT_PROGRAM)
-            for i in range(0, len(keys), L.MLB_EVICT_BATCH):
-                chunk = keys[i:i + L.MLB_EVICT_BATCH]
-                end = _SLOTS_AT + len(chunk) * _SLOT_SIZE
-                buf[_SLOTS_AT:end] = tail.join(chunk) + tail
-                buf[0:4] = _U32.pack(len(chunk))
+        return self._run_evict(len(keys), lambda i, j: tail.join(keys[i:j]) + tail)
+
+    def _run_evict(self, n: int, slots: Callable[[int, int], bytes]) -> list[tuple[int, bytes]]:
+        """Run ``meshlb_evict`` over ``n`` slots, a batch at a time; ``slots(i, j)``
+        gives the bytes of slots i..j-1. Per batch only, the lock: the expiry's
+        thousands of slots must not hold the loop's evictions up."""
+        out: list[tuple[int, bytes]] = []
+        prog = self.obj.program(EVICT_PROGRAM)
+        for i in range(0, n, L.MLB_EVICT_BATCH):
+            j = min(n, i + L.MLB_EVICT_BATCH)
+            raw = slots(i, j)
+            end = _SLOTS_AT + len(raw)
+            with self._evict_lock:
+                buf = self._evict_buffer()
+                buf[_SLOTS_AT:end] = raw
+                buf[0:4] = _U32.pack(j - i)
                 prog.test_run()
                 out += _SLOT_OUT.iter_unpack(buf[_SLOTS_AT:end])
         return out
@@ -498,30 +507,6 @@ class Balancer:
     def closed_lookup(self, key: FlowKey) -> CtValue | None:
         raw = self.maps["ct_closed"].lookup(bytes(key))
         return CtValue.from_bytes(raw) if raw is not None else None
-
-    def _delete_reverse_of(self, key: FlowKey, ct: CtValue) -> None:
-        rk = self.nat_reverse_key(key, ct)
-        if rk is None:
-            return
-        raw = self.maps["nat_reverse"].lookup(bytes(rk))
-        if raw is not None and NatRevValue.from_bytes(raw).orig == key:
-            self.maps["nat_reverse"].delete(bytes(rk))
-
-    def nat_reverse_key(self, key: FlowKey, ct: CtValue) -> FlowKey | None:
-        """The reply tuple (backend -> SNAT addr:port) of a nat flow, as the
-        balancer keyed its nat_reverse entry; None if backend/SNAT are gone."""
-        raw = self.maps["backends"].lookup(_U32.pack(ct.backend_id))
-        sraw = self.maps["snat_cfg"].lookup(_U32.pack(0 if key.family == AF_INET else 1))
-        if raw is None or sraw is None:
-            return None
-        be, sc = Backend.from_bytes(raw), SnatConfig.from_bytes(sraw)
-        if not be.flags & L.MLB_BE_F_VALID or not sc.flags & L.MLB_SNAT_F_VALID:
-            return None
-        rk = FlowKey(sport=be.port or key.dport, dport=ct.snat_port, proto=key.proto,
-                     family=key.family)
-        rk.src[:] = list(be.addr)
-        rk.dst[:] = list(sc.addr)
-        return rk
 
     def nat_delete_backend_side(self, key: FlowKey | bytes) -> bool:
         """Forget a nat flow named as its backend saw it: ``key`` is (SNAT addr:port ->
@@ -559,27 +544,18 @@ class Balancer:
                             CtValue.from_bytes(vals[i * vs:(i + 1) * vs])))
         return idle, half_open
 
-    def conntrack_expire(self, entries: Iterable[tuple[FlowKey, CtValue]]) -> int:
+    def conntrack_expire(self, entries: Sequence[tuple[FlowKey, CtValue]]) -> int:
         """Delete entries found by :meth:`conntrack_stale`, with their nat reverse
         entries, unless a packet touched them since (the client's ACK may land between
-        the scan and the delete; removing a nat flow then would reset it). Returns how
-        many were deleted. Expired flows do not go to ``ct_closed``: nothing of them
-        ended, and a retransmitted SYN should be balanced afresh."""
-        ct_map = self.maps["conntrack"]
-        n = 0
-        for key, seen in entries:
-            kb = bytes(key)
-            raw = ct_map.lookup(kb)
-            if raw is None:
-                continue
-            cur = CtValue.from_bytes(raw)
-            if cur.last_seen_ns != seen.last_seen_ns or cur.flags != seen.flags:
-                continue
-            if ct_map.delete(kb):
-                n += 1
-                if cur.flags & L.MLB_CT_F_NAT:
-                    self._delete_reverse_of(key, cur)
-        return n
+        the scan and the delete; removing a nat flow then would reset it): the
+        ``meshlb_evict`` program compares each entry with the value scanned and removes
+        it as an eviction would, except that expired flows do not go to ``ct_closed``:
+        nothing of them ended, and a retransmitted SYN should be balanced afresh.
+        Returns how many were deleted."""
+        head = _U32.pack(L.MLB_EVICT_OP_EXPIRE) + bytes(4)
+        out = self._run_evict(len(entries), lambda i, j: b"".join(
+            bytes(k) + head + bytes(v) for k, v in entries[i:j]))
+        return sum(1 for result, _ in out if result == L.MLB_EVICT_EXPIRED)
 
     def conntrack_flush(self) -> int:
         """Delete every conntrack and nat reverse entry; returns conntrack count."""

@@ -54,9 +54,11 @@ MLB_EVICT_BATCH = 256
 MLB_EVICT_OP_AUTO = 0
 MLB_EVICT_OP_FORWARD = 1
 MLB_EVICT_OP_BACKEND = 2
+MLB_EVICT_OP_EXPIRE = 3
 MLB_EVICT_NONE = 0
 MLB_EVICT_FORWARD = 1
 MLB_EVICT_BACKEND = 2
+MLB_EVICT_EXPIRED = 3
 
 
 class Counter(enum.IntEnum):
@@ -98,6 +100,30 @@ class Counter(enum.IntEnum):
 
 
 MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS
+# the reasons the balancer drops a packet for (every other one passes it)
+MLB_CNT_DROP_FIRST = Counter.DROP_FIB
+MLB_CNT_DROP_LAST = Counter.DROP_UDP6_ZERO_CSUM
+
+
+class TracerStat(enum.IntEnum):
+    """enum mlb_tracer_stat: index into the tracer's per-CPU "tracer_stats" array."""
+
+    EMITTED = 0
+    RINGBUF_FULL = 1
+    RECOVERED = 2
+    RESET = 3
+    RESET_LIMITED = 4
+    LOCAL_EVICTED = 5
+    SOCKOPS = 6
+
+
+MLB_TRACER_STAT_MAX = len(TracerStat)
+
+# C enum -> (its Python mirror, the prefix of its constants), for the header check.
+C_ENUMS: dict[str, tuple[type[enum.IntEnum], str]] = {
+    "mlb_counter": (Counter, "MLB_CNT_"),
+    "mlb_tracer_stat": (TracerStat, "MLB_TRACER_STAT_"),
+}
 
 # bpf_fib_lookup return codes (include/uapi/linux/bpf.h), to name the FIB_RC slots.
 FIB_RC_NAMES = {
@@ -308,6 +334,43 @@ C_NAMES: dict[type, str] = {
     LbStats: "lb_stats",
     XdpMd: "xdp_md",
 }
+
+
+# Every map of the two objects (bpf/balancer_maps.h, bpf/tracer_maps.h): name ->
+# (key, value) as Python reads and writes its entries; OPAQUE for a map whose entries
+# no Python code touches (the programs' own scratch, a ring buffer's records, the
+# inner tables of vip_tables, which Python creates itself). Checked against the BTF.
+OPAQUE = None
+BALANCER_MAPS: dict[str, tuple[type, type] | None] = {
+    "vips": (VipKey, VipMeta),
+    "vip_info": (u32, VipMeta),
+    "vip_filter": (u32, u32),
+    "fib_cache": (u32, FibCache),
+    "vip_tables": OPAQUE,
+    "backends": (u32, Backend),
+    "conntrack": (FlowKey, CtValue),
+    "nat_reverse": (FlowKey, NatRevValue),
+    "ct_closed": (FlowKey, CtValue),
+    "snat_cfg": (u32, SnatConfig),
+    "counters": (u32, u64),           # indexed by Counter
+    "vip_stats": (u32, LbStats),
+    "backend_stats": (u32, LbStats),
+    "evict_batch": (u32, EvictBatch),
+}
+TRACER_MAPS: dict[str, tuple[type, type] | None] = {
+    "watched_endpoints": (EndpointKey, EndpointFilter),
+    "sock_events": OPAQUE,            # ring buffer of SockEvent
+    "tracer_stats": (u32, u64),       # indexed by TracerStat
+    "primary_seen": OPAQUE,
+    "sockops_closed": OPAQUE,
+    "reset_budget": OPAQUE,
+    # stand-ins the agent replaces with the balancer's own maps
+    "conntrack": BALANCER_MAPS["conntrack"],
+    "ct_closed": BALANCER_MAPS["ct_closed"],
+    "backends": BALANCER_MAPS["backends"],
+}
+# object file stem -> its maps
+MAPS = {"balancer": BALANCER_MAPS, "tracer": TRACER_MAPS}
 
 
 # ------------------------------------------------------------------ helpers

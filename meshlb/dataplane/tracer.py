@@ -70,10 +70,6 @@ PIN_NAMES = (MAP_WATCHED, MAP_EVENTS, MAP_STATS, PIN_CONFIG, PIN_LINK, PIN_LINK_
              PIN_LINK_SOCKOPS)
 
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h; not in Python 3.11
-IPPROTO_TCP = 6
-STAT_EMITTED, STAT_RINGBUF_FULL, STAT_RECOVERED, STAT_RESET, STAT_RESET_LIMITED = 0, 1, 2, 3, 4
-STAT_LOCAL_EVICTED = 5
-STAT_SOCKOPS = 6
 # The balancer's maps the tracer evicts local-only closes in (its own stand-ins when
 # loaded without them: every close is then reported).
 SHARED_MAPS = ("conntrack", "ct_closed", "backends")
@@ -126,7 +122,7 @@ def _unmap(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-def endpoint_key(addr, port: int, proto: int = IPPROTO_TCP) -> bytes:
+def endpoint_key(addr, port: int, proto: int = L.IPPROTO_TCP) -> bytes:
     """The ``struct endpoint_key`` bytes the program looks up for a local endpoint."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
@@ -405,7 +401,7 @@ class Tracer:
         if self._watched is None:
             raise RuntimeError(f"{op}: tracer is neither loaded nor adopted")
 
-    def watch(self, addr, port: int, proto: int = IPPROTO_TCP,
+    def watch(self, addr, port: int, proto: int = L.IPPROTO_TCP,
               remote_ports: tuple[int, int] | None = None, listener_resets: bool = True) -> None:
         """Report closes of sockets whose local end is (addr, port); with
         ``remote_ports`` (lo, hi) only those whose remote port is in that range.
@@ -421,7 +417,7 @@ class Tracer:
             raise ValueError(f"bad remote port range {lo}-{hi}")
         self._watched.update(endpoint_key(addr, port, proto), bytes(L.EndpointFilter(rport_lo=lo, rport_hi=hi)))
 
-    def unwatch(self, addr, port: int, proto: int = IPPROTO_TCP) -> bool:
+    def unwatch(self, addr, port: int, proto: int = L.IPPROTO_TCP) -> bool:
         self._require_maps("unwatch")
         return self._watched.delete(endpoint_key(addr, port, proto))
 
@@ -438,8 +434,8 @@ class Tracer:
     def stats(self) -> TracerStats:
         self._require_maps("stats")
 
-        def total(idx: int) -> int:
-            vals = self._stats.lookup_percpu(idx.to_bytes(4, "little")) or []
+        def total(stat: L.TracerStat) -> int:
+            vals = self._stats.lookup_percpu(stat.to_bytes(4, "little")) or []
             return sum(int.from_bytes(v, "little") for v in vals)
 
         missed = 0
@@ -450,11 +446,12 @@ class Tracer:
                     missed += prog.info()["recursion_misses"]
                 finally:
                     prog.close()
-        return TracerStats(emitted=total(STAT_EMITTED), ringbuf_full=total(STAT_RINGBUF_FULL),
+        S = L.TracerStat
+        return TracerStats(emitted=total(S.EMITTED), ringbuf_full=total(S.RINGBUF_FULL),
                            queue_dropped=self._queue_dropped, bad_records=self._bad_records,
-                           recovered=total(STAT_RECOVERED), missed=missed,
-                           resets=total(STAT_RESET), resets_limited=total(STAT_RESET_LIMITED),
-                           local_evicted=total(STAT_LOCAL_EVICTED), sockops=total(STAT_SOCKOPS))
+                           recovered=total(S.RECOVERED), missed=missed,
+                           resets=total(S.RESET), resets_limited=total(S.RESET_LIMITED),
+                           local_evicted=total(S.LOCAL_EVICTED), sockops=total(S.SOCKOPS))
 
     # --------------------------------------------------------------- reading
     def _ring(self) -> RingReader:

@@ -7,10 +7,8 @@ import pytest
 
 from meshlb.dataplane import layouts as L
 
-from .test_balancer_forward import setup_vip, snat_port_of
-from .test_balancer_helpers import (  # noqa: F401 - fixtures
-    BE_TX4, CLIENT4, SNAT4, VIP4, key_of, lb, netns, tcp4, tcp6,
-)
+from .harness import setup_vip, snat_port_of
+from .pkt import BE_TX4, CLIENT4, SNAT4, VIP4, key_of, tcp4, tcp6
 
 pytestmark = pytest.mark.privileged
 
@@ -101,6 +99,36 @@ def test_op_forces_how_a_key_is_read(lb):
     lb.lb.remove_vip(VIP4, 80, "tcp")
     assert lb.lb.evict_many([k])[0][0] == L.MLB_EVICT_NONE
     assert lb.lb.evict_many([k], L.MLB_EVICT_OP_FORWARD)[0][0] == L.MLB_EVICT_FORWARD
+
+
+def test_expiry_removes_an_entry_as_scanned_only(lb):
+    """OP_EXPIRE (conntrack_expire): the entry goes, with its nat reverse entry and
+    not into ct_closed, only while it is what the scan read; an entry whose time or
+    flags moved on is kept, and a reverse entry another flow claimed stays."""
+    setup_vip(lb, "v4", "nat", nat_port=8080)
+    pkts = [tcp4(flags="S", sport=32000 + i, seq=100 + i) for i in range(3)]
+    for pkt in pkts:
+        lb.run(pkt)
+    scanned = [(key_of(p), lb.lb.conntrack_lookup(key_of(p))) for p in pkts]
+    touched = L.CtValue.from_bytes(bytes(scanned[1][1]))
+    touched.last_seen_ns -= 1  # a packet came after the scan
+    established = L.CtValue.from_bytes(bytes(scanned[2][1]))
+    established.flags |= L.MLB_CT_F_ESTABLISHED  # the scan saw it before the client's ACK
+    rev = dict((rv.orig, rk) for rk, rv in lb.lb.nat_entries())
+    assert lb.lb.conntrack_expire([scanned[0], (scanned[1][0], touched),
+                                   (scanned[2][0], established)]) == 1
+    assert lb.lb.conntrack_lookup(scanned[0][0]) is None
+    assert lb.lb.closed_lookup(scanned[0][0]) is None
+    assert {rv.orig for _, rv in lb.lb.nat_entries()} == {scanned[1][0], scanned[2][0]}
+    # the reverse entry of the next one was since claimed by another flow: it stays
+    rk = rev[scanned[1][0]]
+    other = L.NatRevValue(orig=L.flow_key(CLIENT4, 41234, VIP4, 80, 6), last_seen_ns=1)
+    lb.lb.maps["nat_reverse"].update(bytes(rk), bytes(other))
+    assert lb.lb.conntrack_expire([scanned[1]]) == 1
+    assert lb.lb.conntrack_lookup(scanned[1][0]) is None
+    assert (rk, other) in lb.lb.nat_entries()
+    with pytest.raises(ValueError, match="conntrack_expire"):
+        lb.lb.evict_many([bytes(scanned[2][0])], L.MLB_EVICT_OP_EXPIRE)
 
 
 def test_keys_of_the_wrong_size_are_refused(lb):

@@ -9,9 +9,7 @@ from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND
 from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_TX
 
-from .test_balancer_helpers import (  # noqa: F401 - fixtures
-    BE_TX4, VIP4, key_of, lb, netns, tcp4,
-)
+from .pkt import BE_TX4, SNAT4, VIP4, key_of, tcp4
 
 pytestmark = pytest.mark.privileged
 RING = 11
@@ -95,8 +93,6 @@ def test_table_without_backends_drops_and_counts(lb):
 def test_nat_segment_without_its_flow_goes_to_the_stack(lb, flags):
     """Full NAT cannot translate a mid-flow TCP segment it has no entry for (a fresh
     SNAT port would mean nothing to the backend): the local stack answers it."""
-    from .test_balancer_helpers import SNAT4  # noqa: PLC0415
-
     lb.lb.add_vip(VIP4, 80, "tcp", "nat", vip_id=4, ring_size=RING)
     lb.lb.set_backend(1, BE_TX4, 8080)
     lb.lb.set_vip_table(4, [1] * RING)

@@ -11,9 +11,9 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from meshlb.dataplane.libbpf import BpfError, XDP_PASS, XDP_TX
 
-from .test_balancer_helpers import (  # noqa: F401 - fixtures
-    BE_TX4, BE_TX6, CLIENT_MAC, MAC_A, MAC_BE_TX, VIP4, VIP6, checksums_valid, lb, netns,
-    tcp4, tcp6, udp4, udp6,
+from .pkt import (
+    BE_TX4, BE_TX6, CLIENT_MAC, MAC_A, MAC_BE_TX, VIP4, VIP6, checksums_valid, tcp4, tcp6, udp4,
+    udp6,
 )
 
 pytestmark = pytest.mark.privileged

@@ -20,9 +20,10 @@ from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import flow_hash
 from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
-from .test_balancer_helpers import (  # noqa: F401 - fixtures
-    BE_REDIR4, BE_REDIR6, BE_TX4, BE_TX6, CLIENT_MAC, MAC_A, MAC_BE_REDIR, MAC_BE_TX,
-    MAC_GW, SNAT4, VIP4, VIP6, FibNetns, Harness, netns,
+from .harness import Harness
+from .pkt import (
+    BE_REDIR4, BE_REDIR6, BE_TX4, BE_TX6, CLIENT_MAC, MAC_A, MAC_BE_REDIR, MAC_BE_TX, MAC_GW,
+    SNAT4, VIP4, VIP6,
 )
 
 pytestmark = pytest.mark.privileged

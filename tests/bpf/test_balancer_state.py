@@ -13,10 +13,8 @@ from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import Balancer
 from meshlb.dataplane.libbpf import XDP_PASS, XDP_REDIRECT, XDP_TX
 
-from .test_balancer_helpers import (  # noqa: F401 - fixtures
-    BE_REDIR4, BE_TX4, MAC_BE_REDIR, MAC_BE_TX, PID, SNAT4, VIP4, Harness, key_of, lb,
-    netns, tcp4,
-)
+from .harness import PID, Harness
+from .pkt import BE_REDIR4, BE_TX4, MAC_BE_REDIR, MAC_BE_TX, SNAT4, VIP4, key_of, tcp4
 
 pytestmark = pytest.mark.privileged
 RING = 11

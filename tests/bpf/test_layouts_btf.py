@@ -93,15 +93,72 @@ def _c_values(names: list[str]) -> dict[str, int]:
 def test_constants_match_header():
     text = HEADER.read_text()
     defines = re.findall(r"^#define (MLB_\w+)\s", text, re.M)
-    enum_body = re.search(r"enum mlb_counter \{(.*?)\};", text, re.S).group(1)
-    enums = re.findall(r"^\s*(MLB_CNT_\w+)", enum_body, re.M)
-    c = _c_values(defines + enums)
+    enums = dict(re.findall(r"^enum (\w+) \{(.*?)\};", text, re.S | re.M))
+    assert set(enums) == set(L.C_ENUMS), "every enum of the header has a mirror"
+    members = {name: re.findall(r"^\s*(MLB_\w+)", body, re.M) for name, body in enums.items()}
+    c = _c_values(defines + [m for ms in members.values() for m in ms])
     for name in defines:
         if name == "MLB_H":
             continue
         assert getattr(L, name) == c[name], name
-    for name in enums:
-        short = name[len("MLB_CNT_"):]
-        py = L.MLB_CNT_MAX if short == "MAX" else L.Counter[short]
-        assert int(py) == c[name], name
-    assert {f"MLB_CNT_{c.name}" for c in L.Counter} | {"MLB_CNT_MAX"} == set(enums)
+    for cname, names in members.items():
+        py_enum, prefix = L.C_ENUMS[cname]
+        for name in names:
+            short = name[len(prefix):]
+            py = getattr(L, name) if short == "MAX" else py_enum[short]
+            assert int(py) == c[name], name
+        assert {prefix + m.name for m in py_enum} | {prefix + "MAX"} == set(names), cname
+
+
+def test_drop_reasons_are_one_range():
+    """verdict() in the balancer drops for the reasons in [DROP_FIRST, DROP_LAST] and
+    passes for every other: the DROP_* counters must be exactly those."""
+    drops = {c for c in L.Counter if c.name.startswith("DROP_")}
+    assert drops == {c for c in L.Counter if L.MLB_CNT_DROP_FIRST <= c <= L.MLB_CNT_DROP_LAST}
+
+
+def _resolve(types: dict[int, dict], tid: int) -> dict:
+    t = types[tid]
+    while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"):
+        t = types[t["type_id"]]
+    return t
+
+
+def _maps(types: dict[int, dict]) -> dict[str, dict[str, dict]]:
+    """name -> {member ("type", "key", ...): the type its pointer points to} of every
+    map the object defines (libbpf's BTF-defined maps: a struct of pointers)."""
+    sec = next(t for t in types.values() if t["kind"] == "DATASEC" and t["name"] == ".maps")
+    out = {}
+    for v in sec["vars"]:
+        var = types[v["type_id"]]
+        desc = _resolve(types, var["type_id"])
+        out[var["name"]] = {m["name"]: types[types[m["type_id"]]["type_id"]]
+                            for m in desc["members"]}
+    return out
+
+
+def _same_layout(types: dict[int, dict], t: dict, cls: type) -> bool:
+    t = _resolve(types, t["id"])
+    if t["kind"] == "STRUCT":
+        return L.C_NAMES.get(cls) == t["name"]
+    return (t["kind"] == "INT" and not issubclass(cls, ctypes.Structure)
+            and ctypes.sizeof(cls) == t["size"])
+
+
+def test_maps_match_btf():
+    """Every map of each object is in layouts' table, with the key and value types
+    Python reads it with; the arrays indexed by an enum are as long as the enum."""
+    for obj in sorted(OBJ_DIR.glob("*.bpf.o")):
+        types = _btf(obj)
+        maps = _maps(types)
+        want = L.MAPS[obj.name.split(".")[0]]
+        assert set(maps) == set(want), obj.name
+        for name, layout in want.items():
+            if layout is L.OPAQUE:
+                continue
+            key, value = layout
+            assert _same_layout(types, maps[name]["key"], key), f"{obj.name}: {name} key"
+            assert _same_layout(types, maps[name]["value"], value), f"{obj.name}: {name} value"
+        for name, n in (("counters", L.MLB_CNT_MAX), ("tracer_stats", L.MLB_TRACER_STAT_MAX)):
+            if name in maps:
+                assert maps[name]["max_entries"]["nr_elems"] == n, f"{obj.name}: {name}"

@@ -259,7 +259,7 @@ def test_gossip_receive_path_fuzz():
 
 class XdpTarget:
     def __init__(self, harness: Any) -> None:
-        from tests.bpf.test_balancer_helpers import VIP4, VIP6
+        from tests.bpf.pkt import VIP4, VIP6
 
         self.h = harness
         self.vips = {(VIP4, 80), (VIP4, 53), (VIP6, 80), (VIP6, 53), (VIP4, 443)}
@@ -322,7 +322,7 @@ def xdp_seeds() -> list[bytes]:
     from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
     from scapy.layers.l2 import Dot1Q, Ether
 
-    from tests.bpf.test_balancer_helpers import CLIENT_MAC, MAC_A, tcp4, tcp6, udp4, udp6
+    from tests.bpf.pkt import CLIENT_MAC, MAC_A, tcp4, tcp6, udp4, udp6
 
     seeds = [tcp4(), tcp4(flags="S"), udp4(), tcp6(), udp6(), tcp4(dport=443, flags="S"),
              Ether(src=CLIENT_MAC, dst=MAC_A) / Dot1Q(vlan=7) / tcp4()[IP],
@@ -336,7 +336,7 @@ def xdp_seeds() -> list[bytes]:
 
 
 def setup_xdp(harness: Any) -> None:
-    from tests.bpf.test_balancer_helpers import BE_REDIR4, BE_TX4, BE_TX6, SNAT4, VIP4, VIP6
+    from tests.bpf.pkt import BE_REDIR4, BE_TX4, BE_TX6, SNAT4, VIP4, VIP6
 
     lb = harness.lb
     ring = 13
@@ -365,8 +365,11 @@ def run_xdp(harness: Any, execs: int | None = None, seconds: float | None = None
 
 
 @pytest.mark.privileged
-def test_xdp_packet_path_fuzz(lb):
-    fz, target = run_xdp(lb, execs=int(os.environ.get("MESHLB_FUZZ_EXECS", "20000")))
+def test_xdp_packet_path_fuzz():
+    from tests.bpf.harness import fib_netns, loaded
+
+    with fib_netns() as env, loaded(env) as harness:
+        fz, target = run_xdp(harness, execs=int(os.environ.get("MESHLB_FUZZ_EXECS", "20000")))
     print(f"FUZZ xdp: {fz.execs} execs, {len(fz.coverage)} paths covered "
           f"({fz.seed_coverage} by the seeds), corpus {len(fz.corpus)}")
     assert target.failures == [], target.failures[:5]
@@ -375,7 +378,3 @@ def test_xdp_packet_path_fuzz(lb):
 
     record("fuzz: XDP packet path", execs=fz.execs, paths_covered=len(fz.coverage), seed_paths=fz.seed_coverage,
            corpus=len(fz.corpus), failures=len(target.failures))
-
-
-# the BPF fixtures (a private netns for bpf_fib_lookup, a loaded balancer)
-from tests.bpf.test_balancer_helpers import lb, netns  # noqa: E402,F401

@@ -1,45 +1,35 @@
-"""Shared fixtures for the balancer's BPF_PROG_TEST_RUN tests (imported by the other
-test_balancer_* modules), plus checks of the helpers themselves.
+"""The balancer under BPF_PROG_TEST_RUN, in a namespace of its own.
 
 bpf_fib_lookup inside a test run uses the routing and neighbour tables of the netns
 of the thread that issues BPF_PROG_TEST_RUN (the ingress device is looked up there),
 so FibNetns builds a private namespace with two veth pairs, routes and permanent
-neighbours, and runs every test_run from a thread that has entered it.
+neighbours, and runs every test_run from a thread that has entered it. The fixtures
+of tests/bpf/conftest.py are these; other suites and benches use the context
+managers.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import socket
-import struct
 import subprocess
-
-import pytest
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Ether
+from collections.abc import Iterator
 
 from meshlb.dataplane import layouts as L
-from meshlb.dataplane.balancer import Balancer, flow_hash
-from meshlb.dataplane.layouts import Counter, XdpMd
+from meshlb.dataplane.balancer import Balancer
+from meshlb.dataplane.layouts import XdpMd
+
+from .pkt import (
+    BE_NONEIGH4, BE_NONEIGH6, BE_REDIR4, BE_REDIR6, BE_TX4, BE_TX6, CLIENT4, CLIENT6, GW4, GW6,
+    MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW, SNAT4, SNAT6, VIP4, VIP6, key_of, tcp4, tcp6,
+    udp4, udp6,
+)
 
 PID = os.getpid()
 CLONE_NEWNET = 0x40000000
-
-# Addresses of the test topology (documentation / ULA ranges, inside the netns only).
-CLIENT4, CLIENT6 = "198.51.100.7", "2001:db8:c::7"
-VIP4, VIP6 = "203.0.113.10", "2001:db8:f::10"
-SNAT4, SNAT6 = "10.10.0.1", "fd00:a::1"
-BE_TX4, BE_TX6 = "10.10.0.2", "fd00:a::2"        # behind the ingress veth: XDP_TX
-BE_REDIR4, BE_REDIR6 = "10.20.0.2", "fd00:b::2"  # behind the other veth: XDP_REDIRECT
-BE_NONEIGH4, BE_NONEIGH6 = "10.10.0.3", "fd00:a::3"  # routed, no neighbour entry
-BE_BLACKHOLE4 = "10.99.0.1"
-MAC_A, MAC_B = "02:00:00:00:0a:01", "02:00:00:00:0b:01"
-MAC_BE_TX, MAC_BE_REDIR, MAC_GW = "02:00:00:00:0a:02", "02:00:00:00:0b:02", "02:00:00:00:0a:fe"
-GW4, GW6 = "10.10.0.254", "fd00:a::fe"
-CLIENT_MAC = "02:00:00:00:cc:01"
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -121,16 +111,6 @@ def ctypes_if_index(name: str) -> int:
     return socket.if_nametoindex(name)
 
 
-@pytest.fixture(scope="module")
-def netns():
-    env = FibNetns()
-    env.setup()
-    try:
-        yield env
-    finally:
-        env.teardown()
-
-
 class Harness:
     """A freshly loaded balancer and a way to run packets through it."""
 
@@ -158,79 +138,50 @@ class Harness:
         return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
-@pytest.fixture
-def lb(netns):
-    h = Harness(netns)
+@contextlib.contextmanager
+def fib_netns() -> Iterator[FibNetns]:
+    env = FibNetns()
+    env.setup()
+    try:
+        yield env
+    finally:
+        env.teardown()
+
+
+@contextlib.contextmanager
+def loaded(env: FibNetns | None) -> Iterator[Harness]:
+    """A freshly loaded balancer whose test runs go through ``env``."""
+    h = Harness(env)
     try:
         yield h
     finally:
         h.close()
 
 
-def tcp4(src=CLIENT4, dst=VIP4, sport=40000, dport=80, flags="A", payload=b"hello", seq=1000, **ip):
-    return (Ether(src=CLIENT_MAC, dst=MAC_A) / IP(src=src, dst=dst, ttl=61, id=7, **ip)
-            / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=2000) / payload)
+# A VIP with the four backends of the topology, for the tests of forwarding paths.
+RING = 13
+FAMILIES = {
+    "v4": dict(vip=VIP4, tx=BE_TX4, redir=BE_REDIR4, noneigh=BE_NONEIGH4, snat=SNAT4,
+               client=CLIENT4, tcp=tcp4, udp=udp4, af=L.AF_INET),
+    "v6": dict(vip=VIP6, tx=BE_TX6, redir=BE_REDIR6, noneigh=BE_NONEIGH6, snat=SNAT6,
+               client=CLIENT6, tcp=tcp6, udp=udp6, af=L.AF_INET6),
+}
 
 
-def udp4(src=CLIENT4, dst=VIP4, sport=40000, dport=53, payload=b"query", **ip):
-    return (Ether(src=CLIENT_MAC, dst=MAC_A) / IP(src=src, dst=dst, ttl=61, id=7, **ip)
-            / UDP(sport=sport, dport=dport) / payload)
+def setup_vip(lb, fam, mode, table_backend=1, proto="tcp", port=80, nat_port=0):
+    f = FAMILIES[fam]
+    lb.lb.add_vip(f["vip"], port, proto, mode, vip_id=5, ring_size=RING)
+    lb.lb.set_backend(1, f["tx"], nat_port)
+    lb.lb.set_backend(2, f["redir"], nat_port)
+    lb.lb.set_backend(3, f["vip"], local=True)
+    lb.lb.set_backend(4, f["noneigh"], nat_port)
+    lb.lb.set_vip_table(5, [table_backend] * RING)
+    if mode == "nat":
+        lb.lb.set_snat(f["af"], f["snat"], 20000, 20999)
+    return f
 
 
-def tcp6(src=CLIENT6, dst=VIP6, sport=40000, dport=80, flags="A", payload=b"hello", seq=1000, **ip):
-    return (Ether(src=CLIENT_MAC, dst=MAC_A) / IPv6(src=src, dst=dst, hlim=61, **ip)
-            / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=2000) / payload)
-
-
-def udp6(src=CLIENT6, dst=VIP6, sport=40000, dport=53, payload=b"query", **ip):
-    return (Ether(src=CLIENT_MAC, dst=MAC_A) / IPv6(src=src, dst=dst, hlim=61, **ip)
-            / UDP(sport=sport, dport=dport) / payload)
-
-
-def checksums_valid(raw: bytes) -> bool:
-    """Recompute every checksum with scapy and compare with the bytes given."""
-    p = Ether(raw)
-    q = p.copy()
-    for layer in (IP, TCP, UDP):
-        if q.haslayer(layer) and hasattr(q[layer], "chksum"):
-            if layer is UDP and q[UDP].chksum == 0 and q.haslayer(IP):
-                continue  # IPv4 UDP without checksum stays without
-            del q[layer].chksum
-    return bytes(q.__class__(bytes(q))) == raw
-
-
-def key_of(pkt) -> L.FlowKey:
-    ip = pkt[IP] if pkt.haslayer(IP) else pkt[IPv6]
-    l4 = pkt[TCP] if pkt.haslayer(TCP) else pkt[UDP]
-    return L.flow_key(ip.src, l4.sport, ip.dst, l4.dport, 6 if pkt.haslayer(TCP) else 17)
-
-
-# ------------------------------------------------------------ helper checks
-def test_flow_hash_matches_known_vector():
-    # Independent recomputation of the documented algorithm, word by word.
-    k = L.flow_key("10.0.0.1", 1234, "10.0.0.2", 80, 6)
-    w = struct.unpack("=10I", bytes(k))
-    assert w[1] == w[2] == w[3] == 0 and w[9] == 6 | (2 << 8)
-    assert flow_hash(k) == flow_hash(L.flow_key("10.0.0.1", 1234, "10.0.0.2", 80, 6))
-    assert flow_hash(k) != flow_hash(L.flow_key("10.0.0.1", 1235, "10.0.0.2", 80, 6))
-
-
-def test_checksum_validator_detects_corruption():
-    good = bytes(tcp4())
-    assert checksums_valid(good)
-    bad = bytearray(good)
-    bad[-1] ^= 0xFF
-    assert not checksums_valid(bytes(bad))
-
-
-@pytest.mark.privileged
-def test_counter_names_cover_enum():
-    h = Harness(None)
-    try:
-        c = h.counters()
-    finally:
-        h.close()
-    for cnt in Counter:
-        if cnt is not Counter.FIB_RC:
-            assert cnt.name.lower() in c
-    assert "fib_no_neigh" in c
+def snat_port_of(lb, pkt) -> int:
+    ct = lb.lb.conntrack_lookup(key_of(pkt))
+    assert ct is not None and ct.flags & L.MLB_CT_F_NAT
+    return L.port_host(ct.snat_port)
