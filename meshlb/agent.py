@@ -35,7 +35,8 @@ from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
 from meshlb.dataplane.libbpf import BpfError, Link
 from meshlb.dataplane.marks import MarkStore
-from meshlb.dataplane.tracer import SockEvent, Tracer, cgroup2_root
+from meshlb.dataplane.mounts import cgroup2_root
+from meshlb.dataplane.tracer import SockEvent, Tracer
 from meshlb.forwarding import VipSpec
 from meshlb.looplag import LoopLag
 
