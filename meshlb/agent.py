@@ -30,6 +30,7 @@ from typing import Any
 
 from meshlb import control, forwarding, metrics, vipnet
 from meshlb import config as config_mod
+from meshlb.config import DEFAULT_SNAT_PORTS, VipConfig
 from meshlb.dataplane import bpffs
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
@@ -37,7 +38,6 @@ from meshlb.dataplane.libbpf import BpfError, Link
 from meshlb.dataplane.marks import MarkStore
 from meshlb.dataplane.mounts import cgroup2_root
 from meshlb.dataplane.tracer import SockEvent, Tracer
-from meshlb.forwarding import VipSpec
 from meshlb.looplag import LoopLag
 
 log = logging.getLogger("meshlb.agent")
@@ -64,21 +64,6 @@ CLOSES_HOLD_MAX_S = 1.0
 PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
 REBUILD_DEBOUNCE_S = 0.02
-DEFAULT_SNAT_PORTS = (10000, 32767)  # below the kernel's default ephemeral range
-
-
-def vip_specs(cfg: config_mod.Config) -> list[VipSpec]:
-    return [
-        VipSpec(
-            address=str(v.address),
-            port=v.port,
-            proto=v.protocol,
-            mode=v.mode,
-            ring_size=v.ring_size,
-            backend_port=v.backend_port or 0,
-        )
-        for v in cfg.vips
-    ]
 
 
 class Agent:
@@ -87,7 +72,7 @@ class Agent:
         self.keys = keys
         self.config_path = config_path
         self.name = cfg.node.name
-        self.vips = vip_specs(cfg)
+        self.vips = cfg.vips
         self.balancer: Balancer | None = None
         self.tracer: Tracer | None = None
         self.marks: MarkStore | None = None
@@ -370,12 +355,12 @@ class Agent:
     def _setup_vips(self) -> None:
         ids_in_use = {m.vip_id: bytes(k) for k, m in self.balancer.vips()}
         for spec in self.vips:
-            key = bytes(vip_key(spec.address, spec.port, spec.proto))
+            key = bytes(vip_key(spec.address, spec.port, spec.protocol))
             vip_id = next((i for i, k in ids_in_use.items() if k == key), None)
             if vip_id is None:
                 vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in ids_in_use and i not in self.vip_ids.values())
             self.vip_ids[spec.key] = vip_id
-            self.balancer.add_vip(spec.address, spec.port, spec.proto, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
+            self.balancer.add_vip(spec.address, spec.port, spec.protocol, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
             # dr VIPs must be local addresses to be accepted; a nat VIP whose chosen
             # backend is this node is passed up unchanged, so it needs the same
             self._watch(spec)
@@ -384,10 +369,10 @@ class Agent:
         if self.changed_sysctls:
             log.info("for bpf_fib_lookup: %s", ", ".join(f"{k.replace('/', '.')}=1" for k in self.changed_sysctls
                                                          if k.endswith("forwarding")))
-        self.added_vips = vipnet.add_loopback_vips([s.address for s in self.vips])
+        self.added_vips = vipnet.add_loopback_vips([str(s.address) for s in self.vips])
 
-    def _watch(self, spec: VipSpec) -> None:
-        if spec.proto != "tcp":
+    def _watch(self, spec: VipConfig) -> None:
+        if spec.protocol != "tcp":
             return
         # A listener's reset on a nat VIP answers a segment the balancer passed up for
         # want of a translation (a stray of a flow it forgot); its tuple may be a new
@@ -484,7 +469,7 @@ class Agent:
             port = spec.target_port if spec.mode == "nat" else 0
             ids = []
             for name in plan.backends:
-                addr = _member_addr(members[name], ":" in spec.address)
+                addr = _member_addr(members[name], spec.address.version == 6)
                 bid = self._backend_id(name, port, addr)
                 self.balancer.set_backend(bid, addr, port, local=(name == self.name))
                 ids.append(bid)
@@ -670,7 +655,7 @@ class Agent:
         restarted agent replaying the closes its previous life left unsent): an
         eviction too many costs a lookup, one too few leaves a flow behind."""
         if self._vip_ends_of is not self.vips:
-            self._vip_ends = frozenset((s.address, s.port) for s in self.vips)
+            self._vip_ends = frozenset((str(s.address), s.port) for s in self.vips)
             self._vip_ends_of = self.vips
         if (f.dst, f.dport) in self._vip_ends:
             return True
@@ -824,8 +809,8 @@ class Agent:
         """TCP connections established to this node's VIPs (dr) or backend ports (nat)."""
         endpoints = set()
         for s in self.vips:
-            if s.proto == "tcp":
-                endpoints.add((ipaddress.ip_address(s.address), s.port))
+            if s.protocol == "tcp":
+                endpoints.add((s.address, s.port))
                 if s.mode == "nat":
                     endpoints.add((ipaddress.ip_address(self.address), s.target_port))
         return _count_established(endpoints)
@@ -849,7 +834,7 @@ class Agent:
             return {"applied": [], "needs_restart": [], "error": str(exc)}
         applied, needs_restart = config_mod.diff_live(self.cfg, new)
         if any(a.startswith("vips") for a in applied):
-            self._apply_vip_changes(vip_specs(new))
+            self._apply_vip_changes(new.vips)
         self.cfg = new
         if self.health is not None and any(a.startswith("health") for a in applied):
             self.health.reconfigure(new.health)
@@ -861,28 +846,29 @@ class Agent:
         log.info("reload: applied %s", ", ".join(applied) or "nothing (no change)")
         return {"applied": applied, "needs_restart": needs_restart}
 
-    def _apply_vip_changes(self, specs: list[VipSpec]) -> None:
+    def _apply_vip_changes(self, specs: tuple[VipConfig, ...]) -> None:
         old = {s.key: s for s in self.vips}
         new = {s.key: s for s in specs}
         for key, spec in old.items():
-            if key not in new or new[key] != spec:
-                self.balancer.remove_vip(spec.address, spec.port, spec.proto)
+            if key not in new or _dataplane_shape(new[key]) != _dataplane_shape(spec):
+                self.balancer.remove_vip(spec.address, spec.port, spec.protocol)
                 with contextlib.suppress(Exception):
                     self.tracer.unwatch(spec.address, spec.port)
                 self.vip_ids.pop(key, None)
                 self.plans.pop(key, None)
-                if spec.address not in {s.address for s in specs} and spec.address in self.added_vips:
-                    vipnet.remove_loopback_vips([spec.address])
-                    self.added_vips.remove(spec.address)
+                addr = str(spec.address)
+                if spec.address not in {s.address for s in specs} and addr in self.added_vips:
+                    vipnet.remove_loopback_vips([addr])
+                    self.added_vips.remove(addr)
         self.vips = specs
         for key, spec in new.items():
             if key not in self.vip_ids:
                 used = set(self.vip_ids.values())
                 vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in used)
                 self.vip_ids[key] = vip_id
-                self.balancer.add_vip(spec.address, spec.port, spec.proto, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
+                self.balancer.add_vip(spec.address, spec.port, spec.protocol, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
                 self._watch(spec)
-        self.added_vips += vipnet.add_loopback_vips([s.address for s in specs if s.address not in self.added_vips])
+        self.added_vips += vipnet.add_loopback_vips([str(s.address) for s in specs if str(s.address) not in self.added_vips])
 
     # ------------------------------------------------------------------ control + metrics
 
@@ -1028,6 +1014,12 @@ class Agent:
             health_checks=dict(self.health_checks),
             loop_lag=self.loop_lag,
         )
+
+
+def _dataplane_shape(v: VipConfig) -> tuple[str, int, int]:
+    """What of a VIP the balancer holds: a reload that changes only the rest (its
+    SNAT settings, applied at start) leaves the VIP and its flows in place."""
+    return (v.mode, v.ring_size, v.target_port)
 
 
 def serving_members(members: Any) -> dict[str, tuple[tuple[str, ...], int]]:

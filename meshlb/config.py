@@ -161,6 +161,11 @@ class VipConfig:
         """Stable text identity, e.g. ``10.0.0.1:80/tcp`` (used in table digests)."""
         return f"{HostPort(str(self.address), self.port)}/{self.protocol}"
 
+    @property
+    def target_port(self) -> int:
+        """The port backends listen on: ``backend_port`` (nat) or the VIP's own."""
+        return self.backend_port or self.port
+
 
 DEFAULT_SNAT_PORTS = (10000, 32767)
 

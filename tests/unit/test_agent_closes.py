@@ -7,7 +7,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 from meshlb import agent as agent_mod
-from meshlb.agent import Agent, vip_specs
+from meshlb.agent import Agent
 from meshlb.cluster.node import MemberLeft, MemberUp
 from meshlb.config import default_config, parse
 from meshlb.dataplane import layouts as L
@@ -83,7 +83,7 @@ def close_of(flow, refused=False):
 def make_agent() -> Agent:
     a = Agent.__new__(Agent)
     a.cfg = default_config()
-    a.vips = vip_specs(a.cfg)
+    a.vips = a.cfg.vips
     a.evictions = Counter()
     a.driver = FakeDriver()
     a.tracer = FakeTracer()
@@ -190,8 +190,8 @@ def test_closes_of_a_batch_are_published_together_when_it_ends():
 
 def _vip_flow(a: Agent, port: int = 40001):
     vip = a.vips[0]
-    return SimpleNamespace(src="198.18.1.2" if ":" not in vip.address else "fd00::2", sport=port,
-                           dst=vip.address, dport=vip.port, proto=6)
+    return SimpleNamespace(src="198.18.1.2" if vip.address.version == 4 else "fd00::2", sport=port,
+                           dst=str(vip.address), dport=vip.port, proto=6)
 
 
 def test_a_close_no_other_mix_can_hold_is_not_gossiped():
@@ -200,7 +200,7 @@ def test_a_close_no_other_mix_can_hold_is_not_gossiped():
     a = make_agent()
     a.cfg = parse('[node]\nname = "mix1"\niface = "eth0"\n[cluster]\nkey_file = "/k"\n'
                   '[[vips]]\naddress = "198.19.0.1"\nport = 80\n')
-    a.vips = vip_specs(a.cfg)
+    a.vips = a.cfg.vips
     a._is_balanced_flow = lambda f: True
     ct = lambda **kw: L.CtValue(**{"syn_seq": 1000, "backend_id": 7, "flags": L.MLB_CT_F_ESTABLISHED, **kw})  # noqa: E731
     cases = [
