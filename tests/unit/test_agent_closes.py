@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 from types import SimpleNamespace
 
-from meshlb import agent as agent_mod
+from meshlb.agent import root as agent_mod
 from meshlb.agent import Agent
 from meshlb.cluster.node import MemberLeft, MemberUp
 from meshlb.config import default_config, parse

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from meshlb import agent as agent_mod
+from meshlb.agent import root as agent_mod
 from meshlb.agent import Agent
 from meshlb.config import default_config
 from meshlb.dataplane.libbpf import BpfError

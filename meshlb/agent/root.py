@@ -528,14 +528,13 @@ class Agent:
             self.driver.update_meta(self._own_meta())
 
     async def _start_gossip(self) -> None:
-        from meshlb.cluster.driver import GossipDriver  # noqa: PLC0415
-
+        from meshlb.agent.gossip import build_driver  # noqa: PLC0415
         from meshlb.cluster.messages import DigestEntry  # noqa: PLC0415
 
         marks = [DigestEntry(o, e, m, ()) for o, (e, m) in self._restored_marks.items()]
-        self.driver = GossipDriver.from_config(self.cfg, name=self.name, address=self.address, keys=self.keys,
-                                               meta=self._own_meta(), on_event=self._on_cluster_event,
-                                               event_queue=0, eviction_marks=marks)
+        self.driver = build_driver(self.cfg, name=self.name, address=self.address, keys=self.keys,
+                                   meta=self._own_meta(), on_event=self._on_cluster_event,
+                                   event_queue=0, eviction_marks=marks)
         await self.driver.start()
 
     def _on_cluster_event(self, event: Any) -> None:
