@@ -19,7 +19,6 @@ import ctypes
 import functools
 import ipaddress
 import logging
-import os
 import signal
 import socket
 import struct
@@ -28,30 +27,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from meshlb import control, forwarding, metrics, vipnet
+from meshlb import control, forwarding, metrics
 from meshlb import config as config_mod
-from meshlb.config import DEFAULT_SNAT_PORTS, VipConfig
-from meshlb.dataplane import bpffs
+from meshlb.config import VipConfig
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
-from meshlb.dataplane.libbpf import BpfError, Link
+from meshlb.dataplane.libbpf import BpfError
 from meshlb.dataplane.marks import MarkStore
-from meshlb.dataplane.mounts import cgroup2_root
+from meshlb.agent.session import Session
 from meshlb.dataplane.tracer import SockEvent, Tracer
 from meshlb.looplag import LoopLag
 
 log = logging.getLogger("meshlb.agent")
 
-XDP_LINK_PIN = "xdp_link"
-TRACER_SUBDIR = "tracer"
 # (backend_id, flags, syn_seq) of a struct ct_value's bytes: what decides whether a
 # close is this mix's alone (Agent._balanced_here_only)
 _CT_OWNER = struct.Struct(f"={L.CtValue.backend_id.offset}xII"
                           f"{L.CtValue.syn_seq.offset - L.CtValue.flags.offset - 4}xI")
 assert (L.CtValue.flags.offset == L.CtValue.backend_id.offset + 4
         and _CT_OWNER.size == ctypes.sizeof(L.CtValue))
-MARKS_PIN = "eviction_marks"
-MARKS_MAX = 65536  # origins; allocated as used
 MARKS_SAVE_INTERVAL_S = 1.0
 # Socket closes are read at most every 5 ms: a burst costs one loop wakeup per batch,
 # not per close, and 5 ms is nothing against the eviction's trip through the cluster.
@@ -73,13 +67,10 @@ class Agent:
         self.config_path = config_path
         self.name = cfg.node.name
         self.vips = cfg.vips
+        self.session = Session(cfg)
         self.balancer: Balancer | None = None
         self.tracer: Tracer | None = None
         self.marks: MarkStore | None = None
-        self._restored_marks: dict[str, tuple[int, int]] = {}
-        self.xdp_link: Link | None = None
-        self.xdp_mode = ""
-        self.ifindex = 0
         self.address = ""  # advertised address: the node's identity in the data plane
         self.driver: Any = None
         self.health: Any = None
@@ -102,16 +93,11 @@ class Agent:
         self._received: list[bytes] = []  # peers' evictions, applied once per loop turn
         self.loop_lag = LoopLag()
         self.health_checks: Counter[tuple[str, str]] = Counter()
-        self.added_vips: list[str] = []
         self.draining = False
-        self.adopted = False
-        self._snat_ports = DEFAULT_SNAT_PORTS
-        self.changed_sysctls: dict[str, str] = {}
         self._inherited: dict[tuple[str, int], int] = {}  # (addr, port) -> id, from pins
         self._published_seq = 0  # number of this run's last own eviction
         self._held_through: int | None = None  # the held batch of closes waits for this one
         self._hold_timer: asyncio.TimerHandle | None = None
-        self.data_addresses: list[str] = []
         self._stop = asyncio.Event()
         self._leave_requested = False
         self._rebuild_handle: asyncio.TimerHandle | None = None
@@ -124,7 +110,7 @@ class Agent:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         try:
-            self._setup_dataplane()
+            self._open_session()
             self._setup_vips()
             await self._start_gossip()
             await self._start_health()
@@ -141,8 +127,8 @@ class Agent:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             log.info(
                 "%s: serving %d VIP(s) on %s (xdp %s%s), gossip on %s",
-                self.name, len(self.vips), self.cfg.node.iface, self.xdp_mode,
-                ", adopted pinned state" if self.adopted else "", self.cfg.node.bind,
+                self.name, len(self.vips), self.cfg.node.iface, self.session.xdp_mode,
+                ", adopted pinned state" if self.session.adopted else "", self.cfg.node.bind,
             )
             await self._stop.wait()
             if self._leave_requested:
@@ -180,100 +166,23 @@ class Agent:
         if self.driver and not self._leave_requested:
             with contextlib.suppress(Exception):
                 await self.driver.stop(leave=False)
-        if self._leave_requested:
-            self._teardown_dataplane()
-        else:
+        if not self._leave_requested:
             # not a leave (an error): pinned state stays so forwarding carries on and
             # the next agent adopts it
             self._save_marks()
-            for obj in (self.tracer, self.balancer, self.marks):
-                if obj is not None:
-                    with contextlib.suppress(Exception):
-                        obj.close()
+        self.session.close(unpin=self._leave_requested)
 
     # ------------------------------------------------------------------ data plane
 
-    def _setup_dataplane(self) -> None:
-        cfg = self.cfg
-        pin = Path(cfg.node.pin_dir)
-        try:
-            bpffs.ensure_for(pin)
-        except OSError as exc:
-            raise RuntimeError(str(exc)) from None
-        self.ifindex = vipnet.ifindex(cfg.node.iface)
-        self.address = cfg.node.advertise.host if cfg.node.advertise else vipnet.interface_addresses(cfg.node.iface)[0]
-        self.adopted = (pin / "conntrack").exists()
-        # every address of the interface: IPv6 VIPs are forwarded to a member's IPv6 one
-        self.data_addresses = vipnet.interface_addresses(cfg.node.iface)
-        self.balancer = Balancer.load(pin_dir=pin, conntrack_size=cfg.conntrack.max_entries)
-        if self.adopted:
+    def _open_session(self) -> None:
+        self.session.open()
+        self.balancer, self.tracer, self.marks = self.session.balancer, self.session.tracer, self.session.marks
+        self.address = self.session.address
+        if self.session.adopted:
             self._inherited = {
                 (str(L.words_addr(b.addr, b.family)), L.port_host(b.port)): bid
                 for bid, b in self.balancer.backends_in_use()
             }
-        off = vipnet.disable_vlan_offload(cfg.node.iface)
-        if off:
-            log.info("turned off %s on %s so XDP sees VLAN tags", ", ".join(off), cfg.node.iface)
-        self._attach_xdp(pin)
-        tdir = pin / TRACER_SUBDIR
-        if tdir.exists() and any(tdir.iterdir()) and not self.adopted:
-            # a tracer left without the balancer's maps it evicts in: not ours to adopt
-            log.warning("pinned tracer without a pinned balancer; loading a new one")
-            Tracer(netns_cookie=0).unpin(tdir)
-        if tdir.exists() and any(tdir.iterdir()):
-            try:
-                self.tracer = Tracer.adopt(tdir)
-            except BpfError as exc:
-                log.warning("cannot adopt pinned tracer (%s); loading a new one", exc)
-                Tracer(netns_cookie=0).unpin(tdir)
-                self.tracer = None
-        if self.tracer is None:
-            self.tracer = Tracer(balancer_pins=pin)
-            self.tracer.load()
-            self.tracer.attach()
-            self._attach_sockops(cfg.conntrack.sockops_cgroup)
-            self.tracer.pin(tdir)
-        elif not self.tracer.sockops_attached and cfg.conntrack.sockops_cgroup != "off":
-            log.warning("the adopted tracer has no sock_ops hook: closes come from the tracepoint "
-                        "alone until the agent starts with a fresh tracer (meshlb leave, or remove %s)", tdir)
-        self._configure_snat()
-        self._open_marks(pin)
-
-    def _attach_sockops(self, setting: str) -> None:
-        """The sock_ops half of the tracer (bpf/tracer.bpf.c says why it exists). A host
-        without cgroup v2 runs with the tracepoint alone, and says so."""
-        if setting == "off":
-            return
-        path = cgroup2_root() if setting == "auto" else setting
-        if path is None:
-            log.warning("no cgroup v2 hierarchy mounted: socket closes come from the tracepoint alone, "
-                        "which the kernel does not run for every close (conntrack.sockops_cgroup)")
-            return
-        try:
-            self.tracer.attach_cgroup(path)
-        except BpfError as exc:
-            if setting != "auto":
-                raise RuntimeError(f"{self.cfg.source}: conntrack.sockops_cgroup: {exc}") from None
-            log.warning("cannot attach the sock_ops hook to %s (%s): socket closes come from the "
-                        "tracepoint alone", path, exc)
-            return
-        log.info("socket closes also reported from sock_ops on cgroup %s", path)
-
-    def _open_marks(self, pin: Path) -> None:
-        try:
-            self.marks = MarkStore.open(pin / MARKS_PIN, MARKS_MAX)
-        except BpfError as exc:
-            log.warning("cannot adopt pinned eviction marks (%s); starting without", exc)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pin / MARKS_PIN)
-            self.marks = MarkStore.open(pin / MARKS_PIN, MARKS_MAX)
-        # Marks describe the conntrack they were saved beside; a fresh map has no
-        # flows that old evictions could concern.
-        if self.adopted:
-            self._restored_marks = self.marks.load()
-            if self._restored_marks:
-                log.info("resuming eviction numbering of %d origin(s) from the previous run",
-                         len(self._restored_marks))
 
     def _save_marks(self) -> None:
         if self.marks is None or self.driver is None:
@@ -292,66 +201,6 @@ class Agent:
             await asyncio.sleep(MARKS_SAVE_INTERVAL_S)
             self._save_marks()
 
-    def _attach_xdp(self, pin: Path) -> None:
-        link_pin = pin / XDP_LINK_PIN
-        if link_pin.exists():
-            old = Link.from_pinned(str(link_pin))
-            try:
-                # Swap the running program for the one just loaded (same pinned maps),
-                # atomically: packets never see the interface without a program.
-                old.update(self.balancer.program)
-                self.xdp_link = old
-                self.xdp_mode = "adopted"
-                return
-            except (BpfError, AttributeError) as exc:
-                log.warning("cannot update the pinned XDP link (%s); re-attaching", exc)
-                old.detach()
-                old.close()
-                os.unlink(link_pin)
-        modes = {"native": ["native"], "generic": ["generic"], "auto": ["native", "generic"]}[self.cfg.node.xdp_mode]
-        errors = []
-        for mode in modes:
-            try:
-                self.xdp_link = self.balancer.attach(self.ifindex, mode)
-                self.xdp_mode = mode
-                break
-            except BpfError as exc:
-                errors.append(f"{mode}: {exc}")
-                if mode == "native" and len(modes) > 1:
-                    log.warning("native XDP unavailable on %s (%s); falling back to generic mode", self.cfg.node.iface, exc)
-        if self.xdp_link is None:
-            raise RuntimeError(f"cannot attach XDP to {self.cfg.node.iface}: {'; '.join(errors)}")
-        self.xdp_link.pin(str(link_pin))
-
-    def _configure_snat(self) -> None:
-        """One SNAT source per family for every nat VIP: the first nat VIP of that
-        family that names an address or port range sets it, else the interface's
-        address and the default range."""
-        addrs = vipnet.interface_addresses(self.cfg.node.iface)
-        ranges = []
-        for fam in (socket.AF_INET, socket.AF_INET6):
-            v6 = fam == socket.AF_INET6
-            nat = [v for v in self.cfg.vips if v.mode == "nat" and (v.address.version == 6) == v6]
-            if not nat:
-                continue
-            fam_addrs = [a for a in addrs if (":" in a) == v6]
-            addr = next((str(v.snat_address) for v in nat if v.snat_address), fam_addrs[0] if fam_addrs else None)
-            lo, hi = next((v.snat_ports for v in nat if v.snat_ports), DEFAULT_SNAT_PORTS)
-            if addr is None:
-                log.warning("nat VIPs of IPv%d but no IPv%d address on %s: they cannot forward",
-                            6 if v6 else 4, 6 if v6 else 4, self.cfg.node.iface)
-                continue
-            self.balancer.set_snat(fam, addr, lo, hi)
-            ranges.append((lo, hi))
-        if ranges:
-            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-            self._snat_ports = (lo, hi)
-            # the kernel must never pick a SNAT port for this node's own connections,
-            # or the reply to one of them would be taken for a NAT flow
-            with contextlib.suppress(OSError):
-                Path("/proc/sys/net/ipv4/ip_local_reserved_ports").write_text(
-                    ",".join(f"{a}-{b}" for a, b in sorted(set(ranges))))
-
     def _setup_vips(self) -> None:
         ids_in_use = {m.vip_id: bytes(k) for k, m in self.balancer.vips()}
         for spec in self.vips:
@@ -361,53 +210,7 @@ class Agent:
                 vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in ids_in_use and i not in self.vip_ids.values())
             self.vip_ids[spec.key] = vip_id
             self.balancer.add_vip(spec.address, spec.port, spec.protocol, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
-            # dr VIPs must be local addresses to be accepted; a nat VIP whose chosen
-            # backend is this node is passed up unchanged, so it needs the same
-            self._watch(spec)
-        vipnet.set_arp_sysctls(self.cfg.node.iface)
-        self.changed_sysctls = vipnet.enable_forwarding(self.cfg.node.iface)
-        if self.changed_sysctls:
-            log.info("for bpf_fib_lookup: %s", ", ".join(f"{k.replace('/', '.')}=1" for k in self.changed_sysctls
-                                                         if k.endswith("forwarding")))
-        self.added_vips = vipnet.add_loopback_vips([str(s.address) for s in self.vips])
-
-    def _watch(self, spec: VipConfig) -> None:
-        if spec.protocol != "tcp":
-            return
-        # A listener's reset on a nat VIP answers a segment the balancer passed up for
-        # want of a translation (a stray of a flow it forgot); its tuple may be a new
-        # connection's by now, and evicting that one would take its reply translation.
-        self.tracer.watch(spec.address, spec.port, listener_resets=spec.mode != "nat")
-        if spec.mode == "nat":
-            # the backend side of nat flows: only connections from SNAT source ports
-            # (the range is cluster-wide) are balanced flows
-            self.tracer.watch(self.address, spec.target_port, remote_ports=self._snat_ports)
-
-    def _teardown_dataplane(self) -> None:
-        pin = Path(self.cfg.node.pin_dir)
-        with contextlib.suppress(Exception):
-            vipnet.remove_loopback_vips(self.added_vips)
-        vipnet.restore_sysctls(self.changed_sysctls)
-        if self.xdp_link is not None:
-            with contextlib.suppress(Exception):
-                self.xdp_link.detach()
-            with contextlib.suppress(Exception):
-                self.xdp_link.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pin / XDP_LINK_PIN)
-        if self.tracer is not None:
-            with contextlib.suppress(Exception):
-                self.tracer.unpin(pin / TRACER_SUBDIR)
-            self.tracer.close()
-        if self.balancer is not None:
-            self.balancer.unpin()
-            self.balancer.close()
-        if self.marks is not None:
-            self.marks.unpin()
-            self.marks.close()
-        with contextlib.suppress(OSError):
-            pin.rmdir()
-        log.info("%s: detached and unpinned", self.name)
+        self.session.serve(self.vips)
 
     # ------------------------------------------------------------------ tables
 
@@ -520,7 +323,7 @@ class Agent:
             app_healthy=(not self.draining) and self._app_healthy(),
             table_digest=self.digest,
             observations=self._observations(),
-            addresses=tuple(self.data_addresses),
+            addresses=tuple(self.session.data_addresses),
         )
 
     def _publish_meta(self) -> None:
@@ -531,7 +334,7 @@ class Agent:
         from meshlb.agent.gossip import build_driver  # noqa: PLC0415
         from meshlb.cluster.messages import DigestEntry  # noqa: PLC0415
 
-        marks = [DigestEntry(o, e, m, ()) for o, (e, m) in self._restored_marks.items()]
+        marks = [DigestEntry(o, e, m, ()) for o, (e, m) in self.session.restored_marks.items()]
         self.driver = build_driver(self.cfg, name=self.name, address=self.address, keys=self.keys,
                                    meta=self._own_meta(), on_event=self._on_cluster_event,
                                    event_queue=0, eviction_marks=marks)
@@ -851,23 +654,19 @@ class Agent:
         for key, spec in old.items():
             if key not in new or _dataplane_shape(new[key]) != _dataplane_shape(spec):
                 self.balancer.remove_vip(spec.address, spec.port, spec.protocol)
-                with contextlib.suppress(Exception):
-                    self.tracer.unwatch(spec.address, spec.port)
+                self.session.stop_serving(spec, specs)
                 self.vip_ids.pop(key, None)
                 self.plans.pop(key, None)
-                addr = str(spec.address)
-                if spec.address not in {s.address for s in specs} and addr in self.added_vips:
-                    vipnet.remove_loopback_vips([addr])
-                    self.added_vips.remove(addr)
         self.vips = specs
+        added = []
         for key, spec in new.items():
             if key not in self.vip_ids:
                 used = set(self.vip_ids.values())
                 vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in used)
                 self.vip_ids[key] = vip_id
                 self.balancer.add_vip(spec.address, spec.port, spec.protocol, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
-                self._watch(spec)
-        self.added_vips += vipnet.add_loopback_vips([str(s.address) for s in specs if str(s.address) not in self.added_vips])
+                added.append(spec)
+        self.session.serve(added)
 
     # ------------------------------------------------------------------ control + metrics
 
@@ -923,7 +722,7 @@ class Agent:
         return {
             "node": self.name,
             "uptime_s": round(time.time() - self._started, 1),
-            "xdp_mode": self.xdp_mode,
+            "xdp_mode": self.session.xdp_mode,
             "table_digest": self.digest,
             "table_changes": self.table_changes,
             "dataplane": self.balancer.counters(),
