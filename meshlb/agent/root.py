@@ -27,14 +27,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from meshlb import control, forwarding, metrics
+from meshlb import control, metrics
 from meshlb import config as config_mod
 from meshlb.config import VipConfig
 from meshlb.dataplane import layouts as L
-from meshlb.dataplane.balancer import NO_BACKEND, Balancer, vip_key
+from meshlb.dataplane.balancer import Balancer
 from meshlb.dataplane.libbpf import BpfError
 from meshlb.dataplane.marks import MarkStore
 from meshlb.agent.session import Session
+from meshlb.agent.tables import TableSync
 from meshlb.dataplane.tracer import SockEvent, Tracer
 from meshlb.looplag import LoopLag
 
@@ -68,6 +69,7 @@ class Agent:
         self.name = cfg.node.name
         self.vips = cfg.vips
         self.session = Session(cfg)
+        self.tables: TableSync | None = None
         self.balancer: Balancer | None = None
         self.tracer: Tracer | None = None
         self.marks: MarkStore | None = None
@@ -76,12 +78,6 @@ class Agent:
         self.health: Any = None
         self.control: control.ControlServer | None = None
         self.metrics: metrics.MetricsServer | None = None
-        self.vip_ids: dict[str, int] = {}
-        self.backend_ids: dict[tuple[str, str, int], int] = {}
-        self._local_bids: set[int] = set()  # ids of this node's own backends
-        self.plans: dict[str, forwarding.VipPlan] = {}
-        self.digest = ""
-        self.table_changes = 0
         self.evictions: Counter[str] = Counter()
         self._to_publish: list[Any] = []
         self._closing: list[SockEvent] = []  # this batch's closes, evicted when it ends
@@ -94,14 +90,11 @@ class Agent:
         self.loop_lag = LoopLag()
         self.health_checks: Counter[tuple[str, str]] = Counter()
         self.draining = False
-        self._inherited: dict[tuple[str, int], int] = {}  # (addr, port) -> id, from pins
         self._published_seq = 0  # number of this run's last own eviction
         self._held_through: int | None = None  # the held batch of closes waits for this one
         self._hold_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._leave_requested = False
-        self._rebuild_handle: asyncio.TimerHandle | None = None
-        self._rebuild_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._started = time.time()
 
@@ -111,13 +104,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             self._open_session()
-            self._setup_vips()
             await self._start_gossip()
             await self._start_health()
             await self._start_control()
             await self._start_metrics()
             self._start_tracer_reader()
-            await self.rebuild()
+            await self.tables.rebuild()
             self._tasks.append(asyncio.create_task(self._warm_neighbours_loop(), name="neighbours"))
             self._tasks.append(asyncio.create_task(self._save_marks_loop(), name="eviction-marks"))
             self._tasks.append(asyncio.create_task(self._expiry_loop(), name="conntrack-expiry"))
@@ -156,6 +148,8 @@ class Agent:
         if self.health:
             with contextlib.suppress(Exception):
                 await self.health.stop()
+        if self.tables is not None:
+            await self.tables.stop()
         if self.tracer:
             # closes not yet read, or read but unsent, stay in the ring for the next agent
             self.tracer.stop()
@@ -178,11 +172,6 @@ class Agent:
         self.session.open()
         self.balancer, self.tracer, self.marks = self.session.balancer, self.session.tracer, self.session.marks
         self.address = self.session.address
-        if self.session.adopted:
-            self._inherited = {
-                (str(L.words_addr(b.addr, b.family)), L.port_host(b.port)): bid
-                for bid, b in self.balancer.backends_in_use()
-            }
 
     def _save_marks(self) -> None:
         if self.marks is None or self.driver is None:
@@ -201,127 +190,16 @@ class Agent:
             await asyncio.sleep(MARKS_SAVE_INTERVAL_S)
             self._save_marks()
 
-    def _setup_vips(self) -> None:
-        ids_in_use = {m.vip_id: bytes(k) for k, m in self.balancer.vips()}
-        for spec in self.vips:
-            key = bytes(vip_key(spec.address, spec.port, spec.protocol))
-            vip_id = next((i for i, k in ids_in_use.items() if k == key), None)
-            if vip_id is None:
-                vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in ids_in_use and i not in self.vip_ids.values())
-            self.vip_ids[spec.key] = vip_id
-            self.balancer.add_vip(spec.address, spec.port, spec.protocol, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
-        self.session.serve(self.vips)
-
-    # ------------------------------------------------------------------ tables
-
-    def schedule_rebuild(self) -> None:
-        """Coalesce bursts of membership events into one rebuild."""
-        if self._rebuild_handle is None:
-            loop = asyncio.get_running_loop()
-            self._rebuild_handle = loop.call_later(REBUILD_DEBOUNCE_S, self._spawn_rebuild)
-
-    def _spawn_rebuild(self) -> None:
-        self._rebuild_handle = None
-        task = asyncio.get_running_loop().create_task(self.rebuild(), name="rebuild")
-        self._tasks.append(task)
-        task.add_done_callback(self._rebuild_done)
-
-    def _rebuild_done(self, task: asyncio.Task) -> None:
-        with contextlib.suppress(ValueError):
-            self._tasks.remove(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("table rebuild failed: %r", task.exception())
-
-    async def rebuild(self) -> None:
-        """Make the data plane's tables equal to the cluster's view.
-
-        Planning and id assignment run on the loop; the kernel writes (tens of
-        milliseconds per distinct table) run in a worker thread so gossip and probes go
-        on meanwhile. One rebuild at a time; a view that changes during one is planned
-        again from scratch by the next."""
-        async with self._rebuild_lock:
-            members = {m.name: m for m in self.driver.members()}
-            usable = [] if self.draining else self.driver.usable_backends()
-            serving = serving_members(members.values())
-            plans = forwarding.plan(self.vips, usable, serving)
-            changed = [k for k, p in plans.items() if self.plans.get(k) is None or self.plans[k].digest != p.digest]
-            tables = self._tables_for(plans, changed, members)
-            if tables:
-                await asyncio.to_thread(self.balancer.set_vip_tables, tables)
-            self._forget_unused_backends(members)
-            self.plans = plans
-            digest = forwarding.plans_digest(plans)
-            if changed:
-                self.table_changes += 1
-                log.info("tables: %s -> %s (%s)", self.digest or "-", digest,
-                         ", ".join(f"{k}: {','.join(plans[k].backends) or 'none'}" for k in changed))
-            if digest != self.digest:
-                self.digest = digest
-                self._publish_meta()
-
-    def _tables_for(self, plans: dict[str, forwarding.VipPlan], changed: list[str],
-                    members: dict[str, Any]) -> dict[int, list[int]]:
-        """Backend-id tables of the changed VIPs. VIPs whose plans share a table and map
-        to the same backend ids share one list object (the data plane then fills one
-        array for all of them)."""
-        out: dict[int, list[int]] = {}
-        translated: dict[tuple[int, tuple[int, ...]], list[int]] = {}
-        for key in changed:
-            plan = plans[key]
-            spec = plan.vip
-            port = spec.target_port if spec.mode == "nat" else 0
-            ids = []
-            for name in plan.backends:
-                addr = _member_addr(members[name], spec.address.version == 6)
-                bid = self._backend_id(name, port, addr)
-                self.balancer.set_backend(bid, addr, port, local=(name == self.name))
-                ids.append(bid)
-            cache_key = (id(plan.table), tuple(ids))
-            table = translated.get(cache_key)
-            if table is None:
-                table = [ids[i] for i in plan.table] if ids else [NO_BACKEND] * spec.ring_size
-                translated[cache_key] = table
-            out[self.vip_ids[spec.key]] = table
-        return out
-
-    def _backend_id(self, name: str, port: int, addr: str) -> int:
-        """The member's data-plane id. After a restart the pinned backends array still
-        holds the previous agent's ids, which conntrack entries point at: a member
-        takes back the id already holding its address and port, and new ids avoid
-        them, so no established flow is silently handed to another backend."""
-        key = (name, addr, port)  # a member has one id per address family and nat port
-        bid = self.backend_ids.get(key)
-        if bid is not None:
-            return bid
-        bid = self._inherited.pop((addr, port), None)
-        if bid is None:
-            used = set(self.backend_ids.values()) | set(self._inherited.values())
-            bid = next(i for i in range(L.MLB_MAX_BACKENDS) if i not in used)
-        self.backend_ids[key] = bid
-        if name == self.name:
-            self._local_bids.add(bid)
-        return bid
-
-    def _forget_unused_backends(self, members: dict[str, Any]) -> None:
-        """A backend id is released only when its member is gone from the member list
-        (reaped); while it is suspect or dead the id keeps pointing at it so established
-        flows are not silently moved to another backend."""
-        for key, bid in list(self.backend_ids.items()):
-            if key[0] not in members:
-                self.balancer.remove_backend(bid)
-                del self.backend_ids[key]
-                self._local_bids.discard(bid)
-
     # ------------------------------------------------------------------ gossip
 
     def _own_meta(self) -> Any:
         from meshlb.cluster.node import MemberMeta  # noqa: PLC0415
 
         return MemberMeta(
-            vips=tuple(s.key for s in self.vips),
+            vips=tuple(v.key for v in self.vips),
             weight=0 if self.draining else 100,
             app_healthy=(not self.draining) and self._app_healthy(),
-            table_digest=self.digest,
+            table_digest=self.tables.digest if self.tables else "",
             observations=self._observations(),
             addresses=tuple(self.session.data_addresses),
         )
@@ -338,6 +216,9 @@ class Agent:
         self.driver = build_driver(self.cfg, name=self.name, address=self.address, keys=self.keys,
                                    meta=self._own_meta(), on_event=self._on_cluster_event,
                                    event_queue=0, eviction_marks=marks)
+        self.tables = TableSync(self.balancer, self.name, self.driver, on_digest=self._publish_meta)
+        self.tables.set_vips(self.vips)
+        self.session.serve(self.vips)
         await self.driver.start()
 
     def _on_cluster_event(self, event: Any) -> None:
@@ -360,7 +241,7 @@ class Agent:
             log.info("member %s: %s (incarnation %s)", member.name, kind, member.incarnation)
             if self.health is not None and kind in ("MemberUp", "MemberLeft", "MemberDead"):
                 self._update_health_targets()
-        self.schedule_rebuild()
+        self.tables.schedule()
 
     # ------------------------------------------------------------------ evictions
 
@@ -435,7 +316,7 @@ class Agent:
         changed its mind in between) leaves that mix an entry that never saw the
         client's ACK: the handshake timeout removes it."""
         backend_id, flags, syn_seq = _CT_OWNER.unpack(ct)
-        return syn_seq != 0 and not flags & L.MLB_CT_F_PEER_SEEN and backend_id in self._local_bids
+        return syn_seq != 0 and not flags & L.MLB_CT_F_PEER_SEEN and backend_id in self.tables.local_ids
 
     def _publish_batch(self) -> None:
         flows, self._to_publish = self._to_publish, []
@@ -587,7 +468,7 @@ class Agent:
     def _on_health_change(self, name: str, ok: bool) -> None:
         log.info("health: %s %s", name, "up" if ok else "DOWN")
         self._publish_meta()
-        self.schedule_rebuild()
+        self.tables.schedule()
 
     def _on_health_result(self, name: str, ok: bool) -> None:
         self.health_checks[(name, "ok" if ok else "fail")] += 1
@@ -597,7 +478,8 @@ class Agent:
     async def _drain_and_leave(self) -> None:
         self.draining = True
         self._publish_meta()  # peers stop sending new flows here
-        await self.rebuild()  # and so does this node's own balancer
+        self.tables.serving = False
+        await self.tables.rebuild()  # and so does this node's own balancer
         deadline = time.monotonic() + self.cfg.drain.timeout_s
         while time.monotonic() < deadline and self._local_established() > 0:
             await asyncio.sleep(0.2)
@@ -642,30 +524,17 @@ class Agent:
             self.health.reconfigure(new.health)
             self._update_health_targets()
         self._publish_meta()
-        await self.rebuild()
+        await self.tables.rebuild()
         if needs_restart:
             log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(needs_restart))
         log.info("reload: applied %s", ", ".join(applied) or "nothing (no change)")
         return {"applied": applied, "needs_restart": needs_restart}
 
-    def _apply_vip_changes(self, specs: tuple[VipConfig, ...]) -> None:
-        old = {s.key: s for s in self.vips}
-        new = {s.key: s for s in specs}
-        for key, spec in old.items():
-            if key not in new or _dataplane_shape(new[key]) != _dataplane_shape(spec):
-                self.balancer.remove_vip(spec.address, spec.port, spec.protocol)
-                self.session.stop_serving(spec, specs)
-                self.vip_ids.pop(key, None)
-                self.plans.pop(key, None)
-        self.vips = specs
-        added = []
-        for key, spec in new.items():
-            if key not in self.vip_ids:
-                used = set(self.vip_ids.values())
-                vip_id = next(i for i in range(L.MLB_MAX_VIPS) if i not in used)
-                self.vip_ids[key] = vip_id
-                self.balancer.add_vip(spec.address, spec.port, spec.protocol, spec.mode, vip_id=vip_id, ring_size=spec.ring_size)
-                added.append(spec)
+    def _apply_vip_changes(self, vips: tuple[VipConfig, ...]) -> None:
+        removed, added = self.tables.set_vips(vips)
+        for vip in removed:
+            self.session.stop_serving(vip, vips)
+        self.vips = vips
         self.session.serve(added)
 
     # ------------------------------------------------------------------ control + metrics
@@ -723,8 +592,8 @@ class Agent:
             "node": self.name,
             "uptime_s": round(time.time() - self._started, 1),
             "xdp_mode": self.session.xdp_mode,
-            "table_digest": self.digest,
-            "table_changes": self.table_changes,
+            "table_digest": self.tables.digest,
+            "table_changes": self.tables.table_changes,
             "dataplane": self.balancer.counters(),
             "conntrack_entries": self.balancer.conntrack_count(),
             "evictions": dict(self.evictions),
@@ -736,8 +605,8 @@ class Agent:
     async def _op_vips(self, args: dict[str, Any]) -> dict[str, Any]:
         out = []
         for spec in self.vips:
-            plan = self.plans.get(spec.key)
-            st = self.balancer.vip_stats(self.vip_ids[spec.key])
+            plan = self.tables.plans.get(spec.key)
+            st = self.balancer.vip_stats(self.tables.vip_ids[spec.key])
             out.append({
                 "vip": spec.key, "mode": spec.mode, "backends": list(plan.backends) if plan else [],
                 "table_digest": plan.digest if plan else "", "packets": st.packets, "bytes": st.bytes,
@@ -751,7 +620,7 @@ class Agent:
         limit = int(args.get("limit") or 1000)
         entries = self.balancer.conntrack_entries()
         now = time.monotonic_ns()
-        names = {bid: key[0] for key, bid in self.backend_ids.items()}
+        names = {bid: key[0] for key, bid in self.tables.backend_ids.items()}
         out = []
         for k, v in entries[:limit]:
             fam = k.family
@@ -778,10 +647,10 @@ class Agent:
         by_status = Counter(m.status.value for m in members)
         vip_traffic = {}
         for spec in self.vips:
-            st = self.balancer.vip_stats(self.vip_ids[spec.key])
+            st = self.balancer.vip_stats(self.tables.vip_ids[spec.key])
             vip_traffic[spec.key] = (st.packets, st.bytes)
         backend_traffic = {}
-        for (name, addr, port), bid in self.backend_ids.items():
+        for (name, addr, port), bid in self.tables.backend_ids.items():
             st = self.balancer.backend_stats(bid)
             label = f"[{addr}]" if ":" in addr else addr
             backend_traffic[f"{name} {label}:{port}" if port else f"{name} {label}"] = (st.packets, st.bytes)
@@ -797,8 +666,8 @@ class Agent:
         return metrics.Snapshot(
             node=self.name,
             members_by_status=by_status,
-            table_digest=self.digest,
-            table_changes=self.table_changes,
+            table_digest=self.tables.digest,
+            table_changes=self.tables.table_changes,
             vip_traffic=vip_traffic,
             backend_traffic=backend_traffic,
             dataplane_reasons=self.balancer.counters(),
@@ -812,30 +681,6 @@ class Agent:
             health_checks=dict(self.health_checks),
             loop_lag=self.loop_lag,
         )
-
-
-def _dataplane_shape(v: VipConfig) -> tuple[str, int, int]:
-    """What of a VIP the balancer holds: a reload that changes only the rest (its
-    SNAT settings, applied at start) leaves the VIP and its flows in place."""
-    return (v.mode, v.ring_size, v.target_port)
-
-
-def serving_members(members: Any) -> dict[str, tuple[tuple[str, ...], int]]:
-    """member name -> (VIP keys it can back, weight). A member backs a VIP only if it has
-    an address of the VIP's family (keys are "addr:port/proto", IPv6 "[addr]:port/proto")."""
-    return {
-        m.name: (tuple(v for v in m.meta.vips if _member_addr(m, v.startswith("[")) is not None), m.meta.weight)
-        for m in members
-    }
-
-
-def _member_addr(m: Any, v6: bool) -> str | None:
-    """The member's data-plane address of one family: its gossip address, or one of
-    the addresses its metadata lists."""
-    for addr in (m.address[0], *m.meta.addresses):
-        if (":" in addr) == v6 and not addr.lower().startswith("fe80"):
-            return addr
-    return None
 
 
 @functools.cache

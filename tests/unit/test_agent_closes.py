@@ -91,7 +91,7 @@ def make_agent() -> Agent:
     a._held_through = None
     a._hold_timer = None
     a._to_publish = []
-    a._local_bids = {7}
+    a.tables = SimpleNamespace(local_ids={7}, schedule=lambda: None)
     a._closing = []
     a._received = []
     a._vip_ends, a._vip_ends_of, a._member_addrs = frozenset(), None, None
