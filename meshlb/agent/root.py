@@ -27,13 +27,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from meshlb import control, metrics
 from meshlb import config as config_mod
 from meshlb.config import VipConfig
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import Balancer
 from meshlb.dataplane.libbpf import BpfError
 from meshlb.dataplane.marks import MarkStore
+from meshlb.agent.operations import Operations
 from meshlb.agent.session import Session
 from meshlb.agent.tables import TableSync
 from meshlb.dataplane.tracer import SockEvent, Tracer
@@ -56,8 +56,6 @@ TRACER_BATCH_DELAY_S = 0.005
 TRACER_MAX_BATCH = 256
 # Longest a batch of socket closes waits in the ring for its evictions to go out.
 CLOSES_HOLD_MAX_S = 1.0
-PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
 REBUILD_DEBOUNCE_S = 0.02
 
 
@@ -76,8 +74,7 @@ class Agent:
         self.address = ""  # advertised address: the node's identity in the data plane
         self.driver: Any = None
         self.health: Any = None
-        self.control: control.ControlServer | None = None
-        self.metrics: metrics.MetricsServer | None = None
+        self.ops: Operations | None = None
         self.evictions: Counter[str] = Counter()
         self._to_publish: list[Any] = []
         self._closing: list[SockEvent] = []  # this batch's closes, evicted when it ends
@@ -96,7 +93,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._leave_requested = False
         self._tasks: list[asyncio.Task] = []
-        self._started = time.time()
+        self.started = time.time()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,8 +103,9 @@ class Agent:
             self._open_session()
             await self._start_gossip()
             await self._start_health()
-            await self._start_control()
-            await self._start_metrics()
+            self.ops = Operations(self, self.session, self.tables, self.driver, self.health, evictions=self.evictions,
+                                  health_checks=self.health_checks, loop_lag=self.loop_lag)
+            await self.ops.start(self.cfg.node.control, self.cfg.node.metrics)
             self._start_tracer_reader()
             await self.tables.rebuild()
             self._tasks.append(asyncio.create_task(self._warm_neighbours_loop(), name="neighbours"))
@@ -141,10 +139,8 @@ class Agent:
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
-        if self.control:
-            await self.control.stop()
-        if self.metrics:
-            await self.metrics.stop()
+        if self.ops:
+            await self.ops.stop()
         if self.health:
             with contextlib.suppress(Exception):
                 await self.health.stop()
@@ -537,151 +533,6 @@ class Agent:
         self.vips = vips
         self.session.serve(added)
 
-    # ------------------------------------------------------------------ control + metrics
-
-    async def _start_control(self) -> None:
-        handlers = {
-            "members": self._op_members,
-            "stats": self._op_stats,
-            "vips": self._op_vips,
-            "conntrack_count": self._op_ct_count,
-            "conntrack_list": self._op_ct_list,
-            "conntrack_flush": self._op_ct_flush,
-            "leave": self._op_leave,
-            "reload": lambda args: self.reload(),
-        }
-        self.control = control.ControlServer(self.cfg.node.control, handlers)
-        await self.control.start()
-
-    async def _start_metrics(self) -> None:
-        listen = self.cfg.node.metrics
-        if not listen:
-            return
-        self.metrics = metrics.MetricsServer(listen.host, listen.port, self.snapshot)
-        await self.metrics.start()
-
-    def _member_json(self, m: Any, now: float) -> dict[str, Any]:
-        health = "draining" if (m.name == self.name and self.draining) else ("ok" if m.meta.app_healthy else "down")
-        return {
-            "name": m.name,
-            "address": f"{m.address[0]}:{m.address[1]}",
-            "status": m.status.value,
-            "incarnation": m.incarnation,
-            "vips": list(m.meta.vips),
-            "health": health,
-            "table_digest": m.meta.table_digest,
-            # the node runs on the loop's monotonic clock; the CLI wants wall time
-            "status_since": now - max(0.0, self.driver.now() - m.status_since),
-            "self": m.name == self.name,
-        }
-
-    def _tracer_stats(self) -> dict[str, int]:
-        t = self.tracer.stats()
-        return {"emitted": t.emitted, "ringbuf_full": t.ringbuf_full, "queue_dropped": t.queue_dropped,
-                "recovered": t.recovered, "missed": t.missed, "resets": t.resets,
-                "resets_limited": t.resets_limited, "local_evicted": t.local_evicted,
-                "sockops": t.sockops}
-
-    async def _op_members(self, args: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        members = sorted(self.driver.members(), key=lambda m: m.name)
-        return {"node": self.name, "now": now, "members": [self._member_json(m, now) for m in members]}
-
-    async def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "node": self.name,
-            "uptime_s": round(time.time() - self._started, 1),
-            "xdp_mode": self.session.xdp_mode,
-            "table_digest": self.tables.digest,
-            "table_changes": self.tables.table_changes,
-            "dataplane": self.balancer.counters(),
-            "conntrack_entries": self.balancer.conntrack_count(),
-            "evictions": dict(self.evictions),
-            "tracer": self._tracer_stats(),
-            "gossip": dict(self.driver.stats),
-            "loop_lag": self.loop_lag.as_json(),
-        }
-
-    async def _op_vips(self, args: dict[str, Any]) -> dict[str, Any]:
-        out = []
-        for spec in self.vips:
-            plan = self.tables.plans.get(spec.key)
-            st = self.balancer.vip_stats(self.tables.vip_ids[spec.key])
-            out.append({
-                "vip": spec.key, "mode": spec.mode, "backends": list(plan.backends) if plan else [],
-                "table_digest": plan.digest if plan else "", "packets": st.packets, "bytes": st.bytes,
-            })
-        return {"node": self.name, "vips": out}
-
-    async def _op_ct_count(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"entries": self.balancer.conntrack_count()}
-
-    async def _op_ct_list(self, args: dict[str, Any]) -> dict[str, Any]:
-        limit = int(args.get("limit") or 1000)
-        entries = self.balancer.conntrack_entries()
-        now = time.monotonic_ns()
-        names = {bid: key[0] for key, bid in self.tables.backend_ids.items()}
-        out = []
-        for k, v in entries[:limit]:
-            fam = k.family
-            src, dst = L.words_addr(k.src, fam), L.words_addr(k.dst, fam)
-            out.append({
-                "client": _hostport(src, L.port_host(k.sport)),
-                "vip": _hostport(dst, L.port_host(k.dport)),
-                "proto": PROTO_NAME.get(k.proto, str(k.proto)),
-                "backend": names.get(v.backend_id, str(v.backend_id)),
-                "state": _ct_state(k, v),
-                "idle_s": max(0.0, (now - v.last_seen_ns) / 1e9),
-            })
-        return {"entries": out, "total": len(entries), "truncated": len(entries) > limit}
-
-    async def _op_ct_flush(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"deleted": self.balancer.conntrack_flush()}
-
-    async def _op_leave(self, args: dict[str, Any]) -> dict[str, Any]:
-        asyncio.get_running_loop().call_soon(self.request_leave)
-        return {"drain_timeout_s": self.cfg.drain.timeout_s}
-
-    def snapshot(self) -> metrics.Snapshot:
-        members = self.driver.members()
-        by_status = Counter(m.status.value for m in members)
-        vip_traffic = {}
-        for spec in self.vips:
-            st = self.balancer.vip_stats(self.tables.vip_ids[spec.key])
-            vip_traffic[spec.key] = (st.packets, st.bytes)
-        backend_traffic = {}
-        for (name, addr, port), bid in self.tables.backend_ids.items():
-            st = self.balancer.backend_stats(bid)
-            label = f"[{addr}]" if ":" in addr else addr
-            backend_traffic[f"{name} {label}:{port}" if port else f"{name} {label}"] = (st.packets, st.bytes)
-        stats = self.driver.stats
-        transport = stats.get("transport", {})
-        node_stats = stats.get("node", {})
-        drops = {k[len("drop."):]: v for k, v in node_stats.items() if k.startswith("drop.")}
-        for reason, n in transport.get("dropped", {}).items():
-            drops[f"transport_{reason}"] = n
-        health = {}
-        if self.health is not None:
-            health = {n: bool(r and r.ok) for n, r in self.health.results().items()}
-        return metrics.Snapshot(
-            node=self.name,
-            members_by_status=by_status,
-            table_digest=self.tables.digest,
-            table_changes=self.tables.table_changes,
-            vip_traffic=vip_traffic,
-            backend_traffic=backend_traffic,
-            dataplane_reasons=self.balancer.counters(),
-            conntrack_entries=self.balancer.conntrack_count(),
-            evictions=dict(self.evictions),
-            tracer_events=self._tracer_stats(),
-            gossip_datagrams={"sent": transport.get("datagrams_sent", 0),
-                              "received": transport.get("datagrams_received", 0)},
-            gossip_drops=drops,
-            health=health,
-            health_checks=dict(self.health_checks),
-            loop_lag=self.loop_lag,
-        )
-
 
 @functools.cache
 def _eviction_received() -> type:
@@ -697,18 +548,6 @@ def _evictions_received() -> type:
     from meshlb.cluster.node import EvictionsReceived  # noqa: PLC0415
 
     return EvictionsReceived
-
-
-def _ct_state(k: L.FlowKey, v: L.CtValue) -> str:
-    """As LVS names them: a TCP flow is SYN_RECV until its client acknowledges the
-    handshake (what conntrack.handshake_timeout_s expires), then ESTABLISHED."""
-    if k.proto != L.IPPROTO_TCP:
-        return PROTO_NAME.get(k.proto, str(k.proto)).upper()
-    return "ESTABLISHED" if v.flags & L.MLB_CT_F_ESTABLISHED else "SYN_RECV"
-
-
-def _hostport(addr: Any, port: int) -> str:
-    return f"[{addr}]:{port}" if getattr(addr, "version", 4) == 6 else f"{addr}:{port}"
 
 
 def _count_established(endpoints: set[tuple[Any, int]]) -> int:
