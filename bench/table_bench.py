@@ -5,7 +5,7 @@ and the share of established flows that move when a member joins or leaves.
     sudo python3 bench/table_bench.py [--backends 100] [--runs 3] [--flows 200000] \
         [--json docs/img/table_bench.json] [--quick]
 
-Rebuild + swap follows the agent's own path (Agent._rebuild_now/_install): plan the
+Rebuild + swap follows the agent's own path (meshlb/agent/tables.py, TableSync.rebuild): plan the
 tables with ``meshlb.forwarding.plan`` (cold: its table cache is cleared first), write
 each VIP's backends (``Balancer.set_backend``), translate member indices to backend ids,
 and swap the tables in with ``Balancer.set_vip_tables``, as the agent does (a fresh inner array filled with
