@@ -11,7 +11,7 @@ from typing import Any
 
 from meshlb.cluster.driver import GossipDriver
 from meshlb.cluster.keyring import Keyring
-from meshlb.cluster.node import MemberMeta
+from meshlb.cluster.node import Event, MemberMeta
 from meshlb.cluster.protocol_config import ProtocolConfig
 from meshlb.cluster.ratelimit import RateLimiter
 from meshlb.cluster.transport import TransportConfig, parse_peer
@@ -20,7 +20,7 @@ from meshlb.config import Config, load_key_ring
 
 
 def build_driver(cfg: Config, *, name: str, address: str | None = None, meta: MemberMeta | None = None,
-                 on_event: Callable[[Any], Any] | None = None, keys: Sequence[bytes] | None = None,
+                 on_event: Callable[[Event], object] | None = None, keys: Sequence[bytes] | None = None,
                  **kwargs: Any) -> GossipDriver:
     """A driver (not started) for the agent. ``address`` is the advertised address
     (``host`` or ``host:port``); ``keys`` the key ring (first key seals), read from

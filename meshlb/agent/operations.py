@@ -5,6 +5,7 @@ documents."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections import Counter
 from typing import Any, Protocol
@@ -208,5 +209,5 @@ def conntrack_state(k: L.FlowKey, v: L.CtValue) -> str:
     return "ESTABLISHED" if v.flags & L.MLB_CT_F_ESTABLISHED else "SYN_RECV"
 
 
-def _hostport(addr: Any, port: int) -> str:
-    return f"[{addr}]:{port}" if getattr(addr, "version", 4) == 6 else f"{addr}:{port}"
+def _hostport(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"

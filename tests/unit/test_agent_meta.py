@@ -37,7 +37,8 @@ def test_meta_reports_failures_only_and_a_draining_member_serves_nothing():
     assert m == MemberMeta(vips=(DR.key, NAT.key), weight=100, app_healthy=False, table_digest="d1",
                            observations={"mix3": False}, addresses=("10.0.0.1", "fd00::a"))
     # no verdict on its own app yet (a restart): healthy as before
-    fresh = member_meta("mix1", [DR], "", [], draining=False, health=FakeHealth({"mix1": SimpleNamespace(ok=False, checks=0)}))
+    unchecked = FakeHealth({"mix1": SimpleNamespace(ok=False, checks=0)})
+    fresh = member_meta("mix1", [DR], "", [], draining=False, health=unchecked)
     assert fresh.app_healthy and fresh.weight == 100
     assert member_meta("mix1", [DR], "", [], draining=False, health=None).app_healthy
     drain = member_meta("mix1", [DR], "d", [], draining=True, health=FakeHealth({}))
@@ -51,7 +52,8 @@ def test_health_targets_are_the_own_app_and_the_live_members_allowed():
     assert t == {"mix1": ("10.0.0.1", 8443), "mix2": ("10.0.0.2", 8443), "mix5": ("10.0.0.5", 8443)}
     t = health_targets("mix1", "10.0.0.1", HealthConfig(check_peers=("mix5",), app_port=9000), [DR], members)
     assert t == {"mix1": ("10.0.0.1", 9000), "mix5": ("10.0.0.5", 9000)}
-    assert health_targets("mix1", "10.0.0.1", HealthConfig(check_peers=False), [], members) == {"mix1": ("10.0.0.1", 80)}
+    alone = health_targets("mix1", "10.0.0.1", HealthConfig(check_peers=False), [], members)
+    assert alone == {"mix1": ("10.0.0.1", 80)}
 
 
 def test_established_counts_only_established_sockets_of_the_served_endpoints(tmp_path):
@@ -60,10 +62,13 @@ def test_established_counts_only_established_sockets_of_the_served_endpoints(tmp
     head = "  sl  local_address rem_address   st\n"
     # 198.19.0.1:80 as /proc prints it (host-order words), established twice, listening once
     v4 = "010013C6:0050"
-    (tmp_path / "tcp").write_text(head + f"0: {v4} 020013C6:9C41 01\n1: {v4} 030013C6:9C42 01\n2: {v4} 00000000:0000 0A\n"
+    (tmp_path / "tcp").write_text(head + f"0: {v4} 020013C6:9C41 01\n"
+                                         f"1: {v4} 030013C6:9C42 01\n"
+                                         f"2: {v4} 00000000:0000 0A\n"
                                          "3: 0100000A:20FB 0200000A:9C43 01\n")  # 10.0.0.1:8443
     # fd00::1:443 and a v4-mapped 198.19.0.1:80
-    (tmp_path / "tcp6").write_text(head + "0: 000000FD000000000000000001000000:01BB 000000FD000000000000000002000000:9C44 01\n"
-                                          "1: 0000000000000000FFFF0000010013C6:0050 0000000000000000FFFF0000020013C6:9C45 01\n")
+    (tmp_path / "tcp6").write_text(
+        head + "0: 000000FD000000000000000001000000:01BB 000000FD000000000000000002000000:9C44 01\n"
+               "1: 0000000000000000FFFF0000010013C6:0050 0000000000000000FFFF0000020013C6:9C45 01\n")
     assert count_established(ends, str(tmp_path)) == 5
     assert count_established(ends, str(tmp_path / "missing")) == 0

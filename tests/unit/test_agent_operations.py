@@ -113,7 +113,8 @@ def test_stats_and_vips():
     st = call(ops, "stats")
     assert set(st) == {"node", "uptime_s", "xdp_mode", "table_digest", "table_changes", "dataplane",
                        "conntrack_entries", "evictions", "tracer", "gossip", "loop_lag"}
-    assert (st["xdp_mode"], st["table_digest"], st["table_changes"], st["evictions"]) == ("native", "f00d", 2, {"sent": 3})
+    assert (st["xdp_mode"], st["table_digest"], st["table_changes"]) == ("native", "f00d", 2)
+    assert st["evictions"] == {"sent": 3}
     assert 4.5 < st["uptime_s"] < 30 and st["tracer"]["sockops"] == 2 and st["tracer"]["emitted"] == 4
     vips = call(ops, "vips")["vips"]
     assert vips[0] == {"vip": VIP.key, "mode": "dr", "backends": ["mix1", "mix2"], "table_digest": "abc",
