@@ -71,6 +71,7 @@ class Session:
         self.cfg = cfg
         self.name = cfg.node.name
         self.iface = cfg.node.iface or ""
+        self.ifindex = 0
         self.pin = Path(cfg.node.pin_dir)
         self.address = ""  # advertised address: the node's identity in the data plane
         self.data_addresses: list[str] = []  # the interface's: IPv6 VIPs go to an IPv6 one
@@ -126,13 +127,11 @@ class Session:
 
     def _attach_xdp(self) -> None:
         link_pin = self.pin / XDP_LINK_PIN
-        link = self._adopt_xdp_link(link_pin) if link_pin.exists() else None
-        if link is None:
-            link = self._new_xdp_link()
-            self._on_close("close the XDP link", link.close)
+        adopted = self._adopt_xdp_link(link_pin) if link_pin.exists() else None
+        link = adopted if adopted is not None else self._new_xdp_link()
+        self._on_close("close the XDP link", link.close)
+        if adopted is None:
             link.pin(str(link_pin))
-        else:
-            self._on_close("close the XDP link", link.close)
         self._on_close("remove the XDP link's pin", os.unlink, link_pin, leave=True)
         self._on_close("detach XDP", link.detach, leave=True)
 
