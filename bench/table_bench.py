@@ -5,7 +5,7 @@ and the share of established flows that move when a member joins or leaves.
     sudo python3 bench/table_bench.py [--backends 100] [--runs 3] [--flows 200000] \
         [--json docs/img/table_bench.json] [--quick]
 
-Rebuild + swap follows the agent's own path (Agent._rebuild_now/_install): plan the
+Rebuild + swap follows the agent's own path (meshlb/agent/tables.py, TableSync.rebuild): plan the
 tables with ``meshlb.forwarding.plan`` (cold: its table cache is cleared first), write
 each VIP's backends (``Balancer.set_backend``), translate member indices to backend ids,
 and swap the tables in with ``Balancer.set_vip_tables``, as the agent does (a fresh inner array filled with
@@ -27,6 +27,7 @@ leaver's flows) and 1/(N+1) for a join.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import platform
@@ -40,23 +41,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from meshlb import forwarding  # noqa: E402
+from meshlb.config import VipConfig  # noqa: E402
 from meshlb.dataplane import layouts as L  # noqa: E402
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, flow_hash  # noqa: E402
-from meshlb.forwarding import VipSpec  # noqa: E402
 
 RING = L.MLB_DEFAULT_RING
 
 
-def vip_specs(n: int) -> list[VipSpec]:
-    return [VipSpec(address=f"10.{100 + i // 250}.{i % 250}.1", port=80, proto="tcp", mode="dr") for i in range(n)]
+def vip_specs(n: int) -> list[VipConfig]:
+    return [VipConfig(address=ipaddress.ip_address(f"10.{100 + i // 250}.{i % 250}.1"), port=80) for i in range(n)]
 
 
-def serving_shared(specs: list[VipSpec], n_backends: int) -> dict[str, tuple[tuple[str, ...], int]]:
+def serving_shared(specs: list[VipConfig], n_backends: int) -> dict[str, tuple[tuple[str, ...], int]]:
     keys = tuple(s.key for s in specs)
     return {f"mix{i:03d}": (keys, 100) for i in range(n_backends)}
 
 
-def serving_distinct(specs: list[VipSpec], n_backends: int) -> dict[str, tuple[tuple[str, ...], int]]:
+def serving_distinct(specs: list[VipConfig], n_backends: int) -> dict[str, tuple[tuple[str, ...], int]]:
     """Each VIP its own member names: no table can be shared or reused."""
     return {f"v{v}-mix{i:03d}": ((s.key,), 100) for v, s in enumerate(specs) for i in range(n_backends)}
 
@@ -65,7 +66,7 @@ def member_addr(name: str, idx: int) -> str:
     return f"10.200.{idx // 250}.{idx % 250 + 1}"
 
 
-def rebuild_and_swap(lb: Balancer, specs: list[VipSpec], serving, vip_ids: dict[str, int]) -> dict[str, float]:
+def rebuild_and_swap(lb: Balancer, specs: list[VipConfig], serving, vip_ids: dict[str, int]) -> dict[str, float]:
     """One full rebuild as the agent does it; returns seconds per stage."""
     forwarding._table.cache_clear()
     t0 = time.perf_counter()
@@ -104,7 +105,7 @@ def table_times(n_vips: int, n_backends: int, runs: int, distinct: bool) -> dict
     try:
         vip_ids = {}
         for i, s in enumerate(specs):
-            lb.add_vip(s.address, s.port, s.proto, s.mode, vip_id=i, ring_size=s.ring_size)
+            lb.add_vip(s.address, s.port, s.protocol, s.mode, vip_id=i, ring_size=s.ring_size)
             vip_ids[s.key] = i
         samples = [rebuild_and_swap(lb, specs, serving, vip_ids) for _ in range(runs)]
         # check: the kernel holds what the plan says (one VIP, spot check)
@@ -128,7 +129,7 @@ def flow_slots(n_flows: int, seed: int = 1) -> list[int]:
 
 
 def owners(members: list[str], slots: list[int]) -> list[str]:
-    spec = VipSpec(address="198.19.0.1", port=80, proto="tcp", mode="dr")
+    spec = VipConfig(address=ipaddress.ip_address("198.19.0.1"), port=80)
     serving = {m: ((spec.key,), 100) for m in members}
     p = forwarding.plan([spec], members, serving)[spec.key]
     return [p.backends[p.table[s]] for s in slots]

@@ -13,39 +13,35 @@ import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from meshlb import maglev
 
 
-@dataclass(frozen=True)
-class VipSpec:
-    address: str
-    port: int
-    proto: str  # "tcp" | "udp"
-    mode: str  # "dr" | "nat"
-    ring_size: int = maglev.DEFAULT_SIZE
-    backend_port: int = 0  # nat: the port backends listen on (0: same as the VIP's)
+class Vip(Protocol):
+    """What planning reads of a VIP; :class:`meshlb.config.VipConfig` is one."""
 
     @property
     def key(self) -> str:
         """The VIP's name in gossip and digests: ``addr:port/proto`` (IPv6 in brackets)."""
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}/{self.proto}"
+        ...
 
     @property
-    def target_port(self) -> int:
-        return self.backend_port or self.port
+    def ring_size(self) -> int: ...
+
+
+V = TypeVar("V", bound=Vip)
 
 
 @dataclass(frozen=True)
-class VipPlan:
-    vip: VipSpec
+class VipPlan(Generic[V]):
+    vip: V
     backends: tuple[str, ...]  # member names, sorted; the table indexes this tuple
     table: tuple[int, ...]
     digest: str
 
 
-def plan_vip(vip: VipSpec, usable: Iterable[str], serving: Mapping[str, tuple[Sequence[str], int]]) -> VipPlan:
+def plan_vip(vip: V, usable: Iterable[str], serving: Mapping[str, tuple[Sequence[str], int]]) -> VipPlan[V]:
     """``serving``: member name -> (the VIP keys it serves, its weight)."""
     return plan([vip], usable, serving)[vip.key]
 
@@ -60,14 +56,15 @@ def _table(chosen: tuple[tuple[str, int], ...], size: int) -> tuple[tuple[str, .
     return names, table, maglev.table_digest("", table, names)
 
 
-def plan(vips: Sequence[VipSpec], usable: Iterable[str], serving: Mapping[str, tuple[Sequence[str], int]]) -> dict[str, VipPlan]:
+def plan(vips: Sequence[V], usable: Iterable[str],
+         serving: Mapping[str, tuple[Sequence[str], int]]) -> dict[str, VipPlan[V]]:
     usable_set = set(usable)
     candidates = [
         (name, frozenset(keys), max(0, int(weight)))
         for name, (keys, weight) in serving.items()
         if name in usable_set
     ]
-    out = {}
+    out: dict[str, VipPlan[V]] = {}
     for v in vips:
         chosen = tuple(sorted((name, w) for name, keys, w in candidates if v.key in keys))
         names, table, ring_digest = _table(chosen, v.ring_size)
@@ -77,7 +74,7 @@ def plan(vips: Sequence[VipSpec], usable: Iterable[str], serving: Mapping[str, t
     return out
 
 
-def plans_digest(plans: Mapping[str, VipPlan]) -> str:
+def plans_digest(plans: Mapping[str, VipPlan[Any]]) -> str:
     """One digest over every VIP's table: what a member gossips and `members` compares."""
     if not plans:
         return ""

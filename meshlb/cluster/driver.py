@@ -26,10 +26,9 @@ import inspect
 import logging
 import math
 import random
-import time
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
-from .transport import DEFAULT_PORT, TransportConfig, UdpTransport, parse_peer, resolve_peers
+from .transport import DEFAULT_PORT, TransportConfig, UdpTransport, resolve_peers
 
 __all__ = ["GossipDriver", "DriverError"]
 
@@ -132,57 +131,6 @@ class GossipDriver:
         self._unresolved: list[str] = []
         self._callback_tasks: set[asyncio.Task] = set()
         self.counters: collections.Counter[str] = collections.Counter()
-
-    @classmethod
-    def from_config(cls, cfg: Any, *, name: str, address: str | None = None, meta: Any = None,
-                    on_event: Callable[[Any], Any] | None = None, keys: Sequence[bytes] | None = None,
-                    **kwargs: Any) -> "GossipDriver":
-        """A driver for the agent, from a loaded :class:`meshlb.config.Config`.
-
-        ``address`` is the advertised address (``host`` or ``host:port``); ``keys`` the
-        key ring (first key seals), read from ``cluster.key_file`` when not given.
-        """
-        from .keyring import Keyring
-        from .ratelimit import RateLimiter
-        from .protocol_config import ProtocolConfig
-        from .wire import Wire
-
-        node, cl = cfg.node, cfg.cluster
-        if keys is None:
-            from meshlb.config import load_key_ring
-
-            keys = load_key_ring(cl.key_file, getattr(cfg, "source", "cluster.toml"))
-        advertise = advertise_port = None
-        if address:
-            advertise, advertise_port = parse_peer(address, node.bind.port)
-            if advertise_port == node.bind.port:
-                advertise_port = None
-        group = broadcast = group_port = None
-        if cl.discovery == "multicast":
-            group, group_port = cl.multicast_group.host, cl.multicast_group.port
-        elif cl.discovery == "broadcast":
-            broadcast = cl.broadcast_address
-        transport = TransportConfig(
-            mode=cl.discovery, bind=node.bind.host, port=node.bind.port, advertise=advertise,
-            advertise_port=advertise_port, interface=node.iface, group=group, group_port=group_port,
-            broadcast=broadcast, ttl=cl.multicast_ttl,
-        )
-        timings = dict(cl.timings)
-        timings.setdefault("max_datagram", cl.max_datagram)
-        protocol = ProtocolConfig.preset(cl.preset, **timings)
-        # The boot time in milliseconds: each restart starts above the last one, so
-        # the replay windows and the eviction numbering of the old life never clash.
-        boot = time.time_ns() // 1_000_000
-        # Per source address, checked before any decryption. A member in an eviction
-        # burst sends at most gossip_max_datagrams per gossip round to one peer; the
-        # bucket leaves it ample room and caps what a flood can cost us.
-        per_round = protocol.gossip_max_datagrams * 2
-        rate = max(200.0, per_round / protocol.gossip_interval * 4)
-        wire = Wire(label=cl.label, keyring=Keyring(keys[0], keys[1:]), sender=name, epoch=boot,
-                    max_datagram=cl.max_datagram, rate_limiter=RateLimiter(rate=rate, burst=rate * 2))
-        kwargs.setdefault("incarnation", boot)
-        return cls(name=name, wire=wire, protocol=protocol, transport=transport,
-                   peers=[str(p) for p in cl.peers], meta=meta, on_event=on_event, **kwargs)
 
     # -- lifecycle ------------------------------------------------------------------------
     def now(self) -> float:

@@ -30,7 +30,6 @@ import ctypes
 import errno
 import ipaddress
 import os
-import re
 import select
 import socket
 import struct
@@ -41,7 +40,7 @@ from typing import AsyncIterator, Callable, NamedTuple
 from . import layouts as L
 from .libbpf import BpfError, BpfObject, Link, Map, Program, RingReader
 
-__all__ = ["Tracer", "SockEvent", "Flow", "TracerStats", "own_netns_cookie", "cgroup2_root",
+__all__ = ["Tracer", "SockEvent", "Flow", "TracerStats", "own_netns_cookie",
            "endpoint_key", "TRACER_OBJECT", "TCP_STATES"]
 
 TRACER_OBJECT = Path(__file__).with_name("bpf") / "tracer.bpf.o"
@@ -82,25 +81,6 @@ TCP_STATES = {
     6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
     11: "CLOSING", 12: "NEW_SYN_RECV",
 }
-
-
-def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The mount point of the first cgroup v2 hierarchy mounted whole (its root), or
-    None. A sock_ops program attached there sees every socket of this cgroup
-    namespace's processes."""
-    try:
-        with open(mountinfo) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        # "36 25 0:31 / /sys/fs/cgroup rw,... shared:9 - cgroup2 cgroup2 rw,..."
-        head, sep, tail = line.partition(" - ")
-        fields = head.split()
-        if sep and tail.split()[:1] == ["cgroup2"] and len(fields) >= 5 and fields[3] == "/":
-            # mountinfo escapes blanks in paths as octal
-            return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-    return None
 
 
 def own_netns_cookie() -> int:

@@ -46,7 +46,7 @@ from typing import Any
 from pyroute2 import netns as pr_netns
 
 from meshlb import control
-from meshlb.dataplane.tracer import cgroup2_root
+from meshlb.dataplane.mounts import cgroup2_root
 from meshlb.lab import bgp_router
 from meshlb.lab.netns import Namespace, Topology, enter_netns, netns_path
 

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from meshlb.dataplane import layouts as L
+from meshlb.dataplane.mounts import cgroup2_root
 from meshlb.dataplane.tracer import (
     PROGRAM_BACKUP,
     RESET,
@@ -22,7 +23,6 @@ from meshlb.dataplane.tracer import (
     Flow,
     SockEvent,
     Tracer,
-    cgroup2_root,
     endpoint_key,
     own_netns_cookie,
 )
@@ -69,21 +69,6 @@ def test_endpoint_key_layout_and_v4_mapped_normalisation():
     assert endpoint_key("fd00::1", 80) != endpoint_key("fd00::2", 80)
     with pytest.raises(ValueError):
         endpoint_key("10.1.2.3", 0)
-
-
-def test_cgroup2_root_is_the_first_cgroup2_mounted_whole(tmp_path):
-    info = tmp_path / "mountinfo"
-    info.write_text(
-        "25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n"
-        "33 25 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n"
-        # a subtree of the hierarchy bind-mounted: attaching there misses the rest
-        "40 25 0:31 /kubepods /mnt/pods rw shared:20 - cgroup2 cgroup2 rw\n"
-        "41 25 0:31 / /sys/fs/cgroup/uni\\040fied rw shared:21 - cgroup2 cgroup2 rw,nsdelegate\n"
-        "42 25 0:31 / /other rw shared:22 - cgroup2 cgroup2 rw\n")
-    assert cgroup2_root(str(info)) == "/sys/fs/cgroup/uni fied"
-    info.write_text("33 25 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n")
-    assert cgroup2_root(str(info)) is None
-    assert cgroup2_root(str(tmp_path / "missing")) is None
 
 
 def test_object_btf_matches_the_python_layouts():

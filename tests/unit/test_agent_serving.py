@@ -1,7 +1,7 @@
 """Which members back which VIPs, from their gossiped state (pure part of the agent)."""
 from types import SimpleNamespace
 
-from meshlb.agent import serving_members
+from meshlb.agent.tables import serving_members
 from meshlb.cluster.node import MemberMeta
 
 V4 = "198.19.0.1:80/tcp"

@@ -1,6 +1,7 @@
-"""Where the agent puts the tracer's sock_ops hook (conntrack.sockops_cgroup), with the
-tracer faked; the hook itself is tested against the kernel in
-tests/integration/test_tracer.py and through the agents of tests/integration/test_lab.py."""
+"""Where the agent's data-plane session puts the tracer's sock_ops hook
+(conntrack.sockops_cgroup), with the tracer faked; the hook itself is tested against the
+kernel in tests/integration/test_tracer.py and through the agents of
+tests/integration/test_lab.py."""
 from __future__ import annotations
 
 import errno
@@ -8,9 +9,8 @@ import logging
 
 import pytest
 
-from meshlb import agent as agent_mod
-from meshlb.agent import Agent
-from meshlb.config import default_config
+from meshlb.agent import session
+from meshlb.agent.session import attach_sockops
 from meshlb.dataplane.libbpf import BpfError
 
 
@@ -25,45 +25,36 @@ class FakeTracer:
         self.attached.append(path)
 
 
-def make_agent(tracer: FakeTracer) -> Agent:
-    a = Agent.__new__(Agent)
-    a.cfg = default_config()
-    a.tracer = tracer
-    return a
-
-
 def test_auto_attaches_to_the_cgroup2_root(monkeypatch, caplog):
-    monkeypatch.setattr(agent_mod, "cgroup2_root", lambda: "/sys/fs/cgroup")
-    a = make_agent(FakeTracer())
-    with caplog.at_level(logging.INFO, logger=agent_mod.log.name):
-        a._attach_sockops("auto")
-    assert a.tracer.attached == ["/sys/fs/cgroup"]
+    monkeypatch.setattr(session, "cgroup2_root", lambda: "/sys/fs/cgroup")
+    tracer = FakeTracer()
+    with caplog.at_level(logging.INFO, logger=session.log.name):
+        attach_sockops(tracer, "auto", "cluster.toml")
+    assert tracer.attached == ["/sys/fs/cgroup"]
     assert "sock_ops on cgroup /sys/fs/cgroup" in caplog.text
 
 
 def test_off_attaches_nothing(monkeypatch):
-    monkeypatch.setattr(agent_mod, "cgroup2_root", lambda: pytest.fail("looked for a cgroup"))
-    a = make_agent(FakeTracer())
-    a._attach_sockops("off")
-    assert a.tracer.attached == []
+    monkeypatch.setattr(session, "cgroup2_root", lambda: pytest.fail("looked for a cgroup"))
+    tracer = FakeTracer()
+    attach_sockops(tracer, "off", "cluster.toml")
+    assert tracer.attached == []
 
 
 def test_auto_without_cgroup2_or_failing_goes_on_and_says_so(monkeypatch, caplog):
-    monkeypatch.setattr(agent_mod, "cgroup2_root", lambda: None)
-    a = make_agent(FakeTracer())
-    with caplog.at_level(logging.WARNING, logger=agent_mod.log.name):
-        a._attach_sockops("auto")
-    assert a.tracer.attached == []
+    monkeypatch.setattr(session, "cgroup2_root", lambda: None)
+    tracer = FakeTracer()
+    with caplog.at_level(logging.WARNING, logger=session.log.name):
+        attach_sockops(tracer, "auto", "cluster.toml")
+    assert tracer.attached == []
     assert "no cgroup v2 hierarchy mounted" in caplog.text
     caplog.clear()
-    monkeypatch.setattr(agent_mod, "cgroup2_root", lambda: "/sys/fs/cgroup")
-    a = make_agent(FakeTracer(fail=True))
-    with caplog.at_level(logging.WARNING, logger=agent_mod.log.name):
-        a._attach_sockops("auto")
+    monkeypatch.setattr(session, "cgroup2_root", lambda: "/sys/fs/cgroup")
+    with caplog.at_level(logging.WARNING, logger=session.log.name):
+        attach_sockops(FakeTracer(fail=True), "auto", "cluster.toml")
     assert "cannot attach the sock_ops hook to /sys/fs/cgroup" in caplog.text
 
 
-def test_a_path_that_cannot_be_attached_is_an_error_naming_the_field():
-    a = make_agent(FakeTracer(fail=True))
-    with pytest.raises(RuntimeError, match=r"conntrack\.sockops_cgroup: .*EBADF"):
-        a._attach_sockops("/sys/fs/cgroup/app.slice")
+def test_a_path_that_cannot_be_attached_is_an_error_naming_the_file_and_field():
+    with pytest.raises(RuntimeError, match=r"^/etc/meshlb/cluster\.toml: conntrack\.sockops_cgroup: .*EBADF"):
+        attach_sockops(FakeTracer(fail=True), "/sys/fs/cgroup/app.slice", "/etc/meshlb/cluster.toml")

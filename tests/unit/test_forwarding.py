@@ -1,9 +1,12 @@
 """The plan every mix computes from the cluster view must be the same everywhere."""
-from meshlb import maglev
-from meshlb.forwarding import VipSpec, plan, plans_digest
+from ipaddress import ip_address
 
-V1 = VipSpec("198.19.0.1", 80, "tcp", "dr", ring_size=251)
-V2 = VipSpec("198.19.0.2", 80, "tcp", "nat", ring_size=251, backend_port=8080)
+from meshlb import maglev
+from meshlb.config import VipConfig
+from meshlb.forwarding import plan, plans_digest
+
+V1 = VipConfig(address=ip_address("198.19.0.1"), port=80, protocol="tcp", mode="dr", ring_size=251)
+V2 = VipConfig(address=ip_address("198.19.0.2"), port=80, protocol="tcp", mode="nat", ring_size=251, backend_port=8080)
 
 
 def serving(*names, vips=(V1, V2), weight=100):

@@ -1,0 +1,40 @@
+"""Neighbour warming: bpf_fib_lookup cannot resolve a neighbour itself, and a miss
+passes the packet to the local stack, so the kernel's neighbour entries of every live
+member address (IPv6 ones included; health checks use the gossip address only) are
+kept fresh by sending them an empty datagram now and then."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+
+from meshlb.cluster.driver import GossipDriver
+from meshlb.cluster.node import Status
+
+DISCARD_PORT = 9  # resolution is the point, not the datagram
+
+
+async def warm_neighbours(driver: GossipDriver, name: str, interval: Callable[[], float]) -> None:
+    """Forever: every ``interval()`` seconds (at least one), one datagram to each
+    address of every alive or suspect member but ``name``."""
+    socks: dict[int, socket.socket] = {}
+    try:
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            socks[fam] = s
+        while True:
+            for m in driver.members():
+                if m.name == name or m.status not in (Status.ALIVE, Status.SUSPECT):
+                    continue
+                for addr in {m.address[0], *m.meta.addresses}:
+                    if addr.lower().startswith("fe80"):
+                        continue
+                    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+                    with contextlib.suppress(OSError):
+                        socks[fam].sendto(b"", (addr, DISCARD_PORT))
+            await asyncio.sleep(max(1.0, interval()))
+    finally:
+        for s in socks.values():
+            s.close()

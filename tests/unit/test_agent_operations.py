@@ -1,0 +1,162 @@
+"""What the control socket and the metrics endpoint serve (meshlb/agent/operations.py),
+read from faked parts: the JSON shapes docs/operations.md documents."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from ipaddress import ip_address
+from types import SimpleNamespace
+
+from meshlb.agent.operations import Operations
+from meshlb.cluster.membership import MemberView
+from meshlb.cluster.node import MemberMeta, Status
+from meshlb.config import VipConfig, default_config
+from meshlb.dataplane import layouts as L
+from meshlb.dataplane.tracer import TracerStats
+from meshlb.forwarding import VipPlan
+from meshlb.looplag import LoopLag
+
+VIP = VipConfig(address=ip_address("198.19.0.1"), port=80)
+VIP6 = VipConfig(address=ip_address("fd00::1"), port=80, mode="nat", backend_port=8080)
+
+
+class FakeBalancer:
+    def __init__(self) -> None:
+        k = L.flow_key("198.18.1.2", 40001, "198.19.0.1", 80, L.IPPROTO_TCP)
+        k6 = L.flow_key("fd00::2", 40002, "fd00::1", 80, L.IPPROTO_UDP)
+        now = time.monotonic_ns()
+        self.entries = [(k, L.CtValue(backend_id=3, last_seen_ns=now)),
+                        (k, L.CtValue(backend_id=9, flags=L.MLB_CT_F_ESTABLISHED, last_seen_ns=now)),
+                        (k6, L.CtValue(backend_id=4, last_seen_ns=now))]
+
+    def counters(self):
+        return {"tx": 5}
+
+    def conntrack_count(self):
+        return len(self.entries)
+
+    def conntrack_entries(self):
+        return self.entries
+
+    def conntrack_flush(self):
+        return 3
+
+    def vip_stats(self, vip_id):
+        return L.LbStats(packets=10 + vip_id, bytes=1000)
+
+    def backend_stats(self, bid):
+        return L.LbStats(packets=bid, bytes=bid * 100)
+
+
+class FakeDriver:
+    running = True
+
+    def __init__(self, members) -> None:
+        self._members = members
+        self.stats = {"transport": {"datagrams_sent": 7, "datagrams_received": 8, "dropped": {"oversize": 1}},
+                      "node": {"drop.replay": 2, "probes": 9}}
+
+    def members(self):
+        return self._members
+
+    def now(self) -> float:
+        return 100.0
+
+
+def member(name, status=Status.ALIVE, app_healthy=True):
+    return MemberView(name, (f"10.0.0.{name[-1]}", 7946), status, 4,
+                      MemberMeta(vips=(VIP.key,), app_healthy=app_healthy, table_digest="d"), 90.0)
+
+
+def make_ops(draining=False):
+    agent = SimpleNamespace(cfg=default_config(), draining=draining, started=time.time() - 5,
+                            left=[], reloads=[])
+    agent.request_leave = lambda: agent.left.append(True)
+
+    async def reload():
+        agent.reloads.append(True)
+        return {"applied": [], "needs_restart": []}
+
+    agent.reload = reload
+    session = SimpleNamespace(name="mix1", xdp_mode="native", balancer=FakeBalancer(),
+                              tracer=SimpleNamespace(stats=lambda: TracerStats(4, 0, 0, 0, sockops=2)))
+    plan = VipPlan(VIP, ("mix1", "mix2"), (0, 1, 0), "abc")
+    tables = SimpleNamespace(vips=(VIP, VIP6), vip_ids={VIP.key: 0, VIP6.key: 1}, plans={VIP.key: plan},
+                             backend_ids={("mix1", "10.0.0.1", 0): 3, ("mix2", "fd00::2", 8080): 4},
+                             digest="f00d", table_changes=2)
+    driver = FakeDriver([member("mix2", Status.SUSPECT, app_healthy=False), member("mix1")])
+    health = SimpleNamespace(results=lambda: {"mix1": SimpleNamespace(ok=True), "mix2": None})
+    return Operations(agent, session, tables, driver, health, evictions=Counter(sent=3),
+                      health_checks=Counter({("mix1", "ok"): 6}), loop_lag=LoopLag()), agent
+
+
+def call(ops, op, args=None):
+    return asyncio.run(ops.handlers()[op](args or {}))
+
+
+def test_members_names_each_member_as_the_cli_shows_it():
+    ops, _ = make_ops(draining=True)
+    out = call(ops, "members")
+    assert out["node"] == "mix1" and [m["name"] for m in out["members"]] == ["mix1", "mix2"]
+    me, other = out["members"]
+    assert me == {"name": "mix1", "address": "10.0.0.1:7946", "status": "alive", "incarnation": 4,
+                  "vips": [VIP.key], "health": "draining", "table_digest": "d",
+                  "status_since": me["status_since"], "self": True}
+    # the node's clock is the loop's: 10 s before its now is 10 s before the wall clock
+    assert abs(out["now"] - 10 - me["status_since"]) < 1e-6
+    assert (other["status"], other["health"], other["self"]) == ("suspect", "down", False)
+
+
+def test_stats_and_vips():
+    ops, _ = make_ops()
+    st = call(ops, "stats")
+    assert set(st) == {"node", "uptime_s", "xdp_mode", "table_digest", "table_changes", "dataplane",
+                       "conntrack_entries", "evictions", "tracer", "gossip", "loop_lag"}
+    assert (st["xdp_mode"], st["table_digest"], st["table_changes"]) == ("native", "f00d", 2)
+    assert st["evictions"] == {"sent": 3}
+    assert 4.5 < st["uptime_s"] < 30 and st["tracer"]["sockops"] == 2 and st["tracer"]["emitted"] == 4
+    vips = call(ops, "vips")["vips"]
+    assert vips[0] == {"vip": VIP.key, "mode": "dr", "backends": ["mix1", "mix2"], "table_digest": "abc",
+                       "packets": 10, "bytes": 1000}
+    assert vips[1]["vip"] == "[fd00::1]:80/tcp" and vips[1]["backends"] == [] and vips[1]["packets"] == 11
+
+
+def test_conntrack_operations():
+    ops, _ = make_ops()
+    assert call(ops, "conntrack_count") == {"entries": 3}
+    assert call(ops, "conntrack_flush") == {"deleted": 3}
+    out = call(ops, "conntrack_list", {"limit": 2})
+    assert out["total"] == 3 and out["truncated"] is True and len(out["entries"]) == 2
+    first, second = out["entries"]
+    assert first["client"] == "198.18.1.2:40001" and first["vip"] == "198.19.0.1:80" and first["proto"] == "tcp"
+    assert (first["backend"], first["state"]) == ("mix1", "SYN_RECV")
+    assert (second["backend"], second["state"]) == ("9", "ESTABLISHED")  # an id no member holds
+    udp = call(ops, "conntrack_list")["entries"][2]
+    assert udp == {"client": "[fd00::2]:40002", "vip": "[fd00::1]:80", "proto": "udp", "backend": "mix2",
+                   "state": "UDP", "idle_s": udp["idle_s"]}
+    assert 0 <= udp["idle_s"] < 5
+
+
+def test_leave_and_reload_go_to_the_agent():
+    async def main():
+        ops, agent = make_ops()
+        out = await ops.handlers()["leave"]({})
+        assert out == {"drain_timeout_s": agent.cfg.drain.timeout_s} and agent.left == []
+        await asyncio.sleep(0)  # the reply goes out before the leave starts
+        assert agent.left == [True]
+        assert await ops.handlers()["reload"]({}) == {"applied": [], "needs_restart": []} and agent.reloads
+
+    asyncio.run(main())
+
+
+def test_snapshot_for_metrics():
+    ops, _ = make_ops()
+    s = ops.snapshot()
+    assert s.node == "mix1" and s.members_by_status == {"alive": 1, "suspect": 1}
+    assert s.vip_traffic == {VIP.key: (10, 1000), VIP6.key: (11, 1000)}
+    assert s.backend_traffic == {"mix1 10.0.0.1": (3, 300), "mix2 [fd00::2]:8080": (4, 400)}
+    assert s.gossip_datagrams == {"sent": 7, "received": 8}
+    assert s.gossip_drops == {"replay": 2, "transport_oversize": 1}
+    assert s.health == {"mix1": True, "mix2": False} and s.health_checks == {("mix1", "ok"): 6}
+    assert s.conntrack_entries == 3 and s.evictions == {"sent": 3} and s.tracer_events["sockops"] == 2
