@@ -110,12 +110,22 @@ class Operations:
             "table_digest": self.tables.digest,
             "table_changes": self.tables.table_changes,
             "dataplane": balancer.counters(),
+            "backends": {label: {"packets": p, "bytes": b} for label, (p, b) in self._backend_traffic().items()},
             "conntrack_entries": balancer.conntrack_count(),
             "evictions": dict(self.evictions),
             "tracer": self._tracer_stats(),
             "gossip": dict(self.driver.stats),
             "loop_lag": self.loop_lag.as_json(),
         }
+
+    def _backend_traffic(self) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) per backend, labelled "member address[:port]" as in metrics."""
+        out = {}
+        for (name, addr, port), bid in self.tables.backend_ids.items():
+            st = self.session.balancer.backend_stats(bid)
+            label = f"[{addr}]" if ":" in addr else addr
+            out[f"{name} {label}:{port}" if port else f"{name} {label}"] = (st.packets, st.bytes)
+        return out
 
     def _tracer_stats(self) -> dict[str, int]:
         t = self.session.tracer.stats()
@@ -171,11 +181,7 @@ class Operations:
         for vip in self.tables.vips:
             st = balancer.vip_stats(self.tables.vip_ids[vip.key])
             vip_traffic[vip.key] = (st.packets, st.bytes)
-        backend_traffic = {}
-        for (name, addr, port), bid in self.tables.backend_ids.items():
-            st = balancer.backend_stats(bid)
-            label = f"[{addr}]" if ":" in addr else addr
-            backend_traffic[f"{name} {label}:{port}" if port else f"{name} {label}"] = (st.packets, st.bytes)
+        backend_traffic = self._backend_traffic()
         stats = self.driver.stats
         transport = stats.get("transport", {})
         drops = {k[len("drop."):]: v for k, v in stats.get("node", {}).items() if k.startswith("drop.")}

@@ -112,7 +112,10 @@ def test_stats_and_vips():
     ops, _ = make_ops()
     st = call(ops, "stats")
     assert set(st) == {"node", "uptime_s", "xdp_mode", "table_digest", "table_changes", "dataplane",
-                       "conntrack_entries", "evictions", "tracer", "gossip", "loop_lag"}
+                       "backends", "conntrack_entries", "evictions", "tracer", "gossip", "loop_lag"}
+    # labelled as the metrics label them: member, address, the nat backend port
+    assert st["backends"] == {"mix1 10.0.0.1": {"packets": 3, "bytes": 300},
+                              "mix2 [fd00::2]:8080": {"packets": 4, "bytes": 400}}
     assert (st["xdp_mode"], st["table_digest"], st["table_changes"]) == ("native", "f00d", 2)
     assert st["evictions"] == {"sent": 3}
     assert 4.5 < st["uptime_s"] < 30 and st["tracer"]["sockops"] == 2 and st["tracer"]["emitted"] == 4
