@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
+import msgpack
+
 __all__ = [
     "PROTOCOL_VERSION", "Status", "MemberMeta", "FlowTuple", "MemberRecord",
     "Ping", "PingReq", "Ack", "Nack", "Alive", "Suspect", "Dead", "Left",
     "Eviction", "EvictionRun", "PushPull", "EvictionDigest", "DigestEntry", "Message",
     "FLOW_RECORD_SIZE", "MAX_RUN", "RUNS_VERSION", "flow_record", "flow_tuple_of", "valid_records",
-    "encode", "decode", "decode_eviction", "decode_eviction_run", "encode_meta", "decode_meta", "MAX_NAME", "MAX_U64",
+    "encode", "decode", "decode_received", "peek_alive", "decode_eviction", "decode_eviction_run", "encode_meta",
+    "decode_meta", "MAX_NAME", "MAX_U64",
 ]
 
 PROTOCOL_VERSION = 2
@@ -590,3 +593,25 @@ def decode(v: Any) -> Message | None:
         return _decode(v)
     except (_Malformed, ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return None
+
+
+def decode_received(raw: Any) -> Message | None:
+    """:func:`decode` for a message as a datagram carries it: a msgpack object, or one
+    packed again as msgpack bytes. Never raises."""
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = msgpack.unpackb(raw, raw=False)
+        except Exception:  # noqa: BLE001 -- hostile input must not raise
+            return None
+    return decode(raw)
+
+
+def peek_alive(raw: Any) -> tuple[str, int] | None:
+    """(name, incarnation) of an undecoded Alive, None for anything else: a receiver
+    skips an alive it already has (every member hears each update ~log N times), which
+    it would ignore whatever its other fields hold, before paying for validation."""
+    if type(raw) is list and len(raw) == 7 and type(raw[0]) is int and raw[0] == T_ALIVE:
+        name, incarnation = raw[1], raw[4]
+        if type(name) is str and type(incarnation) is int:
+            return name, incarnation
+    return None

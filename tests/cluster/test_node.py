@@ -496,7 +496,7 @@ def test_unsent_evictions_stay_bounded_when_nobody_asks():
     b = net.add("n09", 9, peers=[net.addr(5)])  # its seed never answers: nothing goes out
     for i in range(3 * net.config.broadcast_queue_max):
         b.publish_eviction(flow(i), net.now)
-    assert len(b._ev_unsent) <= net.config.broadcast_queue_max + 1
+    assert len(b.evictions._unsent) <= net.config.broadcast_queue_max + 1
     # those the full queue dropped will never go: they no longer hold the mark back
     assert b.evictions_sent_through() >= 2 * net.config.broadcast_queue_max - 1
 
@@ -758,7 +758,7 @@ def test_every_destination_is_a_member_or_peer_or_group():
         node = net.nodes[name]
         outs = node.take_outgoing()
         seen.extend(o.dest for o in outs)
-        node._out.extend(outs)  # put them back for the network
+        node._outgoing.extend(outs)  # put them back for the network
         orig(name)
 
     net._collect = spy
@@ -867,8 +867,8 @@ def test_member_heard_from_but_unknown_is_learnt_by_a_state_pull():
     run_until(net, lambda: converged(net), limit=5.0)
     net.run(10.0)  # the join gossip has run its course
     a = net.nodes["n00"]
-    assert all(len(net.nodes[o]._bq) == 0 for o in net.up)
-    a._next_push_pull = a._pp_base = net.now + 1000.0  # no regular anti-entropy in this test
+    assert all(len(net.nodes[o]._broadcasts) == 0 for o in net.up)
+    a._next_push_pull = a._push_pull_from = net.now + 1000.0  # no regular anti-entropy in this test
     a.table.remove("n03")  # as if n03's alive never reached n00
     assert net.status("n00", "n03") is None
     run_until(net, lambda: net.status("n00", "n03") is Status.ALIVE, limit=20.0)
@@ -944,7 +944,7 @@ def test_evictions_published_as_records_go_in_runs_to_every_member():
     assert last == 101
     net._collect("n00")
     net.run(1.0)
-    per_run = a._run_capacity()
+    per_run = a.evictions.run_capacity()
     assert per_run >= 16
     assert a.stats["eviction_runs_sent"] == -(-101 // per_run)
     for o in ("n01", "n02"):
@@ -1016,7 +1016,7 @@ def test_a_relay_sends_a_run_singly_while_it_knows_an_older_member():
     origin = net.nodes["n00"]
     # the origin has not heard of the older member yet (it joined a moment ago), and
     # reaches it only through relays
-    origin._runs_welcome = lambda: True
+    origin.evictions._runs_welcome = lambda: True
     net.cut.add(("n00", "n08"))
     origin.publish_eviction_records([M.flow_record(flow(i)) for i in range(50)], net.now)
     net._collect("n00")
