@@ -44,6 +44,7 @@ Destination = Union[Address, _Group]
 Handler = Callable[[float, Any, str, Address], None]
 
 EventT = TypeVar("EventT")
+EventT_co = TypeVar("EventT_co", covariant=True)
 EventT_contra = TypeVar("EventT_contra", contravariant=True)
 
 
@@ -124,10 +125,10 @@ class Host(Protocol[EventT_contra]):
         ...
 
 
-class Delegate(Protocol[EventT]):
+class Delegate(Protocol[EventT_co]):
     """A payload, as the engine sees it. Every method is called by the engine only."""
 
-    def attach(self, host: Host[EventT], now: float) -> None:
+    def attach(self, host: Host[EventT_co], now: float) -> None:
         """Once, while the engine is being built: the payload keeps ``host`` and may
         draw the phases of its timers from ``host.rng``."""
         ...

@@ -361,7 +361,8 @@ def _s(v: Any, max_len: int = MAX_NAME, allow_empty: bool = False) -> str:
 def _seq(v: Any, max_len: int) -> list[Any] | tuple[Any, ...]:
     if type(v) not in (list, tuple) or len(v) > max_len:
         raise _Malformed
-    return v
+    fields: list[Any] | tuple[Any, ...] = v
+    return fields
 
 
 # Gossip repeats the same few hosts and metas over and over (every member hears each

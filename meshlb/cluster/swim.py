@@ -35,7 +35,7 @@ import heapq
 import ipaddress
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Union
 
@@ -389,6 +389,18 @@ class SwimNode(Generic[EventT]):
 
     def members(self) -> list[MemberView]:
         return [m.view() for m in self.table]
+
+    def add_peers(self, peers: Iterable[Address], now: float) -> None:
+        """Seeds learnt after the start (a name that resolved late): a join under way
+        tries them at once; a member that has joined reaches those that are not live
+        members in its reconnection rounds, as it does its first seeds."""
+        new = {(str(ipaddress.ip_address(h)), int(p)) for h, p in peers} - self._peers
+        if not new:
+            return
+        self._peer_list = tuple(sorted(self._peers | new))
+        self._peers = frozenset(self._peer_list)
+        if not self._joined and self._next_join != _INF:
+            self._next_join = now
 
     def usable_backends(self) -> list[str]:
         if self._usable_cache is None:

@@ -197,6 +197,27 @@ def test_join_retries_until_seed_answers():
     assert a.members() and net.status("b", "a") is Status.ALIVE
 
 
+def test_seed_added_while_joining_is_tried_at_once():
+    net = Network(seed=6)
+    a = net.add("a", 0)
+    b = net.add("b", 1, peers=[net.addr(5)])  # nobody there
+    net.run(2.5)
+    assert not b.joined
+    b.add_peers([net.addr(0)], net.now)
+    run_until(net, lambda: b.joined and net.status("a", "b") is Status.ALIVE, limit=0.2)
+    assert a.members() and net.status("b", "a") is Status.ALIVE
+
+
+def test_seed_added_to_a_member_alone_is_joined_by_reconnection():
+    net = Network(seed=7)
+    net.add("a", 0)
+    b = net.add("b", 1)  # no seed: a cluster of one
+    net.run(1.0)
+    assert b.joined and len(b.members()) == 1
+    b.add_peers([net.addr(0), net.addr(0)], net.now)
+    run_until(net, lambda: converged(net), limit=net.config.reconnect_interval + 1.0)
+
+
 # ---- failure detection --------------------------------------------------------------------
 
 def test_crash_is_suspected_then_dead_everywhere_and_reaped():
