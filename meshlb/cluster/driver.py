@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from .membership import MemberView
 from .messages import DigestEntry, FlowTuple, MemberMeta, Status
-from .node import GROUP, Event, Node
+from .node import Event, Node
 from .protocol_config import ProtocolConfig
 from .swim import GossipWire
 from .transport import DEFAULT_PORT, TransportConfig, UdpTransport, parse_peer, resolve_peers

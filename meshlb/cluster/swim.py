@@ -141,6 +141,10 @@ class _Relay:
     nack: bool
 
 
+# what the engine handles itself
+_OWN_MESSAGES = frozenset((Ping, Ack, Nack, PingReq, Alive, Suspect, Dead, Left, PushPull))
+
+
 def _member_key(name: str) -> Hashable:
     return ("m", name)
 
@@ -192,6 +196,8 @@ class SwimNode(Generic[EventT]):
         # The delegate draws its timers' phases from the same rng, next.
         self._delegate.attach(self, now)
         self._delegate_handlers: dict[type, Handler] = dict(self._delegate.handlers())
+        if not self._delegate_handlers.keys().isdisjoint(_OWN_MESSAGES):
+            raise ValueError("a delegate cannot take over the membership protocol's messages")
         self._next_reconnect = now + rng.uniform(0.5, 1.0) * config.reconnect_interval
         self._source: Address | None = None  # of the datagram being handled
         self._joined = False
