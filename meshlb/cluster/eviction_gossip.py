@@ -72,7 +72,10 @@ class EvictionGossip:
             buffer_max=config.eviction_buffer_max, buffer_ttl=config.eviction_buffer_ttl,
             gap_timeout=config.eviction_gap_timeout, digest_recent=config.eviction_digest_recent,
             repair_max=config.eviction_repair_max, origins_max=config.eviction_origins_max)
-        self._host: Host[EvictionEvent] | None = None
+        # set by attach: the node, its counters, whether it has a group
+        self.host: Host[EvictionEvent]
+        self._counters: Counter[str] = Counter()
+        self._has_group = False
         self._last_seq = 0  # of this member's own evictions
         self._run_capacity: int | None = None
         # own evictions not yet in any datagram, oldest first (see sent_through)
@@ -81,15 +84,12 @@ class EvictionGossip:
         self._awaiting_baseline = False
         self._next_sync = float("inf")
 
-    @property
-    def host(self) -> Host[EvictionEvent]:
-        assert self._host is not None, "not attached to a node"
-        return self._host
-
     # ---- the delegate ----------------------------------------------------------------
 
     def attach(self, host: Host[EvictionEvent], now: float) -> None:
-        self._host = host
+        self.host = host
+        self._counters = host.counters
+        self._has_group = host.has_group
         self._next_sync = now + host.rng.uniform(0.5, 1.0) * self.config.eviction_sync_interval
 
     def handlers(self) -> Mapping[type, Handler]:
@@ -120,7 +120,7 @@ class EvictionGossip:
         if not entries:
             return
         host = self.host
-        host.counters["eviction_digests_on_rejoin"] += 1
+        self._counters["eviction_digests_on_rejoin"] += 1
         host.send(address, self._digest_messages(EvictionDigest(False, tuple(entries))))
 
     def final_after_full_round(self, key: Hashable) -> bool:
@@ -146,7 +146,7 @@ class EvictionGossip:
         if self._group_pending:
             pending, self._group_pending = self._group_pending, []
             host = self.host
-            host.counters["group_datagrams_sent"] += host.send(GROUP, pending)
+            self._counters["group_datagrams_sent"] += host.send(GROUP, pending)
 
     def stats(self, out: Counter[str]) -> None:
         out["eviction_buffer"] = self.tracker.buffered
@@ -166,7 +166,7 @@ class EvictionGossip:
         ev = _tuple_new(Eviction, (self.name, self.epoch, self._last_seq, canonical))
         self.tracker.receive(ev, now)
         encoded = host.encode(ev)
-        host.counters["evictions_sent"] += 1
+        self._counters["evictions_sent"] += 1
         self._to_group(encoded)
         self._queue(ev, encoded, now)
         self._unsent.append(self._last_seq)
@@ -184,7 +184,7 @@ class EvictionGossip:
             try:
                 seq = self.publish(key, now)
             except ValueError:
-                self.host.counters["evictions_refused"] += 1
+                self._counters["evictions_refused"] += 1
         return seq
 
     def publish_records(self, records: Iterable[bytes], now: float) -> int:
@@ -193,7 +193,7 @@ class EvictionGossip:
         member takes runs, one message each otherwise. A record that is not one is
         counted and skipped. Returns the number of the last eviction published (0: none)."""
         host = self.host
-        c = host.counters
+        c = self._counters
         good = []
         for r in records:
             if type(r) is bytes and len(r) == FLOW_RECORD_SIZE and valid_records(r):
@@ -253,17 +253,16 @@ class EvictionGossip:
     def restore_marks(self, entries: Iterable[DigestEntry], now: float) -> None:
         """Resume from marks saved by a previous run of this member (before it joins)."""
         n = self.tracker.restore([e for e in entries if e.origin != self.name], now)
-        self.host.counters["eviction_marks_restored"] += n
+        self._counters["eviction_marks_restored"] += n
 
     def _to_group(self, encoded: bytes) -> None:
         # evictions go to the multicast group at once, where there is one
-        host = self.host
-        if host.has_group:
+        if self._has_group:
             self._group_pending.append(encoded)
             if len(self._group_pending) > self.config.eviction_buffer_max:
                 # The owner is not draining its datagrams; gossip still carries these.
                 del self._group_pending[0]
-                host.counters["group_evictions_dropped"] += 1
+                self._counters["group_evictions_dropped"] += 1
 
     def _queue(self, ev: Eviction, encoded: bytes, now: float) -> None:
         self.host.broadcast(_key(ev.origin, ev.epoch, ev.seq), encoded, self.config.eviction_retransmit_mult, now,
@@ -286,7 +285,7 @@ class EvictionGossip:
         records = [data[i:i + FLOW_RECORD_SIZE] for i in range(0, len(data), FLOW_RECORD_SIZE)]
         new = self.tracker.receive_run(run.origin, run.epoch, run.first, records, now)
         host = self.host
-        c = host.counters
+        c = self._counters
         if new is None:
             c["evictions_stale"] += len(records)
             return
@@ -321,7 +320,7 @@ class EvictionGossip:
     def _on_eviction(self, now: float, ev: Eviction, sender: str, source: Address) -> None:
         r = self.tracker.receive(ev, now)
         host = self.host
-        c = host.counters
+        c = self._counters
         if r is Receipt.NEW:
             c["evictions_received"] += 1
             host.emit(_tuple_new(EvictionReceived, (ev.tuple, ev.origin, ev.seq)))
@@ -365,7 +364,7 @@ class EvictionGossip:
         dest = host.random_peer()
         if dest is None:
             return
-        host.counters["eviction_syncs"] += 1
+        self._counters["eviction_syncs"] += 1
         host.send(dest, self._digest_messages(EvictionDigest(False, tuple(entries))))
 
     def _on_digest(self, now: float, msg: EvictionDigest, sender: str, source: Address) -> None:
@@ -379,5 +378,5 @@ class EvictionGossip:
         dest = host.reply_dest(sender, source)
         if dest is None:
             return
-        host.counters["evictions_repair_sent"] += len(missing)
+        self._counters["evictions_repair_sent"] += len(missing)
         host.send(dest, [host.encode(ev) for ev in missing])
