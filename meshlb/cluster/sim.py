@@ -96,7 +96,7 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
     return sorted_values[min(k, len(sorted_values) - 1)]
 
 
-def _r(x: float | None, nd: int = 4) -> float | None:
+def _rounded(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(x, nd)
 
 
@@ -816,13 +816,13 @@ class Sim:
             "warm_start_s": round(self.origin - self.t0, 3),
             "evictions": cfg.evictions,
             "partitions": [p.describe() for p in cfg.partitions],
-            "suspect_p50_s": _r(percentile(sus, 0.50)),
-            "suspect_p99_s": _r(percentile(sus, 0.99)),
-            "dead_p50_s": _r(percentile(dead, 0.50)),
-            "dead_p99_s": _r(percentile(dead, 0.99)),
-            "suspect_all_max_s": _r(sus_all[-1] if sus_all else None),
-            "dead_all_p50_s": _r(percentile(dead_all, 0.50)),
-            "dead_all_max_s": _r(dead_all[-1] if dead_all else None),
+            "suspect_p50_s": _rounded(percentile(sus, 0.50)),
+            "suspect_p99_s": _rounded(percentile(sus, 0.99)),
+            "dead_p50_s": _rounded(percentile(dead, 0.50)),
+            "dead_p99_s": _rounded(percentile(dead, 0.99)),
+            "suspect_all_max_s": _rounded(sus_all[-1] if sus_all else None),
+            "dead_all_p50_s": _rounded(percentile(dead_all, 0.50)),
+            "dead_all_max_s": _rounded(dead_all[-1] if dead_all else None),
             "suspect_missed": sus_missed,
             "dead_missed": dead_missed,
             "detect_pairs": pairs,
@@ -835,17 +835,17 @@ class Sim:
             "false_examples": [list(x) for x in self.false_detail[:5]],
             "evictions_published": len(self.evictions),
             "eviction_pairs": ev_pairs,
-            "eviction_p50_s": _r(percentile(ev_lat, 0.50), 5),
-            "eviction_p99_s": _r(percentile(ev_lat, 0.99), 5),
-            "eviction_max_s": _r(ev_lat[-1] if ev_lat else None, 5),
+            "eviction_p50_s": _rounded(percentile(ev_lat, 0.50), 5),
+            "eviction_p99_s": _rounded(percentile(ev_lat, 0.99), 5),
+            "eviction_max_s": _rounded(ev_lat[-1] if ev_lat else None, 5),
             "eviction_missed": ev_missed,
-            "idle_bytes_per_s_per_member": _r(idle_b, 1),
-            "idle_datagrams_per_s_per_member": _r(idle_d, 3),
+            "idle_bytes_per_s_per_member": _rounded(idle_b, 1),
+            "idle_datagrams_per_s_per_member": _rounded(idle_d, 3),
             "idle_window_s": [window[0], window[1]],
             "datagrams_sent": sum(m.dgrams_sent for m in self.members) - self.base_sent[1],
             "bytes_sent": sum(m.bytes_sent for m in self.members) - self.base_sent[0],
             "converged": converged,
-            "converged_at_s": _r(self.converged_at, 3),
+            "converged_at_s": _rounded(self.converged_at, 3),
             "live_members": len(live),
             "drops": {"net": dict(sorted(net_drops.items())), "wire": dict(sorted((str(getattr(k, "value", k)), v) for k, v in wire_drops.items()))},
             "cpu_s_per_member_per_s": round(self.cpu / n / T, 6),

@@ -301,8 +301,8 @@ class UdpTransport:
         self.on_datagram = on_datagram
         self.recverr = False
         self._queue: collections.deque[tuple[bytes, Address]] = collections.deque()
-        self._uni: socket.socket | None = None
-        self._grp: socket.socket | None = None
+        self._unicast_sock: socket.socket | None = None
+        self._group_sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._family: int = socket.AF_INET
         self._address: Address | None = None
@@ -507,7 +507,7 @@ class UdpTransport:
 
     async def open(self) -> None:
         """Create, configure and bind the sockets and start reading."""
-        if self._uni is not None or self._closed:
+        if self._unicast_sock is not None or self._closed:
             raise TransportError("transport already opened")
         c = self.config
         loop = asyncio.get_running_loop()
@@ -526,11 +526,11 @@ class UdpTransport:
         port = uni.getsockname()[1]
         self._own = (uni.getsockname()[0], port)
         self._address = (advertise.split("%")[0], c.advertise_port or port)
-        self._uni = uni
+        self._unicast_sock = uni
         try:
             if c.mode != Mode.UNICAST:
                 grp, self._group_dest = self._group_socket(c.group_port or port)
-                self._grp = grp
+                self._group_sock = grp
                 loop.add_reader(grp.fileno(), self._readable, grp, True)
             loop.add_reader(uni.fileno(), self._readable, uni, False)
         except BaseException as exc:
@@ -653,7 +653,7 @@ class UdpTransport:
 
     # -- send -------------------------------------------------------------------------
     def _send(self, data: bytes, dest: tuple[Any, ...], *, group: bool) -> bool:
-        sock = self._uni
+        sock = self._unicast_sock
         if self._closed or sock is None:
             self.stats.dropped["closed"] += 1
             return False
@@ -704,11 +704,11 @@ class UdpTransport:
 
     # -- close ------------------------------------------------------------------------
     def _close_sockets(self) -> None:
-        for attr in ("_uni", "_grp"):
-            sock = getattr(self, attr)
+        socks = (self._unicast_sock, self._group_sock)
+        self._unicast_sock = self._group_sock = None
+        for sock in socks:
             if sock is None:
                 continue
-            setattr(self, attr, None)
             if self._loop is not None and not self._loop.is_closed():
                 try:
                     self._loop.remove_reader(sock.fileno())
