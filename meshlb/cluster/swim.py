@@ -159,11 +159,11 @@ class SwimNode(Generic[EventT]):
                  delegate: Delegate[EventT] | None = None) -> None:
         if not name or not name.isprintable() or len(name) > 128:
             raise ValueError("name must be 1..128 printable characters")
-        self._name = name
+        self.name = name
         self.address = (str(ipaddress.ip_address(address[0])), int(address[1]))
         self.wire = wire
-        self._config = config
-        self._rng = rng
+        self.config = config
+        self.rng = rng
         self._group = bool(group)
         self._delegate: Delegate[EventT] = delegate if delegate is not None else NoDelegate()
         # Sorted for iteration (str hashing differs between processes, and a simulator
@@ -216,18 +216,6 @@ class SwimNode(Generic[EventT]):
         self._last_repair_pull = -_INF
 
     # ---- public API ------------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def config(self) -> ProtocolConfig:
-        return self._config
-
-    @property
-    def rng(self) -> random.Random:
-        return self._rng
 
     @property
     def incarnation(self) -> int:
@@ -307,6 +295,7 @@ class SwimNode(Generic[EventT]):
         elif m.status in (Status.DEAD, Status.LEFT):
             self._tell_dead(m, source)
         table = self.table
+        delegate_handlers = self._delegate_handlers
         for raw in opened.messages:
             # The bulk of gossip is an alive we already have; only such
             # already-superseded messages skip validation (and the malformed count).
@@ -321,6 +310,10 @@ class SwimNode(Generic[EventT]):
             msg = decode_received(raw)
             if msg is None:
                 c["drop.malformed"] += 1
+                continue
+            handler = delegate_handlers.get(type(msg))
+            if handler is not None:
+                handler(now, msg, sender, source)
                 continue
             self._source = source
             try:
@@ -527,10 +520,7 @@ class SwimNode(Generic[EventT]):
     # ---- dispatch --------------------------------------------------------------------
 
     def _dispatch(self, now: float, msg: Message, sender: str, source: Address) -> None:
-        handler = self._delegate_handlers.get(type(msg))
-        if handler is not None:
-            handler(now, msg, sender, source)
-        elif type(msg) is Ping:
+        if type(msg) is Ping:
             self._on_ping(msg, sender, source)
         elif type(msg) is Ack:
             self._on_ack(msg, sender)
