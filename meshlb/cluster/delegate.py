@@ -87,11 +87,15 @@ class Host(Protocol[EventT_contra]):
 
     def encode(self, message: Message) -> bytes: ...
 
-    def broadcast(self, key: Hashable, data: bytes, mult: int, now: float, delay: float) -> None:
+    def broadcast(self, key: Hashable, data: bytes, mult: int) -> None:
         """Queue ``data`` for gossip under ``key`` (a later broadcast with the same key
-        replaces it) with retransmit budget ``mult * log(N+1)``, and have a gossip round
-        go out after ``delay``. Keys must not collide with the engine's own
-        (``("m", name)``)."""
+        replaces it) with retransmit budget ``mult * log(N+1)``. Keys must not collide
+        with the engine's own (``("m", name)``)."""
+        ...
+
+    def expedite(self, now: float, delay: float) -> None:
+        """Have a gossip round go out ``delay`` from ``now`` rather than at the next
+        regular one (for fresh news)."""
         ...
 
     def broadcast_transmits(self, key: Hashable) -> int | None:

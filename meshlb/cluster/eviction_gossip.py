@@ -218,8 +218,9 @@ class EvictionGossip:
             self._to_group(encoded)
             # keyed by its first eviction, as a single one would be: sent_through looks
             # for the first unsent one's key
-            host.broadcast(_key(name, epoch, first), encoded, mult, now, self.config.eviction_batch_delay)
+            host.broadcast(_key(name, epoch, first), encoded, mult)
             self._unsent.append(first)
+        host.expedite(now, self.config.eviction_batch_delay)
         if len(self._unsent) > self.config.broadcast_queue_max:
             self._prune_unsent()
         return self._last_seq
@@ -265,8 +266,8 @@ class EvictionGossip:
                 self._counters["group_evictions_dropped"] += 1
 
     def _queue(self, ev: Eviction, encoded: bytes, now: float) -> None:
-        self.host.broadcast(_key(ev.origin, ev.epoch, ev.seq), encoded, self.config.eviction_retransmit_mult, now,
-                            self.config.eviction_batch_delay)
+        self.host.broadcast(_key(ev.origin, ev.epoch, ev.seq), encoded, self.config.eviction_retransmit_mult)
+        self.host.expedite(now, self.config.eviction_batch_delay)
 
     def _prune_unsent(self) -> None:
         # an item gone from the queue went out as often as it should, or was dropped
@@ -303,8 +304,8 @@ class EvictionGossip:
         host.emit(_tuple_new(EvictionsReceived, (run.origin, seqs, got)))
         if host.live_count() - 1 > self.config.gossip_nodes:
             if self._runs_welcome():
-                host.broadcast(_key(run.origin, run.epoch, first), host.encode(run),
-                               self.config.eviction_retransmit_mult, now, self.config.eviction_batch_delay)
+                host.broadcast(_key(run.origin, run.epoch, first), host.encode(run), self.config.eviction_retransmit_mult)
+                host.expedite(now, self.config.eviction_batch_delay)
             else:
                 # The origin did not know of an older member this one knows (it joined
                 # since, or the news has not reached the origin): a run would be

@@ -423,9 +423,17 @@ class SwimNode(Generic[EventT]):
     def encode(self, message: Message) -> bytes:
         return self.wire.encode(encode(message))
 
-    def broadcast(self, key: Hashable, data: bytes, mult: int, now: float, delay: float) -> None:
+    def broadcast(self, key: Hashable, data: bytes, mult: int) -> None:
         self._broadcasts.queue(key, data, mult)
-        self._expedite(now, delay)
+
+    def expedite(self, now: float, delay: float) -> None:
+        # Fresh news goes out after a short batching delay instead of waiting for the
+        # next gossip round, so each epidemic hop costs milliseconds, not ~100 ms.
+        # Expedited rounds are still spaced by a quarter interval, which bounds the
+        # datagram rate during mass churn.
+        due = max(now + delay, self._last_gossip + self.config.gossip_interval / 4)
+        if due < self._next_gossip:
+            self._next_gossip = due
 
     def broadcast_transmits(self, key: Hashable) -> int | None:
         return self._broadcasts.transmits(key)
@@ -498,17 +506,8 @@ class SwimNode(Generic[EventT]):
         return self._seq
 
     def _broadcast(self, name: str, msg: Message, now: float) -> None:
-        self.broadcast(_member_key(name), self.encode(msg), self.config.retransmit_mult, now,
-                       self.config.update_batch_delay)
-
-    def _expedite(self, now: float, delay: float) -> None:
-        # Fresh news goes out after a short batching delay instead of waiting for the
-        # next gossip round, so each epidemic hop costs milliseconds, not ~100 ms.
-        # Expedited rounds are still spaced by a quarter interval, which bounds the
-        # datagram rate during mass churn.
-        due = max(now + delay, self._last_gossip + self.config.gossip_interval / 4)
-        if due < self._next_gossip:
-            self._next_gossip = due
+        self._broadcasts.queue(_member_key(name), self.encode(msg), self.config.retransmit_mult)
+        self.expedite(now, self.config.update_batch_delay)
 
     def _self_alive(self) -> Alive:
         local = self.table.local

@@ -41,7 +41,8 @@ class Notes(NoDelegate):
         self.back.append(address)
 
     def note(self, text: str, now: float) -> None:
-        self.host.broadcast(("note", text), self._note(text, False), 2, now, 0.01)
+        self.host.broadcast(("note", text), self._note(text, False), 2)
+        self.host.expedite(now, 0.01)
 
     def _note(self, text: str, reply: bool) -> bytes:
         return self.host.encode(M.EvictionDigest(reply, (M.DigestEntry(text, 0, 0, ()),)))
