@@ -26,15 +26,20 @@ import inspect
 import logging
 import math
 import random
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
+from .membership import MemberView
+from .messages import DigestEntry, FlowTuple, MemberMeta, Status
+from .node import Event, Node
+from .protocol_config import ProtocolConfig
+from .swim import GossipWire
 from .transport import DEFAULT_PORT, TransportConfig, UdpTransport, resolve_peers
 
 __all__ = ["GossipDriver", "DriverError"]
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
 # Datagrams handled per wake-up before the task yields to the loop, so a flood cannot
 # starve timers and other tasks (the transport's queue bounds what waits meanwhile).
 _BATCH = 256
@@ -45,21 +50,11 @@ _EPSILON = 0.001
 _MIN_SLEEP = 0.001
 
 
+_T = TypeVar("_T")
+
+
 class DriverError(RuntimeError):
     pass
-
-
-def _default_node_factory(**kwargs: Any) -> Any:
-    from .node import Node
-
-    return Node(**kwargs)
-
-
-def _group_sentinel(node: Any) -> Any:
-    import sys
-
-    mod = sys.modules.get(type(node).__module__)
-    return getattr(mod, "GROUP", None)
 
 
 class GossipDriver:
@@ -80,19 +75,19 @@ class GossipDriver:
         self,
         *,
         name: str,
-        wire: Any,
-        protocol: Any,
+        wire: GossipWire,
+        protocol: ProtocolConfig,
         transport: TransportConfig | UdpTransport,
-        peers: Iterable[str | tuple] = (),
-        meta: Any = None,
+        peers: Iterable[str | tuple[str, int]] = (),
+        meta: MemberMeta | None = None,
         incarnation: int = 0,
         rng: random.Random | None = None,
-        on_event: Callable[[Any], Any] | None = None,
+        on_event: Callable[[Event], object] | None = None,
         event_queue: int = 1024,
         resolve_retry: float = 5.0,
         leave_linger: float | None = None,
-        node_factory: Callable[..., Any] | None = None,
-        eviction_marks: Iterable[Any] = (),
+        node_factory: Callable[..., Node] | None = None,
+        eviction_marks: Iterable[DigestEntry] = (),
     ) -> None:
         self.name = name
         self.wire = wire
@@ -110,26 +105,25 @@ class GossipDriver:
         # called after each batch of datagrams handed to the transport (see
         # evictions_sent_through)
         self.on_sent: Callable[[], None] | None = None
-        self._event_queue: asyncio.Queue | None = None
+        self._event_queue: asyncio.Queue[Event | None] | None = None
         self._event_queue_size = event_queue
         self.resolve_retry = resolve_retry
         self.leave_linger = leave_linger
-        self._node_factory = node_factory or _default_node_factory
-        # DigestEntry-like marks of a previous run of this member (see Node.restore_eviction_marks)
+        self._node_factory: Callable[..., Node] = node_factory or Node
+        # marks of a previous run of this member (see Node.restore_eviction_marks)
         self._eviction_marks = tuple(eviction_marks)
 
-        self.node: Any = None
-        self._group: Any = None
+        self.node: Node | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
-        self._resolver: asyncio.Task | None = None
-        self._waiter: asyncio.Future | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._resolver: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._deadline = math.inf
         self._stopping = False
         self._stopped = False
         self._seeds: list[tuple[str, int]] = []
         self._unresolved: list[str] = []
-        self._callback_tasks: set[asyncio.Task] = set()
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
         self.counters: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -162,16 +156,15 @@ class GossipDriver:
         try:
             self._seeds, self._unresolved = await self._resolve()
             now = loop.time()
-            self.node = self._node_factory(
+            self.node = node = self._node_factory(
                 name=self.name, address=self.transport.address, wire=self.wire,
                 config=self.protocol, rng=self._rng, now=now, meta=self._meta,
                 incarnation=self._incarnation, peers=tuple(self._seeds),
                 group=self.transport.has_group,
             )
-            self._group = _group_sentinel(self.node)
             if self._eviction_marks:
-                self.node.restore_eviction_marks(self._eviction_marks, now)
-            self.node.join(now)
+                node.restore_eviction_marks(self._eviction_marks, now)
+            node.join(now)
             self._pump()
         except BaseException:
             self.transport.close()
@@ -188,7 +181,7 @@ class GossipDriver:
             return
         loop = self._loop
         if leave and self.node is not None and self.running:
-            self._call("leave")
+            self._call(lambda node, now: node.leave(now))
             linger = self._linger_time()
             end = loop.time() + min(timeout, linger)
             while loop.time() < end and self.running:
@@ -228,7 +221,7 @@ class GossipDriver:
             return
         while True:
             try:
-                q.put_nowait(_STOP)
+                q.put_nowait(None)  # the end
                 return
             except asyncio.QueueFull:
                 q.get_nowait()
@@ -253,7 +246,7 @@ class GossipDriver:
         # empty the goodbye has also had all its gossip retransmissions, and staying
         # longer only delays the exit.
         try:
-            return int(self.node.stats.get("broadcast_queue", 1)) == 0
+            return self.node is not None and self.node.stats.get("broadcast_queue", 1) == 0
         except Exception:
             return False
 
@@ -282,6 +275,7 @@ class GossipDriver:
 
     def _step(self, now: float) -> None:
         node = self.node
+        assert node is not None
         for data, source in self.transport.take(_BATCH):
             try:
                 node.handle_datagram(now, data, source)
@@ -316,25 +310,26 @@ class GossipDriver:
     def _pump(self) -> None:
         """Send the node's datagrams, deliver its events, refresh its deadline."""
         node = self.node
+        assert node is not None
         try:
             out = node.take_outgoing()
         except Exception:
             self.counters["node_errors"] += 1
             log.exception("node take_outgoing failed")
             out = []
-        group = self._group
         tr = self.transport
         for o in out:
-            if group is not None and o.dest is group:
-                tr.send_group(o.data)
-            else:
+            if isinstance(o.dest, tuple):
                 tr.send(o.data, o.dest)
+            else:  # GROUP
+                tr.send_group(o.data)
         if out and self.on_sent is not None:
             try:
                 self.on_sent()
             except Exception:
                 self.counters["callback_errors"] += 1
                 log.exception("on_sent callback failed")
+        events: list[Event]
         try:
             events = node.take_events()
         except Exception:
@@ -344,13 +339,13 @@ class GossipDriver:
         for ev in events:
             self._deliver(ev)
         try:
-            self._deadline = float(node.next_deadline())
+            self._deadline = node.next_deadline()
         except Exception:
             self.counters["node_errors"] += 1
             log.exception("node next_deadline failed")
             self._deadline = (self._loop.time() if self._loop else 0.0) + 1.0
 
-    def _deliver(self, ev: Any) -> None:
+    def _deliver(self, ev: Event) -> None:
         self.counters["events"] += 1
         cb = self.on_event
         if cb is not None:
@@ -372,19 +367,19 @@ class GossipDriver:
                 self.counters["events_dropped"] += 1
             q.put_nowait(ev)
 
-    def _callback_done(self, task: asyncio.Task) -> None:
+    def _callback_done(self, task: asyncio.Task[Any]) -> None:
         self._callback_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.counters["callback_errors"] += 1
             log.error("event callback failed", exc_info=task.exception())
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, op: Callable[[Node, float], _T]) -> _T:
         """Run a node operation now and flush what it produced."""
         if self.node is None or self._stopped:
             raise DriverError("driver is not running")
         loop = self._loop
         assert loop is not None
-        res = getattr(self.node, method)(*args, loop.time())
+        res = op(self.node, loop.time())
         self._pump()
         self._wake()
         return res
@@ -396,20 +391,12 @@ class GossipDriver:
 
     def _alone(self) -> bool:
         try:
-            return all(getattr(m, "name", None) == self.name for m in self._alive_members())
+            return all(m.name == self.name for m in self._members_safe()
+                       if m.status in (Status.ALIVE, Status.SUSPECT))
         except Exception:
             return False
 
-    def _alive_members(self) -> list[Any]:
-        out = []
-        for m in self._members_safe():
-            status = getattr(m, "status", None)
-            label = getattr(status, "name", str(status)).lower()
-            if label in ("alive", "suspect"):
-                out.append(m)
-        return out
-
-    def _members_safe(self) -> list[Any]:
+    def _members_safe(self) -> list[MemberView]:
         try:
             return list(self.node.members()) if self.node is not None else []
         except Exception:
@@ -439,18 +426,11 @@ class GossipDriver:
             delay = self.resolve_retry if new else min(60.0, delay * 2)
 
     def _add_seeds(self, seeds: Sequence[tuple[str, int]]) -> None:
-        node = self.node
-        if node is None or self._stopped or not seeds:
-            return
-        # Node.add_peers(peers, now) is asked of the protocol; until it exists, new
-        # addresses can only be counted (the node keeps retrying its first seeds).
-        add = getattr(node, "add_peers", None)
-        if add is None:
-            self.counters["seeds_unsupported"] += 1
-            log.warning("seeds resolved late cannot be handed to this node: %s", list(seeds))
+        node, loop = self.node, self._loop
+        if node is None or loop is None or self._stopped or not seeds:
             return
         try:
-            add(tuple(seeds), self._loop.time())
+            node.add_peers(tuple(seeds), loop.time())
         except Exception:
             self.counters["node_errors"] += 1
             log.exception("node refused new seeds")
@@ -459,38 +439,38 @@ class GossipDriver:
         self._wake()
 
     # -- public API -----------------------------------------------------------------------
-    def publish_eviction(self, flow: Any) -> int:
-        """Tell the cluster that ``flow`` (a FlowTuple) must be evicted everywhere;
-        returns the eviction's number (see :meth:`evictions_sent_through`)."""
-        return self._call("publish_eviction", flow)
+    def publish_eviction(self, flow: FlowTuple) -> int:
+        """Tell the cluster that ``flow`` must be evicted everywhere; returns the
+        eviction's number (see :meth:`evictions_sent_through`)."""
+        return self._call(lambda node, now: node.publish_eviction(flow, now))
 
-    def publish_evictions(self, flows: Sequence[Any]) -> int:
+    def publish_evictions(self, flows: Sequence[FlowTuple]) -> int:
         """:meth:`publish_eviction` for many flows at once (a batch of socket closes):
         one flush of the node afterwards instead of one per flow (see
         :meth:`Node.publish_evictions`)."""
-        return self._call("publish_evictions", flows)
+        return self._call(lambda node, now: node.publish_evictions(flows, now))
 
     def publish_eviction_records(self, records: Sequence[bytes]) -> int:
         """:meth:`Node.publish_eviction_records` (flows as the data plane keys them, in
         runs), one flush of the node afterwards."""
-        return self._call("publish_eviction_records", records)
+        return self._call(lambda node, now: node.publish_eviction_records(records, now))
 
     def evictions_sent_through(self) -> int:
         """Own evictions up to this number have left in a datagram (or never will)."""
         if self.node is None:
             return 0
-        return int(self.node.evictions_sent_through())
+        return self.node.evictions_sent_through()
 
-    def update_meta(self, meta: Any) -> None:
-        self._call("update_meta", meta)
+    def update_meta(self, meta: MemberMeta) -> None:
+        self._call(lambda node, now: node.update_meta(meta, now))
 
-    def eviction_marks(self) -> list[Any]:
-        """Per origin, up to which eviction everything was received (DigestEntry)."""
+    def eviction_marks(self) -> list[DigestEntry]:
+        """Per origin, up to which eviction everything was received."""
         if self.node is None:
             return []
-        return list(self.node.eviction_marks())
+        return self.node.eviction_marks()
 
-    def members(self) -> list[Any]:
+    def members(self) -> list[MemberView]:
         if self.node is None:
             return []
         return list(self.node.members())
@@ -500,14 +480,14 @@ class GossipDriver:
             return []
         return list(self.node.usable_backends())
 
-    async def events(self) -> AsyncIterator[Any]:
+    async def events(self) -> AsyncIterator[Event]:
         """The node's events, in order, until the driver stops."""
         q = self._event_queue
         if q is None:
             raise DriverError("events() needs event_queue > 0")
         while True:
             ev = await q.get()
-            if ev is _STOP:
+            if ev is None:
                 return
             yield ev
 

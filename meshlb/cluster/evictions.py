@@ -231,17 +231,15 @@ class EvictionTracker:
             e = have.get(origin)
             for (epoch, first), item in per.items():
                 # an Eviction, one flow record, or a run's records from `first` on
-                many = type(item) is tuple
-                for i, ev in enumerate(item if many else (item,)):
+                items: tuple[Eviction | bytes, ...] = (item,) if isinstance(item, (Eviction, bytes)) else item
+                for i, ev in enumerate(items):
                     seq = first + i
                     if e is not None:
                         if epoch < e.epoch:
                             break
                         if epoch == e.epoch and (seq <= e.contiguous or seq in e.recent):
                             continue
-                    if type(ev) is bytes:
-                        ev = Eviction(origin, epoch, seq, flow_tuple_of(ev))
-                    out.append(ev)
+                    out.append(ev if isinstance(ev, Eviction) else Eviction(origin, epoch, seq, flow_tuple_of(ev)))
                     if len(out) >= self.repair_max:
                         return out
         return out

@@ -18,16 +18,20 @@ import ipaddress
 import re
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
+
+import msgpack
 
 __all__ = [
     "PROTOCOL_VERSION", "Status", "MemberMeta", "FlowTuple", "MemberRecord",
     "Ping", "PingReq", "Ack", "Nack", "Alive", "Suspect", "Dead", "Left",
     "Eviction", "EvictionRun", "PushPull", "EvictionDigest", "DigestEntry", "Message",
     "FLOW_RECORD_SIZE", "MAX_RUN", "RUNS_VERSION", "flow_record", "flow_tuple_of", "valid_records",
-    "encode", "decode", "decode_eviction", "decode_eviction_run", "encode_meta", "decode_meta", "MAX_NAME", "MAX_U64",
+    "encode", "decode", "decode_received", "peek_alive", "decode_eviction", "decode_eviction_run", "encode_meta",
+    "decode_meta", "MAX_NAME", "MAX_U64",
 ]
 
 PROTOCOL_VERSION = 2
@@ -335,19 +339,19 @@ class _Malformed(Exception):
     pass
 
 
-def _u(v: Any, hi: int = MAX_U64) -> int:
+def _uint(v: Any, hi: int = MAX_U64) -> int:
     if type(v) is not int or v < 0 or v > hi:
         raise _Malformed
     return v
 
 
-def _b(v: Any) -> bool:
+def _bool(v: Any) -> bool:
     if type(v) is not bool:
         raise _Malformed
     return v
 
 
-def _s(v: Any, max_len: int = MAX_NAME, allow_empty: bool = False) -> str:
+def _text(v: Any, max_len: int = MAX_NAME, allow_empty: bool = False) -> str:
     if type(v) is not str or len(v) > max_len or (not allow_empty and not v):
         raise _Malformed
     if not v.isprintable():
@@ -355,10 +359,11 @@ def _s(v: Any, max_len: int = MAX_NAME, allow_empty: bool = False) -> str:
     return v
 
 
-def _seq(v: Any, max_len: int) -> list[Any] | tuple[Any, ...]:
+def _array(v: Any, max_len: int) -> list[Any] | tuple[Any, ...]:
     if type(v) not in (list, tuple) or len(v) > max_len:
         raise _Malformed
-    return v
+    fields: list[Any] | tuple[Any, ...] = v
+    return fields
 
 
 # Gossip repeats the same few hosts and metas over and over (every member hears each
@@ -376,7 +381,7 @@ def _host(v: Any) -> str:
         hit = _HOST_CACHE.get(v)
         if hit is not None:
             return hit
-    s = _s(v, MAX_HOST)
+    s = _text(v, MAX_HOST)
     try:
         canonical = str(ipaddress.ip_address(s))
     except ValueError:
@@ -387,13 +392,13 @@ def _host(v: Any) -> str:
     return canonical
 
 
-_ORIGINS: set[str] = set()  # names that passed _s: every eviction carries its origin's
+_ORIGINS: set[str] = set()  # names that passed _text: every eviction carries its origin's
 
 
 def _origin(v: Any) -> str:
     if type(v) is str and v in _ORIGINS:
         return v
-    s = _s(v)
+    s = _text(v)
     if len(_ORIGINS) >= _CACHE_MAX:
         _ORIGINS.clear()
     _ORIGINS.add(s)
@@ -401,7 +406,7 @@ def _origin(v: Any) -> str:
 
 
 def _port(v: Any) -> int:
-    p = _u(v, 65535)
+    p = _uint(v, 65535)
     if p == 0:
         raise _Malformed
     return p
@@ -463,35 +468,35 @@ def decode_meta(v: Any) -> MemberMeta:
 
 
 def _decode_meta(v: Any) -> MemberMeta:
-    f = _seq(v, 16)
+    f = _array(v, 16)
     if len(f) not in (6, 7):
         raise _Malformed
-    addresses = tuple(_ip_bytes(x) for x in _seq(f[6], MAX_ADDRESSES)) if len(f) == 7 else ()
-    vips = _seq(f[0], MAX_VIPS)
-    vips_t = tuple(_s(x, MAX_HOST) for x in vips)
+    addresses = tuple(_ip_bytes(x) for x in _array(f[6], MAX_ADDRESSES)) if len(f) == 7 else ()
+    vips = _array(f[0], MAX_VIPS)
+    vips_t = tuple(_text(x, MAX_HOST) for x in vips)
     obs = f[5]
     if type(obs) is not dict or len(obs) > MAX_OBSERVATIONS:
         raise _Malformed
-    observations = {_s(k): _b(ok) for k, ok in obs.items()}
+    observations = {_text(k): _bool(ok) for k, ok in obs.items()}
     return MemberMeta(
         vips=vips_t,
-        weight=_u(f[1], 1 << 16),
-        app_healthy=_b(f[2]),
-        table_digest=_s(f[3], MAX_DIGEST_TEXT, allow_empty=True),
-        version=_u(f[4], 1 << 16),
+        weight=_uint(f[1], 1 << 16),
+        app_healthy=_bool(f[2]),
+        table_digest=_text(f[3], MAX_DIGEST_TEXT, allow_empty=True),
+        version=_uint(f[4], 1 << 16),
         observations=observations,
         addresses=addresses,
     )
 
 
 def _decode_record(v: Any) -> MemberRecord:
-    f = _seq(v, 16)
+    f = _array(v, 16)
     if len(f) != 7:
         raise _Malformed
-    code = _u(f[3], 3)
+    code = _uint(f[3], 3)
     return MemberRecord(
-        name=_s(f[0]), address=(_host(f[1]), _port(f[2])), status=_CODE_STATUS[code],
-        incarnation=_u(f[4]), meta_version=_u(f[5]), meta=decode_meta(f[6]),
+        name=_text(f[0]), address=(_host(f[1]), _port(f[2])), status=_CODE_STATUS[code],
+        incarnation=_uint(f[4]), meta_version=_uint(f[5]), meta=decode_meta(f[6]),
     )
 
 
@@ -499,7 +504,7 @@ _tuple_new = tuple.__new__  # NamedTuple's generated __new__ costs as much again
 
 
 def _eviction(f: list[Any] | tuple[Any, ...]) -> Eviction:
-    # the checks of _u inlined: this runs for every eviction on every member
+    # the checks of _uint inlined: this runs for every eviction on every member
     _, origin, epoch, seq, client, cport, vip, vport, proto = f
     if (type(epoch) is not int or type(seq) is not int or type(cport) is not int
             or type(vport) is not int or type(proto) is not int or proto not in (6, 17)
@@ -538,7 +543,7 @@ def decode_eviction(v: list[Any]) -> Eviction | None:
 
 
 def _decode(v: Any) -> Message:
-    f = _seq(v, 16)
+    f = _array(v, 16)
     if not f:
         raise _Malformed
     t = f[0]
@@ -550,37 +555,37 @@ def _decode(v: Any) -> Message:
     if t == T_EVICT and n == 9:
         return _eviction(f)
     if t == T_PING and n == 3:
-        return Ping(_u(f[1]), _s(f[2]))
+        return Ping(_uint(f[1]), _text(f[2]))
     if t == T_ACK and n == 2:
-        return Ack(_u(f[1]))
+        return Ack(_uint(f[1]))
     if t == T_PINGREQ and n == 4:
-        return PingReq(_u(f[1]), _s(f[2]), _b(f[3]))
+        return PingReq(_uint(f[1]), _text(f[2]), _bool(f[3]))
     if t == T_NACK and n == 2:
-        return Nack(_u(f[1]))
+        return Nack(_uint(f[1]))
     if t == T_ALIVE and n == 7:
-        return Alive(_s(f[1]), (_host(f[2]), _port(f[3])), _u(f[4]), _u(f[5]), decode_meta(f[6]))
+        return Alive(_text(f[1]), (_host(f[2]), _port(f[3])), _uint(f[4]), _uint(f[5]), decode_meta(f[6]))
     if t == T_SUSPECT and n == 4:
-        return Suspect(_s(f[1]), _u(f[2]), _s(f[3]))
+        return Suspect(_text(f[1]), _uint(f[2]), _text(f[3]))
     if t == T_DEAD and n == 4:
-        return Dead(_s(f[1]), _u(f[2]), _s(f[3]))
+        return Dead(_text(f[1]), _uint(f[2]), _text(f[3]))
     if t == T_LEFT and n == 3:
-        return Left(_s(f[1]), _u(f[2]))
+        return Left(_text(f[1]), _uint(f[2]))
     if t == T_PUSHPULL and n == 8:
-        count = _u(f[6], 1 << 16)
-        index = _u(f[5], 1 << 16)
+        count = _uint(f[6], 1 << 16)
+        index = _uint(f[5], 1 << 16)
         if count == 0 or index >= count:
             raise _Malformed
-        recs = tuple(_decode_record(r) for r in _seq(f[7], MAX_RECORDS))
-        return PushPull(_u(f[1]), _b(f[2]), _b(f[3]), _b(f[4]), index, count, recs)
+        recs = tuple(_decode_record(r) for r in _array(f[7], MAX_RECORDS))
+        return PushPull(_uint(f[1]), _bool(f[2]), _bool(f[3]), _bool(f[4]), index, count, recs)
     if t == T_DIGEST and n == 3:
         entries = []
-        for e in _seq(f[2], MAX_DIGEST_ORIGINS):
-            ef = _seq(e, 4)
+        for e in _array(f[2], MAX_DIGEST_ORIGINS):
+            ef = _array(e, 4)
             if len(ef) != 4:
                 raise _Malformed
-            recent = tuple(_u(x) for x in _seq(ef[3], MAX_DIGEST_RECENT))
-            entries.append(DigestEntry(_s(ef[0]), _u(ef[1]), _u(ef[2]), recent))
-        return EvictionDigest(_b(f[1]), tuple(entries))
+            recent = tuple(_uint(x) for x in _array(ef[3], MAX_DIGEST_RECENT))
+            entries.append(DigestEntry(_text(ef[0]), _uint(ef[1]), _uint(ef[2]), recent))
+        return EvictionDigest(_bool(f[1]), tuple(entries))
     raise _Malformed
 
 
@@ -590,3 +595,36 @@ def decode(v: Any) -> Message | None:
         return _decode(v)
     except (_Malformed, ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return None
+
+
+# The bulk under load, (type code, length) -> its decoder without decode's generic steps.
+_HOT: dict[tuple[int, int], Callable[[list[Any]], Message | None]] = {
+    (T_EVICTS, 5): decode_eviction_run,
+    (T_EVICT, 9): decode_eviction,
+}
+
+
+def decode_received(raw: Any) -> Message | None:
+    """:func:`decode` for a message as a datagram carries it: a msgpack object, or one
+    packed again as msgpack bytes. Never raises."""
+    if type(raw) is list and raw and type(raw[0]) is int:
+        hot = _HOT.get((raw[0], len(raw)))
+        if hot is not None:
+            return hot(raw)
+    elif isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = msgpack.unpackb(raw, raw=False)
+        except Exception:  # noqa: BLE001 -- hostile input must not raise
+            return None
+    return decode(raw)
+
+
+def peek_alive(raw: Any) -> tuple[str, int] | None:
+    """(name, incarnation) of an undecoded Alive, None for anything else: a receiver
+    skips an alive it already has (every member hears each update ~log N times), which
+    it would ignore whatever its other fields hold, before paying for validation."""
+    if type(raw) is list and len(raw) == 7 and type(raw[0]) is int and raw[0] == T_ALIVE:
+        name, incarnation = raw[1], raw[4]
+        if type(name) is str and type(incarnation) is int:
+            return name, incarnation
+    return None

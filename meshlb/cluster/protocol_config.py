@@ -140,7 +140,7 @@ class ProtocolConfig:
 
     @classmethod
     def wan(cls, **overrides: object) -> "ProtocolConfig":
-        base = dict(
+        base: dict[str, object] = dict(
             probe_interval=5.0,
             probe_timeout=3.0,
             suspicion_mult=6.0,
@@ -156,7 +156,7 @@ class ProtocolConfig:
 
     @classmethod
     def local(cls, **overrides: object) -> "ProtocolConfig":
-        base = dict(
+        base: dict[str, object] = dict(
             probe_interval=1.0,
             probe_timeout=0.2,
             suspicion_mult=3.0,

@@ -52,8 +52,9 @@ class RateLimiter:
     @staticmethod
     def _key(source: object) -> Hashable:
         if isinstance(source, tuple) and source:
-            return source[0]
-        return source  # type: ignore[return-value]
+            host: Hashable = source[0]
+            return host
+        return source
 
     def allow(self, now: float, source: object) -> bool:
         """Take one token from the source's bucket; False if it is empty."""

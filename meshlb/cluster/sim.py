@@ -63,6 +63,7 @@ Percentiles are nearest-rank; a percentile over no samples is null.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import math
@@ -95,7 +96,7 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
     return sorted_values[min(k, len(sorted_values) - 1)]
 
 
-def _r(x: float | None, nd: int = 4) -> float | None:
+def _rounded(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(x, nd)
 
 
@@ -416,7 +417,7 @@ class Sim:
     def _plan_joins(self) -> None:
         n = self.cfg.nodes
         for i in range(n):
-            self._at(self.cfg.join_spread_s * i / n, lambda t, i=i: self._start(i, t, first=True))
+            self._at(self.cfg.join_spread_s * i / n, functools.partial(self._start, i, first=True))
 
     def _plan_scenario(self) -> None:
         cfg, scn, n = self.cfg, self.scn, self.cfg.nodes
@@ -436,18 +437,18 @@ class Sim:
         lo, hi = cfg.events_from * T, cfg.crash_to * T
         for k, i in enumerate(crashed):
             at = scn.uniform(lo, hi)
-            self._at(at, lambda t, i=i: self._crash(i, t))
+            self._at(at, functools.partial(self._crash, i))
             self.plan.append((at, "crash", i))
             if k < cfg.restart:
-                self._at(at + cfg.restart_after_s, lambda t, i=i: self._restart(i, t))
+                self._at(at + cfg.restart_after_s, functools.partial(self._restart, i))
                 self.plan.append((at + cfg.restart_after_s, "restart", i))
         for i in leaving:
             at = scn.uniform(lo, hi)
-            self._at(at, lambda t, i=i: self._leave(i, t))
+            self._at(at, functools.partial(self._leave, i))
             self.plan.append((at, "leave", i))
         ev_hi = max(lo, T - cfg.eviction_drain_s)
         for k in range(cfg.evictions):
-            self._at(scn.uniform(lo, ev_hi), lambda t, k=k: self._evict(k, t))
+            self._at(scn.uniform(lo, ev_hi), functools.partial(self._evict, k))
         self._at(cfg.idle_from * T, self._idle_start)
         self._at(cfg.idle_to * T, self._idle_end)
         self.check_interval = cfg.check_interval_s or max(1.0, n / 100.0)
@@ -493,12 +494,12 @@ class Sim:
                     for at in route(t, src, j):
                         self._push(at, _DELIVER, j, (src, data))
             return
-        j = self.by_addr.get(tuple(dest))
-        if j is None:
+        dst = self.by_addr.get(tuple(dest))
+        if dst is None:
             self.netdrops["no_route"] += 1
             return
-        for at in route(t, src, j):
-            self._push(at, _DELIVER, j, (src, data))
+        for at in route(t, src, dst):
+            self._push(at, _DELIVER, dst, (src, data))
 
     def _start(self, i: int, t: float, first: bool, incarnation: int = 0) -> None:
         m = self.members[i]
@@ -595,13 +596,13 @@ class Sim:
                     continue
                 dead = kind == "MemberDead"
                 subj = self.members[j]
-                rec = self.crashes.get(j)
+                crash = self.crashes.get(j)
                 if not subj.up:
-                    if rec is not None and rec.at <= t < rec.until:
-                        if m.idx not in rec.suspect:
-                            rec.suspect[m.idx] = t
-                        if dead and m.idx not in rec.dead:
-                            rec.dead[m.idx] = t
+                    if crash is not None and crash.at <= t < crash.until:
+                        if m.idx not in crash.suspect:
+                            crash.suspect[m.idx] = t
+                        if dead and m.idx not in crash.dead:
+                            crash.dead[m.idx] = t
                     continue
                 if subj.leaving:
                     continue
@@ -764,18 +765,18 @@ class Sim:
 
         ev_lat: list[float] = []
         ev_missed = ev_pairs = 0
-        for rec in self.evictions.values():
+        for ev in self.evictions.values():
             for m in self.members:
-                if m.idx == rec.origin or m.leaving:
+                if m.idx == ev.origin or m.leaving:
                     continue
-                if not m.up_throughout(rec.at, end):
+                if not m.up_throughout(ev.at, end):
                     continue
                 ev_pairs += 1
-                got = rec.arrivals.get(m.idx)
+                got = ev.arrivals.get(m.idx)
                 if got is None:
                     ev_missed += 1
                 else:
-                    ev_lat.append(got - rec.at)
+                    ev_lat.append(got - ev.at)
         ev_lat.sort()
 
         idle_b = idle_d = idle_cpu = None
@@ -815,13 +816,13 @@ class Sim:
             "warm_start_s": round(self.origin - self.t0, 3),
             "evictions": cfg.evictions,
             "partitions": [p.describe() for p in cfg.partitions],
-            "suspect_p50_s": _r(percentile(sus, 0.50)),
-            "suspect_p99_s": _r(percentile(sus, 0.99)),
-            "dead_p50_s": _r(percentile(dead, 0.50)),
-            "dead_p99_s": _r(percentile(dead, 0.99)),
-            "suspect_all_max_s": _r(sus_all[-1] if sus_all else None),
-            "dead_all_p50_s": _r(percentile(dead_all, 0.50)),
-            "dead_all_max_s": _r(dead_all[-1] if dead_all else None),
+            "suspect_p50_s": _rounded(percentile(sus, 0.50)),
+            "suspect_p99_s": _rounded(percentile(sus, 0.99)),
+            "dead_p50_s": _rounded(percentile(dead, 0.50)),
+            "dead_p99_s": _rounded(percentile(dead, 0.99)),
+            "suspect_all_max_s": _rounded(sus_all[-1] if sus_all else None),
+            "dead_all_p50_s": _rounded(percentile(dead_all, 0.50)),
+            "dead_all_max_s": _rounded(dead_all[-1] if dead_all else None),
             "suspect_missed": sus_missed,
             "dead_missed": dead_missed,
             "detect_pairs": pairs,
@@ -834,17 +835,17 @@ class Sim:
             "false_examples": [list(x) for x in self.false_detail[:5]],
             "evictions_published": len(self.evictions),
             "eviction_pairs": ev_pairs,
-            "eviction_p50_s": _r(percentile(ev_lat, 0.50), 5),
-            "eviction_p99_s": _r(percentile(ev_lat, 0.99), 5),
-            "eviction_max_s": _r(ev_lat[-1] if ev_lat else None, 5),
+            "eviction_p50_s": _rounded(percentile(ev_lat, 0.50), 5),
+            "eviction_p99_s": _rounded(percentile(ev_lat, 0.99), 5),
+            "eviction_max_s": _rounded(ev_lat[-1] if ev_lat else None, 5),
             "eviction_missed": ev_missed,
-            "idle_bytes_per_s_per_member": _r(idle_b, 1),
-            "idle_datagrams_per_s_per_member": _r(idle_d, 3),
+            "idle_bytes_per_s_per_member": _rounded(idle_b, 1),
+            "idle_datagrams_per_s_per_member": _rounded(idle_d, 3),
             "idle_window_s": [window[0], window[1]],
             "datagrams_sent": sum(m.dgrams_sent for m in self.members) - self.base_sent[1],
             "bytes_sent": sum(m.bytes_sent for m in self.members) - self.base_sent[0],
             "converged": converged,
-            "converged_at_s": _r(self.converged_at, 3),
+            "converged_at_s": _rounded(self.converged_at, 3),
             "live_members": len(live),
             "drops": {"net": dict(sorted(net_drops.items())), "wire": dict(sorted((str(getattr(k, "value", k)), v) for k, v in wire_drops.items()))},
             "cpu_s_per_member_per_s": round(self.cpu / n / T, 6),

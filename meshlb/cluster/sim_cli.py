@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import types
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from meshlb.cluster.simnet import parse_fraction, parse_partition
@@ -47,7 +48,7 @@ def _one_line_error(self: argparse.ArgumentParser, message: str) -> NoReturn:
     self.exit(2, f"meshlb sim: {message} (see meshlb sim --help)\n")
 
 
-def _fraction(what: str):
+def _fraction(what: str) -> Callable[[str], float]:
     def conv(text: str) -> float:
         try:
             return parse_fraction(text, what)
@@ -58,7 +59,7 @@ def _fraction(what: str):
     return conv
 
 
-def _int_at_least(lo: int, what: str):
+def _int_at_least(lo: int, what: str) -> Callable[[str], int]:
     def conv(text: str) -> int:
         try:
             v = int(text)
@@ -72,7 +73,7 @@ def _int_at_least(lo: int, what: str):
     return conv
 
 
-def _seconds(what: str, positive: bool = True):
+def _seconds(what: str, positive: bool = True) -> Callable[[str], float]:
     def conv(text: str) -> float:
         s = text.strip()
         scale = 1.0
@@ -92,7 +93,7 @@ def _seconds(what: str, positive: bool = True):
     return conv
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "sim",
         help="simulate a cluster (real protocol, simulated network and clock)",
@@ -113,7 +114,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         return ns, []
 
-    p.parse_known_args = strict  # type: ignore[method-assign]
+    p.parse_known_args = strict  # type: ignore[method-assign,assignment]
     p.add_argument("--nodes", "-n", type=_int_at_least(2, "--nodes"), default=100, help="members (default 100)")
     p.add_argument("--loss", type=_fraction("--loss"), default=0.0,
                    help="datagram loss: a fraction (0.05) or a percentage (5%%); default 0")

@@ -41,7 +41,7 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = [
     "DEFAULT_PORT",
@@ -139,10 +139,10 @@ class TransportStats:
     bytes_received: int = 0
     group_sent: int = 0
     group_received: int = 0
-    dropped: collections.Counter = field(default_factory=collections.Counter)
-    errors: collections.Counter = field(default_factory=collections.Counter)
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "datagrams_sent": self.datagrams_sent,
             "bytes_sent": self.bytes_sent,
@@ -212,7 +212,7 @@ def _is_unspecified(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
 
-def parse_peer(spec: str | tuple, default_port: int) -> Address:
+def parse_peer(spec: str | tuple[Any, ...], default_port: int) -> Address:
     """``host``, ``host:port``, ``[v6]:port`` or ``v6`` (bare) -> (host, port)."""
     if isinstance(spec, tuple):
         return (str(spec[0]), int(spec[1]) if len(spec) > 1 else default_port)
@@ -237,7 +237,7 @@ def parse_peer(spec: str | tuple, default_port: int) -> Address:
 
 
 async def resolve_peers(
-    specs: Iterable[str | tuple], default_port: int, family: int = socket.AF_INET,
+    specs: Iterable[str | tuple[Any, ...]], default_port: int, family: int = socket.AF_INET,
 ) -> tuple[list[Address], list[str]]:
     """Resolve peer specs to literal addresses of ``family``.
 
@@ -265,7 +265,7 @@ async def resolve_peers(
             failed.append(str(spec))
             continue
         for info in infos:
-            addr = (info[4][0], info[4][1])
+            addr = (str(info[4][0]), int(info[4][1]))
             if addr not in out:
                 out.append(addr)
     # Keep order, drop duplicates from several specs naming the same address.
@@ -301,16 +301,16 @@ class UdpTransport:
         self.on_datagram = on_datagram
         self.recverr = False
         self._queue: collections.deque[tuple[bytes, Address]] = collections.deque()
-        self._uni: socket.socket | None = None
-        self._grp: socket.socket | None = None
+        self._unicast_sock: socket.socket | None = None
+        self._group_sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._family = socket.AF_INET
+        self._family: int = socket.AF_INET
         self._address: Address | None = None
         self._own: Address | None = None  # the unicast socket's own address
-        self._group_dest: tuple | None = None
+        self._group_dest: tuple[Any, ...] | None = None
         self._ifindex = 0
         self._closed = False
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._overflow: dict[int, int] = {}  # fd -> last SO_RXQ_OVFL value seen
 
     # -- properties ---------------------------------------------------------------------
@@ -411,9 +411,9 @@ class UdpTransport:
             raise
         return s
 
-    def _bind_to_device(self, s: socket.socket) -> None:
+    def _bind_to_device(self, s: socket.socket, interface: str) -> None:
         try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.config.interface.encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         except PermissionError:
             raise TransportError(
                 "SO_BINDTODEVICE needs CAP_NET_RAW (run as root or leave the interface out)") from None
@@ -443,14 +443,14 @@ class UdpTransport:
             elif c.mode == Mode.BROADCAST:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
                 if c.interface:
-                    self._bind_to_device(s)
+                    self._bind_to_device(s, c.interface)
             s.bind(self._sockaddr(bind, c.port))
         except BaseException:
             s.close()
             raise
         return s
 
-    def _group_socket(self, port: int) -> tuple[socket.socket, tuple]:
+    def _group_socket(self, port: int) -> tuple[socket.socket, tuple[Any, ...]]:
         c = self.config
         s = self._base_socket()
         try:
@@ -466,10 +466,11 @@ class UdpTransport:
                     # socket of the host joined, as long as the port matches.
                     s.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
                     s.bind((group, port))
+                    assert self._own is not None  # the unicast socket is bound first
                     local = b"\0" * 4 if self._ifindex else socket.inet_aton(self._own[0])
                     mreqn = struct.pack("=4s4si", socket.inet_aton(group), local, self._ifindex)
                     s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-                    dest: tuple = (group, port)
+                    dest: tuple[Any, ...] = (group, port)
                 else:
                     s.setsockopt(socket.IPPROTO_IPV6, _IPV6_MULTICAST_ALL, 0)
                     s.bind((group, port, 0, self._ifindex))
@@ -487,7 +488,7 @@ class UdpTransport:
                 if c.interface:
                     # The device binding scopes the wildcard to this link, and the
                     # wildcard hears both limited and directed broadcasts.
-                    self._bind_to_device(s)
+                    self._bind_to_device(s, c.interface)
                     s.bind(("0.0.0.0", port))
                 else:
                     s.bind((brd, port))
@@ -497,7 +498,7 @@ class UdpTransport:
             raise
         return s, dest
 
-    def _sockaddr(self, host: str, port: int) -> tuple:
+    def _sockaddr(self, host: str, port: int) -> tuple[Any, ...]:
         if self._family == socket.AF_INET6:
             host = host.split("%")[0]
             scope = self._ifindex if ipaddress.IPv6Address(host).is_link_local else 0
@@ -506,7 +507,7 @@ class UdpTransport:
 
     async def open(self) -> None:
         """Create, configure and bind the sockets and start reading."""
-        if self._uni is not None or self._closed:
+        if self._unicast_sock is not None or self._closed:
             raise TransportError("transport already opened")
         c = self.config
         loop = asyncio.get_running_loop()
@@ -525,11 +526,11 @@ class UdpTransport:
         port = uni.getsockname()[1]
         self._own = (uni.getsockname()[0], port)
         self._address = (advertise.split("%")[0], c.advertise_port or port)
-        self._uni = uni
+        self._unicast_sock = uni
         try:
             if c.mode != Mode.UNICAST:
                 grp, self._group_dest = self._group_socket(c.group_port or port)
-                self._grp = grp
+                self._group_sock = grp
                 loop.add_reader(grp.fileno(), self._readable, grp, True)
             loop.add_reader(uni.fileno(), self._readable, uni, False)
         except BaseException as exc:
@@ -565,7 +566,7 @@ class UdpTransport:
         if queued:
             self._notify()
 
-    def _kernel_drops(self, sock: socket.socket, anc: list) -> None:
+    def _kernel_drops(self, sock: socket.socket, anc: list[tuple[int, int, bytes]]) -> None:
         for lvl, typ, payload in anc:
             if lvl == socket.SOL_SOCKET and typ == _SO_RXQ_OVFL and len(payload) >= 4:
                 total = struct.unpack_from("=I", payload)[0]
@@ -604,7 +605,7 @@ class UdpTransport:
     def _count_error(self, num: int | None) -> None:
         self.stats.errors[errno.errorcode.get(num or -1, f"errno{num}")] += 1
 
-    def _received(self, data: bytes, addr, is_group: bool) -> bool:
+    def _received(self, data: bytes, addr: Any, is_group: bool) -> bool:
         src: Address = (addr[0], addr[1])
         if is_group and src == self._own:
             # Broadcasts always loop back; multicast does when multicast_loop is on.
@@ -651,8 +652,8 @@ class UdpTransport:
         return self._queue.popleft()
 
     # -- send -------------------------------------------------------------------------
-    def _send(self, data: bytes, dest: tuple, *, group: bool) -> bool:
-        sock = self._uni
+    def _send(self, data: bytes, dest: tuple[Any, ...], *, group: bool) -> bool:
+        sock = self._unicast_sock
         if self._closed or sock is None:
             self.stats.dropped["closed"] += 1
             return False
@@ -703,11 +704,11 @@ class UdpTransport:
 
     # -- close ------------------------------------------------------------------------
     def _close_sockets(self) -> None:
-        for attr in ("_uni", "_grp"):
-            sock = getattr(self, attr)
+        socks = (self._unicast_sock, self._group_sock)
+        self._unicast_sock = self._group_sock = None
+        for sock in socks:
             if sock is None:
                 continue
-            setattr(self, attr, None)
             if self._loop is not None and not self._loop.is_closed():
                 try:
                     self._loop.remove_reader(sock.fileno())

@@ -49,7 +49,7 @@ import collections
 import enum
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +125,7 @@ class Opened:
     sender: str  # the sender's member name (authenticated)
     epoch: int  # sender's boot epoch
     seq: int
-    messages: list  # decoded msgpack objects, in order; their shape is the protocol's business
+    messages: list[Any]  # decoded msgpack objects, in order; their shape is the protocol's business
 
 
 def label_fingerprint(label: str) -> bytes:
@@ -154,7 +154,8 @@ def seal_envelope(key: bytes, label: str, plaintext: bytes, nonce: bytes | None 
 
 
 def _body_prefix(sender: str, epoch: int) -> bytes:
-    return b"\x94" + msgpack.packb(sender, use_bin_type=True) + b"\xcf" + epoch.to_bytes(8, "big")
+    packed: bytes = msgpack.packb(sender, use_bin_type=True)
+    return b"\x94" + packed + b"\xcf" + epoch.to_bytes(8, "big")
 
 
 def _body_tail_header(seq: int, count: int) -> bytes:
@@ -172,7 +173,7 @@ def encode_body(sender: str, epoch: int, seq: int, encoded: Sequence[bytes]) -> 
 # One packer for every message: msgpack.packb builds a Packer per call, which is most
 # of the cost of packing an eviction. Safe to share: pack() runs in C under the GIL,
 # resets its buffer on return and on error, and calls no Python code for these types.
-_pack = msgpack.Packer(use_bin_type=True).pack
+_pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -372,7 +373,7 @@ class Wire:
         return Opened(sender, epoch, seq, messages)
 
     @staticmethod
-    def _decode(plain: bytes) -> tuple[str, int, int, list] | None:
+    def _decode(plain: bytes) -> tuple[str, int, int, list[Any]] | None:
         # Every length limit is the plaintext size: nothing real can claim more
         # elements or bytes than there are bytes, and a lying length header is then
         # refused before msgpack allocates for it.

@@ -38,7 +38,7 @@ def test_invalid_max():
 
 def test_refuting_a_suspicion_about_self_raises_awareness_and_probe_success_lowers_it():
     from meshlb.cluster import messages as M
-    from tests.cluster.test_node import Network, converged, run_until, seal
+    from tests.cluster.memnet import Network, converged, run_until, seal
 
     net = Network(seed=40)
     net.cluster(3)
@@ -52,7 +52,7 @@ def test_refuting_a_suspicion_about_self_raises_awareness_and_probe_success_lowe
 
 
 def test_missing_nacks_blame_ourselves_but_nacks_do_not():
-    from tests.cluster.test_node import Network, converged, run_until
+    from tests.cluster.memnet import Network, converged, run_until
 
     net = Network(seed=41)
     net.cluster(5)
