@@ -29,8 +29,15 @@ $(OUT)/%.bpf.o: bpf/%.bpf.c $(HDRS) $(VMLINUX)
 clean:
 	rm -rf $(BUILD) $(OUT)/*.bpf.o
 
-.PHONY: test
-# The test command (README): builds the objects, then every test; privileged tests
-# need root and run (never skip) when CI=true.
-test: all
+.PHONY: test check
+# The test command (README): builds the objects, checks the code, then every test;
+# privileged tests need root and run (never skip) when CI=true.
+test: all check
 	python3 -m pytest -q -p no:cacheprovider tests
+
+# Lint, types (strict where the code is pure: pyproject.toml) and the dependency rules
+# of docs/architecture.md.
+check:
+	python3 -m ruff check meshlb tests bench setup.py
+	python3 -m mypy meshlb
+	lint-imports

@@ -20,15 +20,15 @@ wrap->floor_ret minus floor_ret, is subtracted and reported.
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import concurrent.futures
 import ctypes
 import ctypes.util
+import ipaddress
 import os
 import statistics
 import struct
 import subprocess
 import sys
-import concurrent.futures
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ from scapy.layers.l2 import Ether  # noqa: E402
 
 from meshlb.dataplane import layouts as L  # noqa: E402
 from meshlb.dataplane.balancer import OBJECT_PATH, Balancer  # noqa: E402
-from meshlb.dataplane.libbpf import BpfObject, XDP_PASS, XDP_TX  # noqa: E402
+from meshlb.dataplane.libbpf import XDP_PASS, XDP_TX, BpfObject  # noqa: E402
 
 PID = os.getpid()
 VIP, CLIENT, BACKEND, SNAT = "203.0.113.10", "10.1.0.1", "10.10.0.2", "10.10.0.1"
@@ -59,7 +59,7 @@ class Netns:
         self.name, self.dev = f"mlbbench{PID}", f"mlbbv{PID}"
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         n = self.name
         sh("ip", "netns", "add", n)
         try:

@@ -63,7 +63,15 @@ from pyroute2 import netns as pr_netns  # noqa: E402
 
 from meshlb import control  # noqa: E402
 from meshlb.lab.lab import (  # noqa: E402
-    APP_PORT, CLIENT_NET4, ROUTER4, VIP_DR, VIP_NAT, Lab, LabOptions, _wait_pid_gone, mix_addr4,
+    APP_PORT,
+    CLIENT_NET4,
+    ROUTER4,
+    VIP_DR,
+    VIP_NAT,
+    Lab,
+    LabOptions,
+    _wait_pid_gone,
+    mix_addr4,
 )
 
 BENCH_PORT = 8080

@@ -43,9 +43,10 @@ import re
 import secrets
 import socket
 import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from meshlb import maglev
 from meshlb.cluster.protocol_config import ProtocolConfig
@@ -854,7 +855,7 @@ def load_key_ring(path: str, source: str = "cluster.toml") -> tuple[bytes, ...]:
         if not line:
             continue
         key = None
-        if re.fullmatch(r"[0-9a-fA-F]{%d}" % (2 * KEY_BYTES), line):
+        if re.fullmatch(rf"[0-9a-fA-F]{{{2 * KEY_BYTES}}}", line):
             key = bytes.fromhex(line)
         else:
             try:

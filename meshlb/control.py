@@ -82,7 +82,7 @@ class ControlServer:
             response = await self._dispatch(line)
             writer.write(json.dumps(response, separators=(",", ":"), default=str).encode() + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -136,7 +136,7 @@ def call(path: str | os.PathLike[str], op: str, args: dict[str, Any] | None = No
             if not chunk:
                 break
             chunks.append(chunk)
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"agent at {path} did not answer within {timeout:g} s") from None
     finally:
         sock.close()

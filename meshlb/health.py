@@ -20,8 +20,8 @@ import inspect
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Mapping
 
 __all__ = ["CheckFailed", "TargetStatus", "HealthChecker", "tcp_check", "http_check"]
 
@@ -156,7 +156,7 @@ class HealthChecker:
         self.set_targets(targets or {})
 
     @classmethod
-    def from_config(cls, cfg, **kwargs) -> "HealthChecker":
+    def from_config(cls, cfg, **kwargs) -> HealthChecker:
         """From a :class:`meshlb.config.HealthConfig`; kwargs as for the constructor."""
         return cls(interval=cfg.interval, timeout=cfg.timeout, kind=cfg.kind, http_path=cfg.http_path,
                    rise=cfg.rise, fall=cfg.fall, **kwargs)
@@ -282,7 +282,7 @@ class HealthChecker:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> "HealthChecker":
+    async def __aenter__(self) -> HealthChecker:
         await self.start()
         return self
 

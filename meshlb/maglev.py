@@ -37,8 +37,8 @@ import hashlib
 import heapq
 import math
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 __all__ = [
     "Backend",

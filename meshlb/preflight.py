@@ -19,7 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from meshlb.dataplane.libbpf import (
-    BpfError, BpfObject, KernelBtfError, LibbpfNotFound, ObjectOpenError, VerifierError,
+    BpfError,
+    BpfObject,
+    KernelBtfError,
+    LibbpfNotFound,
+    ObjectOpenError,
+    VerifierError,
 )
 from meshlb.dataplane.libbpf_ffi import lib
 

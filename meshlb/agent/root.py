@@ -172,7 +172,8 @@ class Agent:
         await self.tables.rebuild()  # and so does this node's own balancer
         endpoints = served_endpoints(self.tables.vips, self.session.address)
         deadline = time.monotonic() + self.cfg.drain.timeout_s
-        while time.monotonic() < deadline and count_established(endpoints) > 0:
+        # polled: the kernel tells no one when the last connection of an endpoint ends
+        while time.monotonic() < deadline and count_established(endpoints) > 0:  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL_S)
         left = count_established(endpoints)
         if left:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, Protocol, TypeVar, Union
+from typing import Any, Protocol, TypeVar
 
 from .messages import MemberMeta, Message
 from .protocol_config import ProtocolConfig
@@ -38,7 +38,7 @@ class _Group:
 
 
 GROUP = _Group()
-Destination = Union[Address, _Group]
+Destination = Address | _Group
 
 # handler(now, message, sender name, source address)
 Handler = Callable[[float, Any, str, Address], None]

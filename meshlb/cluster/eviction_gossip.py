@@ -21,13 +21,23 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Hashable, Iterable, Mapping
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from .delegate import GROUP, Address, Handler, Host
 from .evictions import EvictionTracker, Receipt
 from .messages import (
-    FLOW_RECORD_SIZE, MAX_RUN, MAX_U64, RUNS_VERSION, DigestEntry, Eviction, EvictionDigest, EvictionRun, FlowTuple,
-    canonical_ip, flow_tuple_of, valid_records,
+    FLOW_RECORD_SIZE,
+    MAX_RUN,
+    MAX_U64,
+    RUNS_VERSION,
+    DigestEntry,
+    Eviction,
+    EvictionDigest,
+    EvictionRun,
+    FlowTuple,
+    canonical_ip,
+    flow_tuple_of,
+    valid_records,
 )
 from .protocol_config import ProtocolConfig
 
@@ -51,7 +61,7 @@ class EvictionsReceived(NamedTuple):
         return [flow_tuple_of(r) for r in self.records]
 
 
-EvictionEvent = Union[EvictionReceived, EvictionsReceived]
+EvictionEvent = EvictionReceived | EvictionsReceived
 
 _tuple_new = tuple.__new__  # skips NamedTuple's generated __new__
 

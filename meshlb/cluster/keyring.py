@@ -179,7 +179,7 @@ class Keyring:
         return _check_key(raw)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "Keyring":
+    def from_file(cls, path: str | os.PathLike[str]) -> Keyring:
         """Load a key file: one key per line (hex or base64), the first is primary.
         Blank lines and lines starting with ``#`` are ignored."""
         name = os.fspath(path)

@@ -373,7 +373,7 @@ def _array(v: Any, max_len: int) -> list[Any] | tuple[Any, ...]:
 # what they return is immutable by convention, so sharing it is harmless.
 _CACHE_MAX = 8192
 _HOST_CACHE: dict[str, str] = {}
-_META_CACHE: dict[tuple[Any, ...], "MemberMeta"] = {}
+_META_CACHE: dict[tuple[Any, ...], MemberMeta] = {}
 
 
 def _host(v: Any) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from typing import Union
 
 from .delegate import GROUP, Address
 from .eviction_gossip import EvictionEvent, EvictionGossip, EvictionReceived, EvictionsReceived
@@ -18,7 +17,14 @@ from .membership import MemberView
 from .messages import PROTOCOL_VERSION, DigestEntry, FlowTuple, MemberMeta, Status
 from .protocol_config import ProtocolConfig
 from .swim import (
-    GossipWire, MemberDead, MemberLeft, MemberSuspect, MemberUp, MetaChanged, Outgoing, SwimNode,
+    GossipWire,
+    MemberDead,
+    MemberLeft,
+    MemberSuspect,
+    MemberUp,
+    MetaChanged,
+    Outgoing,
+    SwimNode,
 )
 
 __all__ = [
@@ -27,7 +33,7 @@ __all__ = [
     "Event",
 ]
 
-Event = Union[MemberUp, MemberSuspect, MemberDead, MemberLeft, MetaChanged, EvictionReceived, EvictionsReceived]
+Event = MemberUp | MemberSuspect | MemberDead | MemberLeft | MetaChanged | EvictionReceived | EvictionsReceived
 
 
 class Node(SwimNode[EvictionEvent]):

@@ -135,11 +135,11 @@ class ProtocolConfig:
             raise ValueError("max_datagram must be at least 512")
 
     @classmethod
-    def lan(cls, **overrides: object) -> "ProtocolConfig":
+    def lan(cls, **overrides: object) -> ProtocolConfig:
         return cls(**overrides)  # type: ignore[arg-type]
 
     @classmethod
-    def wan(cls, **overrides: object) -> "ProtocolConfig":
+    def wan(cls, **overrides: object) -> ProtocolConfig:
         base: dict[str, object] = dict(
             probe_interval=5.0,
             probe_timeout=3.0,
@@ -155,7 +155,7 @@ class ProtocolConfig:
         return cls(**base)  # type: ignore[arg-type]
 
     @classmethod
-    def local(cls, **overrides: object) -> "ProtocolConfig":
+    def local(cls, **overrides: object) -> ProtocolConfig:
         base: dict[str, object] = dict(
             probe_interval=1.0,
             probe_timeout=0.2,
@@ -171,7 +171,7 @@ class ProtocolConfig:
         return cls(**base)  # type: ignore[arg-type]
 
     @classmethod
-    def preset(cls, name: str, **overrides: object) -> "ProtocolConfig":
+    def preset(cls, name: str, **overrides: object) -> ProtocolConfig:
         try:
             factory = {"lan": cls.lan, "wan": cls.wan, "local": cls.local}[name]
         except KeyError:

@@ -70,8 +70,9 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from meshlb.cluster.simnet import NetConfig, Partition, SimNetwork
 
@@ -847,7 +848,8 @@ class Sim:
             "converged": converged,
             "converged_at_s": _rounded(self.converged_at, 3),
             "live_members": len(live),
-            "drops": {"net": dict(sorted(net_drops.items())), "wire": dict(sorted((str(getattr(k, "value", k)), v) for k, v in wire_drops.items()))},
+            "drops": {"net": dict(sorted(net_drops.items())),
+                      "wire": dict(sorted((str(getattr(k, "value", k)), v) for k, v in wire_drops.items()))},
             "cpu_s_per_member_per_s": round(self.cpu / n / T, 6),
             "idle_cpu_s_per_member_per_s": None if idle_cpu is None else round(idle_cpu, 6),
             "cpu_s_total": round(self.cpu, 3),

@@ -37,7 +37,7 @@ import random
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, Union
+from typing import Any, Generic, Protocol
 
 from .awareness import Awareness
 from .broadcasts import BroadcastQueue
@@ -45,8 +45,23 @@ from .delegate import GROUP, Address, Delegate, Destination, EventT, Handler, No
 from .health_view import usable_backends as _usable_backends
 from .membership import MemberState, MemberTable, MemberView, Verdict
 from .messages import (
-    Ack, Alive, Dead, Left, MemberMeta, MemberRecord, Message, Nack, Ping, PingReq, PushPull, Status, Suspect,
-    decode_received, encode, encode_meta, peek_alive,
+    Ack,
+    Alive,
+    Dead,
+    Left,
+    MemberMeta,
+    MemberRecord,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    Status,
+    Suspect,
+    decode_received,
+    encode,
+    encode_meta,
+    peek_alive,
 )
 from .protocol_config import ProtocolConfig, push_pull_scale, retransmit_limit, suspicion_bounds
 from .suspicion import Suspicion
@@ -114,7 +129,7 @@ class MetaChanged:
     member: MemberView
 
 
-MemberEvent = Union[MemberUp, MemberSuspect, MemberDead, MemberLeft, MetaChanged]
+MemberEvent = MemberUp | MemberSuspect | MemberDead | MemberLeft | MetaChanged
 
 _INF = float("inf")
 _SEQ_MASK = (1 << 32) - 1

@@ -40,8 +40,9 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 __all__ = [
     "DEFAULT_PORT",

@@ -15,16 +15,31 @@ import mmap
 import os
 import struct
 import threading
-from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from . import layouts as L
 from .layouts import (
-    AF_INET, AF_INET6, IPPROTO_TCP, Backend, Counter, CtValue, FlowKey, LbStats, NatRevValue,
-    SnatConfig, VipKey, VipMeta,
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    Backend,
+    Counter,
+    CtValue,
+    FlowKey,
+    LbStats,
+    NatRevValue,
+    SnatConfig,
+    VipKey,
+    VipMeta,
 )
 from .libbpf import (
-    BPF_MAP_TYPE_ARRAY, BpfError, BpfObject, Link, Map, Program,
+    BPF_MAP_TYPE_ARRAY,
+    BpfError,
+    BpfObject,
+    Link,
+    Map,
+    Program,
 )
 
 OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"
@@ -123,7 +138,7 @@ class Balancer:
     @classmethod
     def load(cls, pin_dir: str | os.PathLike | None = None, *,
              conntrack_size: int | None = None, path: str | os.PathLike | None = None,
-             ) -> "Balancer":
+             ) -> Balancer:
         """Load the balancer. With ``pin_dir``, maps pinned there are adopted and
         the rest are pinned after load. ``conntrack_size`` sizes both conntrack
         maps (ignored for adopted maps, which keep their size)."""
@@ -178,7 +193,7 @@ class Balancer:
             self._evict_buf = None
         self.obj.close()
 
-    def __enter__(self) -> "Balancer":
+    def __enter__(self) -> Balancer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -213,7 +228,10 @@ class Balancer:
         return k
 
     def _vip_info(self, vip_id: int) -> VipMeta:
-        return VipMeta.from_bytes(self.maps["vip_info"].lookup(_U32.pack(vip_id)))
+        raw = self.maps["vip_info"].lookup(_U32.pack(vip_id))
+        if raw is None:  # an array: every index below max_entries exists
+            raise KeyError(f"vip_info[{vip_id}]: beyond the array")
+        return VipMeta.from_bytes(raw)
 
     def _sync_filter(self, extra: Sequence[VipKey] = ()) -> None:
         """Make vip_filter count exactly the VIPs (plus ``extra``) per slot."""

@@ -12,7 +12,10 @@ import enum
 import ipaddress
 import socket
 import struct
-from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64
+from ctypes import c_uint8 as u8
+from ctypes import c_uint16 as u16
+from ctypes import c_uint32 as u32
+from ctypes import c_uint64 as u64
 
 AF_INET = socket.AF_INET    # 2
 AF_INET6 = socket.AF_INET6  # 10

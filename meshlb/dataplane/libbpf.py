@@ -23,17 +23,16 @@ import threading
 from ctypes import byref, c_size_t
 
 from .libbpf_ffi import (
-    Closeable,
-    ENOTSUPP,
     LIBBPF_WARN,
     BpfError,
+    Closeable,
     KernelBtfError,
-    LibbpfNotFound,
+    LibbpfNotFound,  # noqa: F401 - re-exported API
     ObjectOpenError,
     VerifierError,
+    bpf_object_open_opts,
     btf_type,
     btf_var_secinfo,
-    bpf_object_open_opts,
     capture_libbpf_output,
     check,
     lib,
@@ -98,7 +97,6 @@ from .libbpf_prog import (  # noqa: F401
 )
 from .libbpf_ringbuf import RingReader  # noqa: F401
 
-
 BTF_KIND_VAR = 14
 BTF_KIND_DATASEC = 15
 
@@ -126,7 +124,7 @@ class BpfObject(Closeable):
     """A BPF ELF object: open, adjust (globals, sizes, pinned maps), load, use."""
 
     def __init__(self, ptr: int, path: str) -> None:
-        self._obj = ptr
+        self._obj: int | None = ptr  # None once closed
         self.path = path
         self.name = (lib().bpf_object__name(ptr) or b"").decode()
         self._loaded = False
@@ -151,7 +149,7 @@ class BpfObject(Closeable):
         return f"BpfObject({self.name!r}, path={self.path!r}, loaded={self._loaded})"
 
     @classmethod
-    def open(cls, path, *, name: str | None = None) -> "BpfObject":
+    def open(cls, path, *, name: str | None = None) -> BpfObject:
         path = os.fspath(path)
         o = opts(bpf_object_open_opts, object_name=name.encode() if name else None)
         with capture_libbpf_output() as lines:
@@ -347,10 +345,7 @@ class BpfObject(Closeable):
             msg = f"bpf_object__load({self.name!r})" + (f": {detail}" if detail else "")
         # libbpf reads the running kernel's types before relocating anything (CO-RE)
         cls = KernelBtfError if _NO_KERNEL_BTF_RE.search(text) else BpfError
-        e = cls(err, msg, verifier_log)
-        e.program = prog
-        e.libbpf_output = text
-        return e
+        return cls(err, msg, verifier_log)
 
     @property
     def loaded(self) -> bool:

@@ -72,7 +72,9 @@ class BpfError(OSError):
     when a program failed to load (empty string otherwise).
     """
 
-    def __init__(self, err: int, message: str, log: str = "") -> None:
+    errno: int  # always set: a failure without a number is EIO
+
+    def __init__(self, err: int | None, message: str, log: str = "") -> None:
         err = abs(err) if err else _errno.EIO
         super().__init__(err, message)
         self.log = log

@@ -5,13 +5,13 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from ctypes import byref, c_uint32
-from typing import Iterator, Sequence
 
 from .libbpf_ffi import (
-    Closeable,
     ENOTSUPP,
     BpfError,
+    Closeable,
     bpf_map_batch_opts,
     bpf_map_create_opts,
     bpf_map_info,
@@ -124,7 +124,7 @@ class Map(Closeable):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def _from_fd(cls, fd: int, what: str, *, owned: bool = True) -> "Map":
+    def _from_fd(cls, fd: int, what: str, *, owned: bool = True) -> Map:
         try:
             info = info_by_fd(fd, bpf_map_info, what)
         except BaseException:
@@ -135,19 +135,19 @@ class Map(Closeable):
                    info.value_size, info.max_entries, owned=owned, map_flags=info.map_flags)
 
     @classmethod
-    def from_pinned(cls, path: str) -> "Map":
+    def from_pinned(cls, path: str) -> Map:
         fd = obj_get(path)
         m = cls._from_fd(fd, f"map pinned at {path!r}")
         return m
 
     @classmethod
-    def from_id(cls, map_id: int) -> "Map":
+    def from_id(cls, map_id: int) -> Map:
         fd = check(lib().bpf_map_get_fd_by_id(map_id), f"bpf_map_get_fd_by_id({map_id})")
         return cls._from_fd(fd, f"map id {map_id}")
 
     @classmethod
     def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int, *,
-               name: str = "", flags: int = 0, inner_map_fd: int | None = None) -> "Map":
+               name: str = "", flags: int = 0, inner_map_fd: int | None = None) -> Map:
         o = opts(bpf_map_create_opts, map_flags=flags)
         if inner_map_fd is not None:
             o.inner_map_fd = inner_map_fd
@@ -428,7 +428,7 @@ class Map(Closeable):
         return -probe in _NO_BATCH
 
     # ------------------------------------------------------------ map-in-map
-    def set_inner(self, key: bytes, inner: "Map", flags: int = BPF_ANY) -> None:
+    def set_inner(self, key: bytes, inner: Map, flags: int = BPF_ANY) -> None:
         """Point an ARRAY_OF_MAPS/HASH_OF_MAPS slot at ``inner`` (atomic swap)."""
         k = self._key(key, "set_inner")
         check(lib().bpf_map_update_elem(self._live_fd("set_inner"), k,

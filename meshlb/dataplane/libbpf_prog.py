@@ -9,8 +9,8 @@ from ctypes import byref
 from dataclasses import dataclass
 
 from .libbpf_ffi import (
-    Closeable,
     BpfError,
+    Closeable,
     bpf_link_create_opts,
     bpf_link_info_head,
     bpf_link_update_opts,
@@ -121,7 +121,7 @@ class Link(Closeable):
         return f"Link({self._what}, fd={self.fd}, pinned={self._pin_path!r})"
 
     @classmethod
-    def from_pinned(cls, path: str) -> "Link":
+    def from_pinned(cls, path: str) -> Link:
         fd = obj_get(path)
         return cls(fd, what=f"link pinned at {path!r}", pin_path=path)
 
@@ -152,7 +152,7 @@ class Link(Closeable):
         other fds refer to it; the fd stays open (call :meth:`close`)."""
         check(lib().bpf_link_detach(self._live_fd("detach")), f"bpf_link_detach({self._what})")
 
-    def update_program(self, prog: "Program", *, expected_old: "Program | None" = None) -> None:
+    def update_program(self, prog: Program, *, expected_old: Program | None = None) -> None:
         """Atomically swap the attached program (e.g. an upgraded agent taking
         over a pinned XDP link without a window where no program runs). With
         ``expected_old`` the swap fails (EPERM) unless that program is the
@@ -196,13 +196,13 @@ class Program(Closeable):
         return f"Program({self.name!r}, fd={self.fd}, type={self.type})"
 
     @classmethod
-    def from_pinned(cls, path: str) -> "Program":
+    def from_pinned(cls, path: str) -> Program:
         fd = obj_get(path)
         info = prog_info(fd)
         return cls(fd, info["name"], info["type"], owned=True)
 
     @classmethod
-    def from_id(cls, prog_id: int) -> "Program":
+    def from_id(cls, prog_id: int) -> Program:
         fd = check(lib().bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id({prog_id})")
         info = prog_info(fd)
         return cls(fd, info["name"], info["type"], owned=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import errno
 import mmap
-from typing import Callable
+from collections.abc import Callable
 
 from .libbpf_ffi import BpfError
 from .libbpf_map import BPF_MAP_TYPE_RINGBUF, Map
-
 
 # struct bpf_ringbuf_hdr: u32 len (two flag bits on top), u32 pg_off
 _RB_BUSY = 1 << 31
@@ -119,7 +118,7 @@ class RingReader:
         self._prod_mm.close()
         self._cons_mm.close()
 
-    def __enter__(self) -> "RingReader":
+    def __enter__(self) -> RingReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .libbpf import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_HASH, BpfError, Map
 
@@ -43,7 +43,7 @@ class MarkStore:
         self._written: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def open(cls, path: str | os.PathLike, max_entries: int) -> "MarkStore":
+    def open(cls, path: str | os.PathLike, max_entries: int) -> MarkStore:
         """Adopt the map pinned at ``path``, or create and pin an empty one."""
         path = Path(path)
         if path.exists():

@@ -33,9 +33,10 @@ import os
 import select
 import socket
 import struct
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, NamedTuple
+from typing import NamedTuple
 
 from . import layouts as L
 from .libbpf import BpfError, BpfObject, Link, Map, Program, RingReader
@@ -123,7 +124,7 @@ _EV_SRC, _EV_DST = L.FlowKey.src.offset, L.FlowKey.dst.offset
 assert (L.SockEvent.key.offset == 0 and L.FlowKey.dport.offset == L.FlowKey.sport.offset + 2
         and L.SockEvent.timestamp_ns.offset == L.SockEvent.netns_cookie.offset + 8
         and L.SockEvent.oldstate.offset == L.SockEvent.timestamp_ns.offset + 8)
-_ADDR_LEN = {L.AF_INET: 4, L.AF_INET6: 16}
+_ADDR_LEN: dict[int, int] = {L.AF_INET: 4, L.AF_INET6: 16}
 
 
 class Flow(NamedTuple):
@@ -162,7 +163,7 @@ class SockEvent(NamedTuple):
         return self.oldstate == RESET
 
     @classmethod
-    def decode(cls, record: bytes) -> "SockEvent":
+    def decode(cls, record: bytes) -> SockEvent:
         if len(record) < _EV_SIZE:
             raise ValueError(f"sock_event: {len(record)} bytes, need {_EV_SIZE}")
         family = record[_EV_FAMILY]
@@ -295,10 +296,10 @@ class Tracer:
         """Pin maps (and the link, if attached) under ``directory`` on bpffs."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self._require_maps("pin")
-        self._watched.pin(str(d / MAP_WATCHED))
-        self._events.pin(str(d / MAP_EVENTS))
-        self._stats.pin(str(d / MAP_STATS))
+        watched, events, stats = self._require_maps("pin")
+        watched.pin(str(d / MAP_WATCHED))
+        events.pin(str(d / MAP_EVENTS))
+        stats.pin(str(d / MAP_STATS))
         if self._config is not None:
             self._config.pin(str(d / PIN_CONFIG))
         for name, link in self._links.items():
@@ -306,7 +307,7 @@ class Tracer:
         self._pin_dir = d
 
     @classmethod
-    def adopt(cls, directory: str | os.PathLike) -> "Tracer":
+    def adopt(cls, directory: str | os.PathLike) -> Tracer:
         """Take over a tracer a previous process pinned under ``directory``.
 
         The program stays as it was loaded (including its netns filter); records
@@ -370,16 +371,18 @@ class Tracer:
                     m.close()
         self._watched = self._events = self._stats = self._config = None
 
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------ watch list
-    def _require_maps(self, op: str) -> None:
-        if self._watched is None:
+    def _require_maps(self, op: str) -> tuple[Map, Map, Map]:
+        """(watched, events, stats), or an error naming ``op`` before load/adopt."""
+        if self._watched is None or self._events is None or self._stats is None:
             raise RuntimeError(f"{op}: tracer is neither loaded nor adopted")
+        return self._watched, self._events, self._stats
 
     def watch(self, addr, port: int, proto: int = L.IPPROTO_TCP,
               remote_ports: tuple[int, int] | None = None, listener_resets: bool = True) -> None:
@@ -389,33 +392,33 @@ class Tracer:
         ``listener_resets`` and no ``remote_ports`` (bpf/tracer.bpf.c says why): the
         program tells the two kinds apart by the presence of a port filter, so without
         one they get the filter that passes every port."""
-        self._require_maps("watch")
+        watched, _, _ = self._require_maps("watch")
         if remote_ports is None and not listener_resets:
             remote_ports = (1, 65535)
         lo, hi = remote_ports or (0, 0)
         if remote_ports is not None and not 1 <= lo <= hi <= 65535:
             raise ValueError(f"bad remote port range {lo}-{hi}")
-        self._watched.update(endpoint_key(addr, port, proto), bytes(L.EndpointFilter(rport_lo=lo, rport_hi=hi)))
+        watched.update(endpoint_key(addr, port, proto), bytes(L.EndpointFilter(rport_lo=lo, rport_hi=hi)))
 
     def unwatch(self, addr, port: int, proto: int = L.IPPROTO_TCP) -> bool:
-        self._require_maps("unwatch")
-        return self._watched.delete(endpoint_key(addr, port, proto))
+        watched, _, _ = self._require_maps("unwatch")
+        return watched.delete(endpoint_key(addr, port, proto))
 
     def watched(self) -> set[tuple[str, int, int]]:
         """(address, port, proto) of every watched endpoint."""
-        self._require_maps("watched")
+        watched, _, _ = self._require_maps("watched")
         out = set()
-        for raw in self._watched.keys():
+        for raw in watched.keys():
             k = L.EndpointKey.from_bytes(raw)
             out.add((str(L.words_addr(k.addr, k.family)), L.port_host(k.port), k.proto))
         return out
 
     # ---------------------------------------------------------------- stats
     def stats(self) -> TracerStats:
-        self._require_maps("stats")
+        _, _, stats = self._require_maps("stats")
 
         def total(stat: L.TracerStat) -> int:
-            vals = self._stats.lookup_percpu(stat.to_bytes(4, "little")) or []
+            vals = stats.lookup_percpu(stat.to_bytes(4, "little")) or []
             return sum(int.from_bytes(v, "little") for v in vals)
 
         missed = 0
@@ -436,8 +439,8 @@ class Tracer:
     # --------------------------------------------------------------- reading
     def _ring(self) -> RingReader:
         if self._rb is None:
-            self._require_maps("read")
-            self._rb = RingReader(self._events)
+            _, events, _ = self._require_maps("read")
+            self._rb = RingReader(events)
         return self._rb
 
     def _on_record(self, record: bytes) -> None:

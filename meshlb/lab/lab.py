@@ -343,7 +343,7 @@ class Lab:
         last = "no answer yet"
         while time.monotonic() < deadline:
             try:
-                digests = set()
+                digests: set[str] = set()
                 ok = True
                 for name in sorted(want):
                     node = self.state["nodes"][name]
@@ -551,7 +551,7 @@ def _wait_pid_gone(pid: int, timeout: float) -> bool:
 def status(prefix: str) -> dict[str, Any]:
     state = load_state(prefix)
     state.setdefault("routing", "static")  # a lab from before routing was a choice
-    for name, node in state["nodes"].items():
+    for node in state["nodes"].values():
         if "agent_pid" in node:
             node["agent_running"] = _pid_alive(node["agent_pid"])
             node["app_running"] = _pid_alive(node["app_pid"])

@@ -23,8 +23,9 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from pyroute2 import Ethtool, NetNS
 from pyroute2 import netns as pr_netns
@@ -141,10 +142,10 @@ def _split_cidr(cidr: str) -> tuple[str, int, int]:
 class Port:
     """One veth pair: ``ifname`` in the node namespace, ``peer`` on the bridge."""
 
-    node: "Namespace"
+    node: Namespace
     ifname: str
     peer: str
-    bridge_ns: "Namespace"
+    bridge_ns: Namespace
     addresses: list[str] = field(default_factory=list)
 
     @property
@@ -163,7 +164,7 @@ class Port:
 class Namespace:
     """A network namespace owned by a :class:`Topology` (or adopted by name)."""
 
-    def __init__(self, topology: "Topology | None", name: str, short: str):
+    def __init__(self, topology: Topology | None, name: str, short: str):
         self.topology = topology
         self.name = name      # the real (unique) namespace name under /run/netns
         self.short = short    # the role name the topology was asked for
@@ -461,7 +462,7 @@ class Topology:
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,9 +23,30 @@ from meshlb.dataplane.balancer import Balancer
 from meshlb.dataplane.layouts import XdpMd
 
 from .pkt import (
-    BE_NONEIGH4, BE_NONEIGH6, BE_REDIR4, BE_REDIR6, BE_TX4, BE_TX6, CLIENT4, CLIENT6, GW4, GW6,
-    MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW, SNAT4, SNAT6, VIP4, VIP6, key_of, tcp4, tcp6,
-    udp4, udp6,
+    BE_NONEIGH4,
+    BE_NONEIGH6,
+    BE_REDIR4,
+    BE_REDIR6,
+    BE_TX4,
+    BE_TX6,
+    CLIENT4,
+    CLIENT6,
+    GW4,
+    GW6,
+    MAC_A,
+    MAC_B,
+    MAC_BE_REDIR,
+    MAC_BE_TX,
+    MAC_GW,
+    SNAT4,
+    SNAT6,
+    VIP4,
+    VIP6,
+    key_of,
+    tcp4,
+    tcp6,
+    udp4,
+    udp6,
 )
 
 PID = os.getpid()

@@ -15,8 +15,24 @@ from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
 from .harness import RING, setup_vip, snat_port_of
 from .pkt import (
-    BE_BLACKHOLE4, BE_NONEIGH4, BE_TX4, MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW, SNAT4, VIP4,
-    checksums_valid, key_of, l3, marked, rebuilt, tcp4, udp4, udp6,
+    BE_BLACKHOLE4,
+    BE_NONEIGH4,
+    BE_TX4,
+    MAC_A,
+    MAC_B,
+    MAC_BE_REDIR,
+    MAC_BE_TX,
+    MAC_GW,
+    SNAT4,
+    VIP4,
+    checksums_valid,
+    key_of,
+    l3,
+    marked,
+    rebuilt,
+    tcp4,
+    udp4,
+    udp6,
 )
 
 pytestmark = pytest.mark.privileged

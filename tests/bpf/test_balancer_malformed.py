@@ -5,14 +5,28 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, IPOption
 from scapy.layers.inet6 import (
-    IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
 )
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
-from meshlb.dataplane.libbpf import BpfError, XDP_PASS, XDP_TX
+from meshlb.dataplane.libbpf import XDP_PASS, XDP_TX, BpfError
 
 from .pkt import (
-    BE_TX4, BE_TX6, CLIENT_MAC, MAC_A, MAC_BE_TX, VIP4, VIP6, checksums_valid, tcp4, tcp6, udp4,
+    BE_TX4,
+    BE_TX6,
+    CLIENT_MAC,
+    MAC_A,
+    MAC_BE_TX,
+    VIP4,
+    VIP6,
+    checksums_valid,
+    tcp4,
+    tcp6,
+    udp4,
     udp6,
 )
 

@@ -11,7 +11,8 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
@@ -22,8 +23,18 @@ from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
 from .harness import Harness
 from .pkt import (
-    BE_REDIR4, BE_REDIR6, BE_TX4, BE_TX6, CLIENT_MAC, MAC_A, MAC_BE_REDIR, MAC_BE_TX, MAC_GW,
-    SNAT4, VIP4, VIP6,
+    BE_REDIR4,
+    BE_REDIR6,
+    BE_TX4,
+    BE_TX6,
+    CLIENT_MAC,
+    MAC_A,
+    MAC_BE_REDIR,
+    MAC_BE_TX,
+    MAC_GW,
+    SNAT4,
+    VIP4,
+    VIP6,
 )
 
 pytestmark = pytest.mark.privileged

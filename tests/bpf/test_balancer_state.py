@@ -2,9 +2,9 @@
 established flows, the VIP address pre-filter, pinning/adoption, XDP attach."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
-import ipaddress
 
 import pytest
 from scapy.layers.l2 import Ether

@@ -146,7 +146,7 @@ class VethPair:
         self.addr_a, self.addr_b = "10.201.0.1", "10.201.0.2"
         self.ifindex_a = 0
 
-    def up(self) -> "VethPair":
+    def up(self) -> VethPair:
         ip("netns", "add", self.ns_a)
         ip("netns", "add", self.ns_b)
         ip("link", "add", self.dev_a, "netns", self.ns_a, "address", self.mac_a,
@@ -179,7 +179,7 @@ class VethPair:
             tx.sendto(payload, (self.addr_a, rx.getsockname()[1]))
             try:
                 return rx.recv(100) == payload
-            except socket.timeout:
+            except TimeoutError:
                 return False
 
 

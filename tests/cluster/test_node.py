@@ -10,10 +10,19 @@ from dataclasses import replace
 import pytest
 
 from meshlb.cluster import messages as M
-from meshlb.cluster.node import (
-    GROUP, FlowTuple, MemberDead, MemberLeft, MemberMeta, MemberSuspect, MemberUp, MetaChanged, Node, Status,
-)
 from meshlb.cluster.keyring import Keyring
+from meshlb.cluster.node import (
+    GROUP,
+    FlowTuple,
+    MemberDead,
+    MemberLeft,
+    MemberMeta,
+    MemberSuspect,
+    MemberUp,
+    MetaChanged,
+    Node,
+    Status,
+)
 from meshlb.cluster.protocol_config import ProtocolConfig
 from meshlb.cluster.wire import Wire
 from tests.cluster.memnet import KEY, LABEL, T0, Network, converged, flow, make_wire, run_until, seal

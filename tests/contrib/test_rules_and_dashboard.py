@@ -10,8 +10,16 @@ import subprocess
 import pytest
 
 from tests.contrib.files import (
-    DASHBOARD, RULES, RULES_TEST, as_promql, dashboard, dashboard_exprs, dashboard_panels,
-    metric_names, rule_exprs, tool,
+    DASHBOARD,
+    RULES,
+    RULES_TEST,
+    as_promql,
+    dashboard,
+    dashboard_exprs,
+    dashboard_panels,
+    metric_names,
+    rule_exprs,
+    tool,
 )
 
 

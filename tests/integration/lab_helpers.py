@@ -7,7 +7,8 @@ import re
 import subprocess
 import time
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from meshlb import control
 from meshlb.lab.lab import VIP_DR, VIP_NAT, Lab, LabOptions

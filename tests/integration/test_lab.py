@@ -18,8 +18,17 @@ import pytest
 
 from meshlb.lab.lab import APP_PORT, VIP_DR
 from tests.integration.lab_helpers import (
-    VIPS, ab, call, client_run, curl_many, digests, members_view, mixes,
-    parse_wrk, running_lab, wait_for,
+    VIPS,
+    ab,
+    call,
+    client_run,
+    curl_many,
+    digests,
+    members_view,
+    mixes,
+    parse_wrk,
+    running_lab,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]

@@ -22,13 +22,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from meshlb import control
 from meshlb.lab import lab as lab_mod
 from meshlb.lab.lab import APP_PORT, GOSSIP_PORT, Lab, LabOptions, mix_addr4, mix_addr6
-
 from tests.integration.lab_helpers import unique_prefix
 
 PID = os.getpid()
@@ -126,7 +126,7 @@ class Nft:
         out = ns_run(self.lab, node, ["nft", "list", "table", "inet", NFT_TABLE], check=False).stdout
         return sum(int(n) for n in re.findall(r"counter packets (\d+)", out))
 
-    def __enter__(self) -> "Nft":
+    def __enter__(self) -> Nft:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -409,7 +409,7 @@ class Load:
         self.wrk: subprocess.Popen | None = None
         self.wrk_hung = False
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         client = self.lab.namespace("client")
         self.probe = client.popen([sys.executable, "-c", _PROBE, json.dumps(self.cfg)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -461,7 +461,7 @@ class Load:
                 with contextlib.suppress(Exception):
                     p.communicate(timeout=5)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

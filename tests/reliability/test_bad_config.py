@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from meshlb.lab.netns import Namespace
-from tests.reliability.faults import call, reliability_lab, record, wait_until
+from tests.reliability.faults import call, record, reliability_lab, wait_until
 
 pytestmark = pytest.mark.privileged
 

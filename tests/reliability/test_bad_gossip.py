@@ -22,7 +22,14 @@ from meshlb.cluster.keyring import Keyring
 from meshlb.cluster.wire import HEADER_SIZE, MAGIC, Wire, seal_envelope
 from meshlb.lab.lab import GOSSIP_PORT, VIP_DR, mix_addr4
 from tests.reliability.faults import (
-    Load, call, mixes, ns_run, record, reliability_lab, view, wait_until,
+    Load,
+    call,
+    mixes,
+    ns_run,
+    record,
+    reliability_lab,
+    view,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
@@ -191,7 +198,7 @@ def _capture(lab, node: str, count: int, timeout: float) -> list[bytes]:
         while len(got) < count and time.monotonic() < end:
             try:
                 frame, addr = s.recvfrom(65535)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if addr[2] == socket.PACKET_OUTGOING:
                 continue

@@ -15,7 +15,7 @@ import socket
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP, ICMP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw

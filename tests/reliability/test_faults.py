@@ -31,11 +31,29 @@ from pyroute2 import netns as pr_netns
 
 from meshlb.lab.lab import APP_PORT, CLIENT4, VIP_DR
 from tests.reliability.faults import (
-    Load, LoadResult, Nft, agents_rss_kb, agreed, call, client_next_hops, conntrack_by_backend, conntrack_total,
-    conntrack_entries_of, conntrack_where,
+    Load,
+    LoadResult,
+    Nft,
+    agents_rss_kb,
+    agreed,
+    call,
+    client_next_hops,
+    conntrack_by_backend,
+    conntrack_entries_of,
+    conntrack_total,
+    conntrack_where,
     freeze,
-    gossip_loss, keep_v6_addresses_on_down, landing_mixes, link, mixes, partition, record, reliability_lab,
-    thaw, view, wait_until,
+    gossip_loss,
+    keep_v6_addresses_on_down,
+    landing_mixes,
+    link,
+    mixes,
+    partition,
+    record,
+    reliability_lab,
+    thaw,
+    view,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
@@ -216,7 +234,7 @@ def test_backend_app_killed_and_restarted(lab):
         os.kill(info["app_pid"], signal.SIGKILL)
         wait_until(lambda: all(victim not in v["backends"] for n in all_ for v in call(lab, n, "vips")["vips"]),
                    30, what=f"{victim} out of every table")
-        t_out_digest = wait_until(lambda: agreed(lab, all_, all_), 30, what="agreement without the app")
+        wait_until(lambda: agreed(lab, all_, all_), 30, what="agreement without the app")
         t_out = time.monotonic() - t_fault
         time.sleep(1)
         import subprocess

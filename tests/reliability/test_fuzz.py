@@ -266,7 +266,7 @@ class XdpTarget:
         self.failures: list[str] = []
 
     def __call__(self, frame: bytes) -> frozenset:
-        from meshlb.dataplane.libbpf import BpfError, XDP_REDIRECT, XDP_TX
+        from meshlb.dataplane.libbpf import XDP_REDIRECT, XDP_TX, BpfError
 
         if len(frame) < 14:
             frame = frame + bytes(14 - len(frame))

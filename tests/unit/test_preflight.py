@@ -9,7 +9,11 @@ import pytest
 
 from meshlb import preflight
 from meshlb.dataplane.libbpf import (
-    BpfError, KernelBtfError, LibbpfNotFound, ObjectOpenError, VerifierError,
+    BpfError,
+    KernelBtfError,
+    LibbpfNotFound,
+    ObjectOpenError,
+    VerifierError,
 )
 
 ALL = (1 << 12) | (1 << 38) | (1 << 39)
