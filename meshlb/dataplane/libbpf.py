@@ -345,7 +345,10 @@ class BpfObject(Closeable):
             msg = f"bpf_object__load({self.name!r})" + (f": {detail}" if detail else "")
         # libbpf reads the running kernel's types before relocating anything (CO-RE)
         cls = KernelBtfError if _NO_KERNEL_BTF_RE.search(text) else BpfError
-        return cls(err, msg, verifier_log)
+        e = cls(err, msg, verifier_log)
+        e.program = prog
+        e.libbpf_output = text
+        return e
 
     @property
     def loaded(self) -> bool:

@@ -73,6 +73,10 @@ class BpfError(OSError):
     """
 
     errno: int  # always set: a failure without a number is EIO
+    # of a failed object load: the program the kernel refused (None: the failure was
+    # elsewhere, e.g. a map) and everything libbpf printed meanwhile
+    program: str | None = None
+    libbpf_output: str = ""
 
     def __init__(self, err: int | None, message: str, log: str = "") -> None:
         err = abs(err) if err else _errno.EIO
