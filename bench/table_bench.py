@@ -87,6 +87,7 @@ def load_baseline(rev: str):
                          capture_output=True, text=True).stdout
     spec = importlib.util.spec_from_loader("forwarding_baseline", loader=None)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     exec(compile(src, f"{rev}:meshlb/forwarding.py", "exec"), mod.__dict__)
     return mod
 

@@ -101,21 +101,30 @@ class Backend:
 class BackendSet:
     vip_key: str
     backends: tuple[Backend, ...]  # every candidate, sorted by name
+    # (name, weight) of the healthy candidates, by name: what Maglev is built from
+    table_set: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, vip_key: str, backends: tuple[Backend, ...]) -> BackendSet:
+        return cls(vip_key, backends, _table_set(backends))
 
     def chosen(self) -> tuple[tuple[str, int], ...]:
-        """(name, weight) of the healthy candidates, by name: what Maglev is built from."""
-        out = []
-        for b in self.backends:
-            w = b.table_weight
-            if w is not None:
-                out.append((b.name, w))
-        return tuple(out)
+        return self.table_set
 
     def get(self, name: str) -> Backend | None:
         for b in self.backends:
             if b.name == name:
                 return b
         return None
+
+
+def _table_set(backends: Iterable[Backend]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for b in backends:
+        w = b.table_weight
+        if w is not None:
+            out.append((b.name, w))
+    return tuple(out)
 
 
 def server_name(host: str, port: int) -> str:
@@ -163,20 +172,21 @@ def backend_sets(vips: Iterable[VipBackends], members: Iterable[MemberView],
     all_servers = {server_name(s.host, s.port) for v in vips for s in v.servers}
     vips = list(vips)
     healthy_servers = usable_servers(view, all_servers) if serving and all_servers else set()
-    cache: dict[tuple[object, ...], tuple[Backend, ...]] = {}
+    by_name = {m.name: m for m, _ in serves}
+    cache: dict[tuple[object, ...], tuple[tuple[Backend, ...], tuple[tuple[str, int], ...]]] = {}
     out: dict[str, BackendSet] = {}
     for v in vips:
-        v6 = _is_v6(v.key)
+        key = v.key
+        v6 = _is_v6(key)
         admitted = v.members
-        names = tuple(m.name for m, keys in serves
-                      if v.key in keys and (admitted is None or m.name in admitted))
+        names = tuple(m.name for m, keys in serves if key in keys and (admitted is None or m.name in admitted))
         port = v.target_port if v.mode == "nat" else 0
         spec = (names, v6, port, tuple((s.host, s.port) for s in v.servers), v.weights, v.mode)
-        built = cache.get(spec)
-        if built is None:
-            built = cache[spec] = _candidates(v, names, {m.name: m for m, _ in serves}, v6, port,
-                                              usable, healthy_servers, drained)
-        out[v.key] = BackendSet(v.key, built)
+        hit = cache.get(spec)
+        if hit is None:
+            built = _candidates(v, names, by_name, v6, port, usable, healthy_servers, drained)
+            hit = cache[spec] = (built, _table_set(built))
+        out[key] = BackendSet(key, *hit)
     return out
 
 

@@ -101,7 +101,7 @@ def make_ops(draining=False):
     session = SimpleNamespace(name="mix1", xdp_mode="native", balancer=FakeBalancer(),
                               tracer=SimpleNamespace(stats=lambda: TracerStats(4, 0, 0, 0, sockops=2)))
     plan = VipPlan(VIP, ("198.18.0.231:80", "mix1", "mix2"), (0, 1, 0), "abc")
-    bset = BackendSet(VIP.key, (
+    bset = BackendSet.of(VIP.key, (
         Backend("198.18.0.231:80", "external", "198.18.0.231", 0, 2, True, "draining"),
         Backend("mix1", "member", "10.0.0.1", 0, 1, True, "active"),
         Backend("mix2", "member", "10.0.0.2", 0, 1, False, "down")))
