@@ -87,19 +87,28 @@ class Operations:
     async def members(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
         members = sorted(self.driver.members(), key=lambda m: m.name)
-        flows = self._flows_by_name(await self._flows())
+        per_vip = await self._flows()
+        flows = self._flows_by_name(per_vip)
         drained = self.driver.drained()
+        # each backend's place in each VIP: (name) -> [{"vip", "weight", "health", "state", "flows"}]
+        backend_of: dict[str, list[dict[str, Any]]] = {}
+        for vip, rows in self._backend_rows(per_vip).items():
+            for r in rows:
+                backend_of.setdefault(r["name"], []).append(
+                    {"vip": vip, "weight": r["weight"], "health": r["health"], "state": r["state"], "flows": r["flows"]})
         servers: dict[str, dict[str, Any]] = {}
         for bset in self.tables.sets.values():
             for b in bset.backends:
                 if b.kind == backends.EXTERNAL:
                     entry = servers.setdefault(b.name, {
-                        "name": b.name, "address": b.address, "port": int(b.name.rsplit(":", 1)[1]), "vips": [],
-                        "health": "ok" if b.healthy else "down",
-                        "drained": backends.drain_key(b) in drained, "flows": flows.get(b.name, 0)})
+                        "name": b.name, "kind": b.kind, "address": b.address,
+                        "port": int(b.name.rsplit(":", 1)[1]), "vips": [], "health": "ok" if b.healthy else "down",
+                        "drained": backends.drain_key(b) in drained, "flows": flows.get(b.name, 0),
+                        "backend_of": backend_of.get(b.name, [])})
                     entry["vips"].append(bset.vip_key)
         return {"node": self.name, "now": now,
-                "members": [self._member_json(m, now, flows, drained) for m in members],
+                "members": [self._member_json(m, now, flows, drained) | {"backend_of": backend_of.get(m.name, [])}
+                            for m in members],
                 "servers": [servers[k] for k in sorted(servers)]}
 
     def _member_json(self, m: MemberView, now: float, flows: dict[str, int], drained: frozenset[str]) -> dict[str, Any]:
@@ -116,6 +125,7 @@ class Operations:
             "status_since": now - max(0.0, self.driver.now() - m.status_since),
             "self": me,
             # backs VIPs (false: a balancer only), drained cluster-wide, its flows here
+            "kind": backends.MEMBER,
             "serves": bool(m.meta.vips),
             "drained": backends.member_drain_key(m.name) in drained or m.meta.weight == 0,
             "flows": flows.get(m.name, 0),

@@ -127,10 +127,15 @@ def test_members_names_each_member_as_the_cli_shows_it():
     me, other = out["members"]
     assert me == {"name": "mix1", "address": "10.0.0.1:7946", "status": "alive", "incarnation": 4,
                   "vips": [VIP.key], "health": "draining", "table_digest": "d",
-                  "status_since": me["status_since"], "self": True, "serves": True, "drained": False, "flows": 1}
+                  "status_since": me["status_since"], "self": True, "kind": "member", "serves": True,
+                  "drained": False, "flows": 1,
+                  "backend_of": [{"vip": VIP.key, "weight": 1, "health": "ok", "state": "active", "flows": 1}]}
+    assert other["backend_of"] == [{"vip": VIP.key, "weight": 1, "health": "down", "state": "down", "flows": 0}]
     # a server: its endpoint, the VIPs it backs, the cluster's verdict, its flows here
-    assert out["servers"] == [{"name": "198.18.0.231:80", "address": "198.18.0.231", "port": 80, "vips": [VIP.key],
-                               "health": "ok", "drained": False, "flows": 1}]
+    assert out["servers"] == [{"name": "198.18.0.231:80", "kind": "external", "address": "198.18.0.231", "port": 80,
+                               "vips": [VIP.key], "health": "ok", "drained": False, "flows": 1,
+                               "backend_of": [{"vip": VIP.key, "weight": 2, "health": "ok", "state": "draining",
+                                               "flows": 1}]}]
     # the node's clock is the loop's: 10 s before its now is 10 s before the wall clock
     assert abs(out["now"] - 10 - me["status_since"]) < 1e-6
     assert (other["status"], other["health"], other["self"]) == ("suspect", "down", False)

@@ -819,3 +819,12 @@ def test_backends_change_live():
     applied, restart = diff_live(old, parse(BASE.replace("[node]", "[node]\nserve = false")
                                             + vip('servers = ["192.0.2.1"]\nweights = { mix1 = 2 }')))
     assert applied == ["node.serve", "vips: change 10.0.0.1:80/tcp (servers, weights)"] and restart == []
+
+
+def test_the_dedicated_mode_example_parses():
+    c = load(REPO / "docs" / "examples" / "dedicated.toml")
+    assert c.node.serve is False
+    nat, dr = c.vips
+    assert nat.members == () == dr.members and len(nat.servers) == len(dr.servers) == 3
+    assert nat.servers[0] == HostPort("192.0.2.21", 8080) and dr.servers[0] == HostPort("192.0.2.21", 80)
+    assert nat.weight("192.0.2.23:8080") == 2 and nat.weight("192.0.2.21:8080") == 1
