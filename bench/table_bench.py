@@ -11,7 +11,8 @@ backend sets of ``meshlb.backends`` from the members' metadata, then
 REV (its ``plan(vips, usable, serving)``, loaded from ``git show`` as a module of its
 own), on 1000 VIPs x ``--backends`` members and on the distinct-sets case, alternating
 which goes first, each followed by the same set_backends, translate and swap into one
-loaded balancer. Ratios are new / old per pair.
+loaded balancer, with translated tables shared among VIPs as table sync shares them.
+Ratios are new / old per pair.
 
 Rebuild + swap follows the agent's own path (meshlb/agent/tables.py, TableSync.rebuild): plan the
 tables with ``meshlb.forwarding.plan`` (cold: its table cache is cleared first), write
@@ -103,10 +104,11 @@ def plan_new(specs: list[VipConfig], serving, members: list[MemberView] | None =
 
 
 def rebuild_and_swap(lb: Balancer, specs: list[VipConfig], serving, vip_ids: dict[str, int],
-                     planner=None) -> dict[str, float]:
+                     planner=None, share: bool = False) -> dict[str, float]:
     """One full rebuild as the agent does it; returns seconds per stage. ``planner``:
     (specs, serving) -> plans, cold (its table cache cleared first); default this
-    tree's."""
+    tree's. ``share``: VIPs whose plans share a table and backend ids share one
+    translated list, as table sync does (the data plane then fills one array for all)."""
     forwarding._table.cache_clear()
     members = members_for(serving)  # the view exists before a rebuild starts
     t0 = time.perf_counter()
@@ -115,6 +117,7 @@ def rebuild_and_swap(lb: Balancer, specs: list[VipConfig], serving, vip_ids: dic
     backend_ids: dict[str, int] = {}
     t_backends = t_translate = 0.0
     tables: dict[int, list[int]] = {}
+    translated: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for key, p in plans.items():
         a = time.perf_counter()
         ids = []
@@ -125,7 +128,12 @@ def rebuild_and_swap(lb: Balancer, specs: list[VipConfig], serving, vip_ids: dic
                 lb.set_backend(bid, member_addr(name, bid), 0)  # once per member, as the agent does
             ids.append(bid)
         b = time.perf_counter()
-        tables[vip_ids[key]] = [ids[i] for i in p.table] if ids else [NO_BACKEND] * len(p.table)
+        cache_key = (id(p.table), tuple(ids))
+        table = translated.get(cache_key) if share else None
+        if table is None:
+            table = [ids[i] for i in p.table] if ids else [NO_BACKEND] * len(p.table)
+            translated[cache_key] = table
+        tables[vip_ids[key]] = table
         c = time.perf_counter()
         t_backends += b - a
         t_translate += c - b
@@ -218,7 +226,7 @@ def side_by_side(rev: str, n_backends: int, pairs: int) -> dict:
                 pair = {}
                 for which in order:
                     pair[which] = rebuild_and_swap(lb, specs, serving, vip_ids,
-                                                   old_planner if which == "old" else None)
+                                                   old_planner if which == "old" else None, share=True)
                 samples.append(pair)
                 print(f"  {n_vips} VIPs {'distinct' if distinct else 'shared'} pair {k + 1}: "
                       f"plan old {pair['old']['plan']:.3f} new {pair['new']['plan']:.3f} s, "
