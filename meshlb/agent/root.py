@@ -5,8 +5,8 @@ pump, health checks and the operator endpoints, wires their callbacks, and owns 
 loop: start order, signals, reload, and the two ways to end. A leave drains, tells the
 cluster and unpins everything; any other end keeps the pinned state, so forwarding
 carries on and the next agent adopts it. Its one job beyond wiring is to keep the data
-plane equal to the cluster's view: a change of membership, metadata or health
-schedules a table rebuild.
+plane equal to the cluster's view: a change of membership, metadata, health or the
+cluster's drain map schedules a table rebuild.
 """
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 MemberEvent = MemberUp | MemberSuspect | MemberDead | MemberLeft | MetaChanged
 MEMBER_EVENTS = (MemberUp, MemberSuspect, MemberDead, MemberLeft, MetaChanged)
-# the events that change which members the health checks cover
-ROSTER_EVENTS = (MemberUp, MemberDead, MemberLeft)
+# the events that change which members the health checks cover (a member that starts or
+# stops serving says so in its metadata)
+ROSTER_EVENTS = (MemberUp, MemberDead, MemberLeft, MetaChanged)
 DRAIN_POLL_S = 0.2
 
 

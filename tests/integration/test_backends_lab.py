@@ -123,7 +123,8 @@ def test_drain_under_load(lab, target, name, vip):
     syns = _syn_counter(lab, node)
     client = lab.namespace("client")
     argv = ["wrk", "-t1", "-d7s", "--timeout", "5s"]
-    keep = client.popen([*argv, "-c16", f"http://{vip}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # 40 connections: each lands on the drained backend with p = 1/5, none with p < 1e-3
+    keep = client.popen([*argv, "-c40", f"http://{vip}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     close = client.popen([*argv, "-c8", "-H", "Connection: close", f"http://{vip}/"], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     try:
