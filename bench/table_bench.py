@@ -3,7 +3,16 @@
 and the share of established flows that move when a member joins or leaves.
 
     sudo python3 bench/table_bench.py [--backends 100] [--runs 3] [--flows 200000] \
-        [--json docs/img/table_bench.json] [--quick]
+        [--json docs/img/table_bench.json] [--quick] [--baseline REV [--pairs 3]]
+
+With ``--baseline REV`` it times only the build side by side: this tree's path (the
+backend sets of ``meshlb.backends`` from the members' metadata, then
+``meshlb.forwarding.plan``) against ``meshlb/forwarding.py`` as it was at git revision
+REV (its ``plan(vips, usable, serving)``, loaded from ``git show`` as a module of its
+own), on 1000 VIPs x ``--backends`` members and on the distinct-sets case, alternating
+which goes first, each followed by the same set_backends, translate and swap into one
+loaded balancer, with translated tables shared among VIPs as table sync shares them.
+Ratios are new / old per pair.
 
 Rebuild + swap follows the agent's own path (meshlb/agent/tables.py, TableSync.rebuild): plan the
 tables with ``meshlb.forwarding.plan`` (cold: its table cache is cleared first), write
@@ -40,7 +49,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meshlb import forwarding  # noqa: E402
+from meshlb import backends, forwarding  # noqa: E402
+from meshlb.cluster.membership import MemberView  # noqa: E402
+from meshlb.cluster.messages import MemberMeta, Status  # noqa: E402
 from meshlb.config import VipConfig  # noqa: E402
 from meshlb.dataplane import layouts as L  # noqa: E402
 from meshlb.dataplane.balancer import NO_BACKEND, Balancer, flow_hash  # noqa: E402
@@ -62,19 +73,51 @@ def serving_distinct(specs: list[VipConfig], n_backends: int) -> dict[str, tuple
     return {f"v{v}-mix{i:03d}": ((s.key,), 100) for v, s in enumerate(specs) for i in range(n_backends)}
 
 
+def members_for(serving) -> list[MemberView]:
+    """The members whose metadata says what ``serving`` says (the view the agent reads)."""
+    return [MemberView(name, (f"10.200.{i // 250}.{i % 250 + 1}", 7946), Status.ALIVE, 1,
+                       MemberMeta(vips=keys, weight=w), 0.0) for i, (name, (keys, w)) in enumerate(serving.items())]
+
+
+def load_baseline(rev: str):
+    """meshlb/forwarding.py at git revision ``rev``, as a module of its own."""
+    import importlib.util
+    import subprocess
+
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:meshlb/forwarding.py"], check=True,
+                         capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("forwarding_baseline", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    exec(compile(src, f"{rev}:meshlb/forwarding.py", "exec"), mod.__dict__)
+    return mod
+
+
 def member_addr(name: str, idx: int) -> str:
     return f"10.200.{idx // 250}.{idx % 250 + 1}"
 
 
-def rebuild_and_swap(lb: Balancer, specs: list[VipConfig], serving, vip_ids: dict[str, int]) -> dict[str, float]:
-    """One full rebuild as the agent does it; returns seconds per stage."""
+def plan_new(specs: list[VipConfig], serving, members: list[MemberView] | None = None):
+    """The agent's planning now: backend sets from the view, then the tables."""
+    sets = backends.backend_sets(specs, members if members is not None else members_for(serving), ())
+    return forwarding.plan(specs, {k: s.chosen() for k, s in sets.items()})
+
+
+def rebuild_and_swap(lb: Balancer, specs: list[VipConfig], serving, vip_ids: dict[str, int],
+                     planner=None, share: bool = False) -> dict[str, float]:
+    """One full rebuild as the agent does it; returns seconds per stage. ``planner``:
+    (specs, serving) -> plans, cold (its table cache cleared first); default this
+    tree's. ``share``: VIPs whose plans share a table and backend ids share one
+    translated list, as table sync does (the data plane then fills one array for all)."""
     forwarding._table.cache_clear()
+    members = members_for(serving)  # the view exists before a rebuild starts
     t0 = time.perf_counter()
-    plans = forwarding.plan(specs, list(serving), serving)
+    plans = planner(specs, serving) if planner is not None else plan_new(specs, serving, members)
     t1 = time.perf_counter()
     backend_ids: dict[str, int] = {}
     t_backends = t_translate = 0.0
     tables: dict[int, list[int]] = {}
+    translated: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for key, p in plans.items():
         a = time.perf_counter()
         ids = []
@@ -85,7 +128,12 @@ def rebuild_and_swap(lb: Balancer, specs: list[VipConfig], serving, vip_ids: dic
                 lb.set_backend(bid, member_addr(name, bid), 0)  # once per member, as the agent does
             ids.append(bid)
         b = time.perf_counter()
-        tables[vip_ids[key]] = [ids[i] for i in p.table] if ids else [NO_BACKEND] * len(p.table)
+        cache_key = (id(p.table), tuple(ids))
+        table = translated.get(cache_key) if share else None
+        if table is None:
+            table = [ids[i] for i in p.table] if ids else [NO_BACKEND] * len(p.table)
+            translated[cache_key] = table
+        tables[vip_ids[key]] = table
         c = time.perf_counter()
         t_backends += b - a
         t_translate += c - b
@@ -130,8 +178,7 @@ def flow_slots(n_flows: int, seed: int = 1) -> list[int]:
 
 def owners(members: list[str], slots: list[int]) -> list[str]:
     spec = VipConfig(address=ipaddress.ip_address("198.19.0.1"), port=80)
-    serving = {m: ((spec.key,), 100) for m in members}
-    p = forwarding.plan([spec], members, serving)[spec.key]
+    p = forwarding.plan_vip(spec, [(m, 1) for m in members])
     return [p.backends[p.table[s]] for s in slots]
 
 
@@ -154,6 +201,59 @@ def rng(xs: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
 
 
+def side_by_side(rev: str, n_backends: int, pairs: int) -> dict:
+    """This tree's build against forwarding.py at ``rev``, alternating, into the same
+    kernel maps; 1000 VIPs over one set and 100 VIPs with a set each."""
+    base = load_baseline(rev)
+
+    def old_planner(specs, serving):
+        base._table.cache_clear()
+        return base.plan(specs, list(serving), serving)
+
+    out = {"rev": rev, "cases": []}
+    for n_vips, distinct in ((1000, False), (100, True)):
+        specs = vip_specs(n_vips)
+        serving = (serving_distinct if distinct else serving_shared)(specs, n_backends)
+        lb = Balancer.load()
+        try:
+            vip_ids = {}
+            for i, s in enumerate(specs):
+                lb.add_vip(s.address, s.port, s.protocol, s.mode, vip_id=i, ring_size=s.ring_size)
+                vip_ids[s.key] = i
+            samples = []
+            for k in range(pairs):
+                order = ("old", "new") if k % 2 == 0 else ("new", "old")
+                pair = {}
+                for which in order:
+                    pair[which] = rebuild_and_swap(lb, specs, serving, vip_ids,
+                                                   old_planner if which == "old" else None, share=True)
+                samples.append(pair)
+                print(f"  {n_vips} VIPs {'distinct' if distinct else 'shared'} pair {k + 1}: "
+                      f"plan old {pair['old']['plan']:.3f} new {pair['new']['plan']:.3f} s, "
+                      f"total old {pair['old']['total']:.3f} new {pair['new']['total']:.3f} s", flush=True)
+            # the same tables either way
+            assert {k: p.digest for k, p in old_planner(specs, serving).items()} == \
+                {k: p.digest for k, p in plan_new(specs, serving).items()}
+        finally:
+            lb.close()
+        out["cases"].append({"vips": n_vips, "backends": n_backends, "distinct": distinct, "samples": samples})
+    return out
+
+
+def print_side_by_side(res: dict) -> None:
+    print(f"\nBuild side by side: this tree (meshlb.backends + forwarding.plan) / forwarding.py at "
+          f"{res['rev']}; median (min-max) seconds over {len(res['cases'][0]['samples'])} pairs\n")
+    print("| VIPs | backend sets | plan, old | plan, new | plan new / old | total, old | total, new | total new / old |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in res["cases"]:
+        s = c["samples"]
+        col = lambda w, k: rng([x[w][k] for x in s])  # noqa: E731
+        ratio = lambda k: rng([x["new"][k] / x["old"][k] for x in s], fmt="{:.2f}")  # noqa: E731
+        print(f"| {c['vips']} | {'one per VIP' if c['distinct'] else 'shared'} | {col('old', 'plan')} | "
+              f"{col('new', 'plan')} | {ratio('plan')} | {col('old', 'total')} | {col('new', 'total')} | "
+              f"{ratio('total')} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", type=int, default=100)
@@ -162,7 +262,15 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--json", default=str(ROOT / "docs" / "img" / "table_bench.json"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline", metavar="REV", help="time the build side by side with forwarding.py at REV")
+    ap.add_argument("--pairs", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.baseline:
+        res = side_by_side(args.baseline, args.backends, args.pairs)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print_side_by_side(res)
+        return 0
     if args.quick:
         args.runs, args.flows, args.trials = 1, 20_000, 2
     out: dict = {"args": vars(args), "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -418,6 +418,12 @@ static __always_inline int nat_reply(struct xdp_md *ctx, struct pkt *p)
 	if (rv->last_seen_ns != now)
 		rv->last_seen_ns = now;
 	struct flow_key orig = rv->orig;
+	if (p->tcp_flags & (MLB_TCP_FIN | MLB_TCP_RST)) {
+		/* the backend ends the flow (see conntrack_select) */
+		struct ct_value *ct = bpf_map_lookup_elem(&conntrack, &orig);
+		if (ct && !(ct->flags & MLB_CT_F_CLOSING))
+			ct->flags |= MLB_CT_F_CLOSING;
+	}
 	int r = rewrite(ctx, p, orig.dst, orig.dport, orig.src, orig.sport);
 	if (r)
 		return verdict(r);
@@ -498,6 +504,10 @@ static __always_inline int conntrack_select(const struct pkt *p, int syn, __u64 
 	if (!(ct->flags & MLB_CT_F_ESTABLISHED) &&
 	    (p->tcp_flags & (MLB_TCP_SYN | MLB_TCP_RST | MLB_TCP_ACK)) == MLB_TCP_ACK)
 		ct->flags |= MLB_CT_F_ESTABLISHED;
+	/* The client ends the flow: a real server's close reaches no tracer, so the
+	 * agent expires the entry once it has gone quiet (MLB_CT_F_CLOSING). */
+	if ((p->tcp_flags & (MLB_TCP_FIN | MLB_TCP_RST)) && !(ct->flags & MLB_CT_F_CLOSING))
+		ct->flags |= MLB_CT_F_CLOSING;
 	d->be = be;
 	d->backend_id = bid;
 	d->vip_id = vip_id;
@@ -627,7 +637,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const stru
 	if (be->flags & MLB_BE_F_LOCAL)
 		return verdict(MLB_CNT_PASS_LOCAL);
 	if (!d->nat)
-		return fib_forward(ctx, p, p->key.src, be->addr, 1, now);
+		return fib_forward(ctx, p, p->key.src, be->addr, !(be->flags & MLB_BE_F_EXTERNAL), now);
 
 	struct snat_config *sc = snat_for(p->key.family);
 	if (!sc || !(sc->flags & MLB_SNAT_F_VALID))

@@ -140,6 +140,9 @@ struct vip_meta {
 #define MLB_BE_F_VALID        (1u << 0) /* slot in use; a zeroed slot is never chosen */
 #define MLB_BE_F_LOCAL        (1u << 1) /* this node: pass to the local stack */
 #define MLB_BE_F_DOWN         (1u << 2) /* do not send new or existing flows */
+#define MLB_BE_F_EXTERNAL     (1u << 3) /* a real server, not a mix: what goes to it
+                                          * carries no peer mark, and no tracer of its
+                                          * reports its closes (see MLB_CT_F_CLOSING) */
 
 struct backend {
 	__u32 addr[4];    /* network order */
@@ -161,6 +164,10 @@ struct backend {
                                           * (or the entry was set up mid-flow): another
                                           * mix may hold it, so its close is gossiped
                                           * even when this mix forwarded it to itself */
+#define MLB_CT_F_CLOSING      (1u << 3) /* a FIN or RST of the flow went through here:
+                                          * the agent expires the entry once it has been
+                                          * idle for conntrack.closing_timeout_s when its
+                                          * backend has no tracer to report the close */
 
 /* conntrack: struct flow_key (client -> VIP, as received) -> ct_value */
 struct ct_value {

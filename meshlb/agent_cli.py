@@ -113,14 +113,19 @@ def members_rows(result: dict[str, Any]) -> tuple[list[list[str]], str]:
     alive_digests = {m["table_digest"] for m in members if m["status"] == "alive"}
     rows = []
     for m in members:
+        health = m["health"]
+        if m.get("drained") and health == "ok":
+            health = "draining"
+        vips = ",".join(m["vips"]) or ("(balancer only)" if m.get("serves") is False else "-")
         rows.append(
             [
                 m["name"] + (" *" if m.get("self") else ""),
                 m["address"],
                 m["status"],
                 str(m["incarnation"]),
-                ",".join(m["vips"]) or "-",
-                m["health"],
+                vips,
+                health,
+                str(m.get("flows", "-")),
                 (m["table_digest"] or "-")[:12],
                 _ago(now - m["status_since"]),
             ]
@@ -133,13 +138,22 @@ def members_rows(result: dict[str, Any]) -> tuple[list[list[str]], str]:
     return rows, summary
 
 
+def server_rows(result: dict[str, Any]) -> list[list[str]]:
+    return [[s["name"], ",".join(s["vips"]), "draining" if s["drained"] and s["health"] == "ok" else s["health"],
+             str(s["flows"])] for s in result.get("servers", ())]
+
+
 def cmd_members(args: argparse.Namespace) -> int:
     result = _call(args, "members")
     if args.format == "json":
         _print_json(result)
         return 0
     rows, summary = members_rows(result)
-    print(_table(rows, ["NAME", "ADDRESS", "STATUS", "INC", "VIPS", "HEALTH", "DIGEST", "CHANGED"]))
+    print(_table(rows, ["NAME", "ADDRESS", "STATUS", "INC", "VIPS", "HEALTH", "FLOWS", "DIGEST", "CHANGED"]))
+    servers = server_rows(result)
+    if servers:
+        print()
+        print(_table(servers, ["SERVER", "VIPS", "HEALTH", "FLOWS"]))
     print(summary)
     return 0
 
@@ -201,17 +215,65 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def backend_cell(v: dict[str, Any]) -> str:
+    """A VIP's backends in one cell: names, with what is not plain (a weight other than
+    1, a state other than active, a draining backend's flows here) in brackets."""
+    if "backend_set" not in v:  # an agent of a version without it
+        return ",".join(v["backends"]) or "-"
+    out = []
+    for b in v["backend_set"]:
+        notes = []
+        if b["weight"] != 1:
+            notes.append(f"w{b['weight']}")
+        if b["state"] != "active":
+            notes.append(b["state"] if b["state"] != "draining" else f"draining, {b['flows']} flows")
+        elif b["health"] != "ok":
+            notes.append(b["health"])
+        out.append(b["name"] + (f" [{', '.join(notes)}]" if notes else ""))
+    return ", ".join(out) or "-"
+
+
 def cmd_vips(args: argparse.Namespace) -> int:
     result = _call(args, "vips")
     if args.format == "json":
         _print_json(result)
         return 0
     rows = [
-        [v["vip"], v["mode"], str(len(v["backends"])), ",".join(v["backends"]) or "-", v["table_digest"][:12],
+        [v["vip"], v["mode"], str(len(v["backends"])), backend_cell(v), v["table_digest"][:12],
          str(v["packets"]), str(v["bytes"])]
         for v in result["vips"]
     ]
     print(_table(rows, ["VIP", "MODE", "N", "BACKENDS", "DIGEST", "PACKETS", "BYTES"]))
+    return 0
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        result = _call(args, "backends")
+        if args.format == "json":
+            _print_json(result)
+            return 0
+        now = time.time()
+        rows = [[e["key"], "drained" if e["drained"] else "undrained", _ago(now - e["since"]), e["origin"]]
+                for e in result["drains"]]
+        if rows:
+            print(_table(rows, ["BACKEND", "STATE", "SINCE", "BY"]))
+        else:
+            print("no backend has been drained")
+        return 0
+    if not args.name:
+        raise CliError(f"{args.action}: name a member or a server address (meshlb backend {args.action} NAME|ADDRESS)")
+    try:
+        result = control.call(_control_path(args), f"backend_{args.action}", {"name": args.name})
+    except control.ControlError as exc:
+        print(f"meshlb backend {args.action}: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        _print_json(result)
+    else:
+        what = "drained" if result["drained"] else "undrained"
+        again = " (it was already)" if result["was_drained"] == result["drained"] else ""
+        print(f"{result['key']} {what} cluster-wide{again}")
     return 0
 
 
@@ -273,6 +335,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vips", help="VIPs, their backends and table digests")
     common(p)
     p.set_defaults(func=cmd_vips)
+
+    p = sub.add_parser("backend", help="drain a backend cluster-wide (no new flows, established ones finish), "
+                                       "undrain it, or list the drain map")
+    p.add_argument("action", choices=("drain", "undrain", "list"))
+    p.add_argument("name", nargs="?", help="a member name or a server's address")
+    common(p)
+    p.set_defaults(func=cmd_backend)
 
     p = sub.add_parser("conntrack", help="inspect or flush the conntrack map")
     p.add_argument("action", choices=("list", "count", "flush"))

@@ -81,6 +81,9 @@ DEFAULT_KEY_FILE = "/etc/meshlb/cluster.key"
 # so they do not collide with the host's own outgoing connections.
 DEFAULT_SNAT_PORTS = (10000, 32767)
 MAX_RING_SIZE = 1 << 24
+# as IPVS: weights 0..65535 (0 takes no new flow)
+MAX_WEIGHT = 65535
+DEFAULT_WEIGHT = 1
 KEY_BYTES = 32  # AES-256-GCM and ChaCha20-Poly1305 both take 32-byte keys
 
 # The protocol knobs [cluster.timings] may override, with their kind: the fields of
@@ -506,6 +509,49 @@ def _cgroup(r: _Reader, v: Any, where: str) -> str:
     return os.path.normpath(v)
 
 
+def _vip_members(r: _Reader, v: Any, where: str) -> tuple[str, ...] | None:
+    """"all" (None: every member that serves the VIP), "none" (()) or member names."""
+    if v == "all":
+        return None
+    if v == "none":
+        return ()
+    if not isinstance(v, list):
+        r.fail(where, f'expected "all", "none" or an array of member names, got {_show(v)}')
+    names: list[str] = []
+    for j, n in enumerate(v):
+        if not isinstance(n, str) or not _NAME_RE.match(n):
+            r.fail(f"{where}[{j}]", f"expected a member name, got {_show(n)}")
+        if n in names:
+            r.fail(f"{where}[{j}]", f"{_show(n)} is listed twice (also {where}[{names.index(n)}])")
+        names.append(n)
+    return tuple(names)
+
+
+def _server(r: _Reader, v: Any, where: str) -> HostPort:
+    """"address[:port]" of a real server; port 0 when not given (the VIP's rule fills it)."""
+    hp = _host_port(r, v, where, default_port=0, ip_only=True)
+    a = ipaddress.ip_address(hp.host)
+    if a.is_unspecified or a.is_multicast or a.is_loopback or a.is_link_local:
+        r.fail(where, f"expected a unicast address a mix can reach, got {_show(v)}")
+    return hp
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else _show(k)
+
+
+def _weights(r: _Reader, v: Any, where: str) -> tuple[tuple[str, int], ...]:
+    """A table backend -> weight (an integer, 0 drains it); the VIP's rule resolves and
+    checks the names. Kept as sorted pairs so that the VIP stays hashable."""
+    if not isinstance(v, dict):
+        r.fail(where, f"expected a table of backend = weight, got {_show(v)}")
+    read = integer(0, MAX_WEIGHT)
+    return tuple(sorted((k, read(r, w, f"{where}.{_toml_key(k)}")) for k, w in v.items()))
+
+
 # --- the options ----------------------------------------------------------------------
 # cluster.toml.example documents each of them, with the same default.
 
@@ -523,6 +569,12 @@ class NodeConfig:
     xdp_mode: str = option("auto", text("native", "generic", "auto"))
     metrics: HostPort | None = option(HostPort("127.0.0.1", 9477), host_port(ip_only=True, blank_is_none=True))
     log_level: str = option("info", text("debug", "info", "warning", "error"), live=True)
+    # false: this node balances but backs no VIP (a dedicated balancer)
+    serve: bool = option(True, flag(), live=True)
+    # what the agent keeps across restarts and reboots (the cluster's drain map); the
+    # default is for code that builds a NodeConfig, the file's is per name
+    state_dir: str = option("/var/lib/meshlb", absolute_path(),
+                            when_absent=lambda r, _: f"/var/lib/meshlb/{r.values['node.name']}")
 
 
 @dataclass(frozen=True)
@@ -561,6 +613,12 @@ class VipConfig:
         None, ip_address(), check=_unicast, only_with=("mode", "nat")
     )
     snat_ports: tuple[int, int] | None = option(None, _port_range, only_with=("mode", "nat"))
+    # None: every member that serves the VIP; (): none (external servers only)
+    members: tuple[str, ...] | None = option(None, _vip_members)
+    # real servers that run no meshlb; the port is resolved by the VIP's rule (_vip)
+    servers: tuple[HostPort, ...] = option((), array(_server, of='"address[:port]" strings'))
+    # backend name (member name or server "address:port") -> weight, sorted; absent: 1
+    weights: tuple[tuple[str, int], ...] = option((), _weights)
 
     @property
     def key(self) -> str:
@@ -571,6 +629,13 @@ class VipConfig:
     def target_port(self) -> int:
         """The port the backends listen on."""
         return self.backend_port or self.port
+
+    def weight(self, backend: str) -> int:
+        """The file's weight of a backend (member name or server "address:port")."""
+        for name, w in self.weights:
+            if name == backend:
+                return w
+        return DEFAULT_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -594,6 +659,9 @@ class ConntrackConfig:
     sweep_interval_s: float = option(30.0, number(positive=True), live=True)
     # a TCP entry whose handshake the client never acknowledged; 0 keeps them
     handshake_timeout_s: float = option(10.0, number(), live=True)
+    # a flow to a real server (no tracer reports its close) that saw a FIN or RST and
+    # has been quiet this long is over; 0 keeps such entries until idle_timeout_s
+    closing_timeout_s: float = option(10.0, number(), live=True)
     # cgroup v2 directory whose sockets' closes a sock_ops program reports besides the
     # tracepoint: "auto" (the root of the first cgroup2 mount), "off", or a path
     sockops_cgroup: str = option("auto", _cgroup)
@@ -657,15 +725,80 @@ def _cluster(r: _Reader, path: str, got: dict[str, Any], given: Mapping[str, Any
 
 @_rules(VipConfig)
 def _vip(r: _Reader, path: str, got: dict[str, Any], given: Mapping[str, Any]) -> None:
-    if got["mode"] != "nat":
-        return
-    if got["backend_port"] is None:
-        got["backend_port"] = got["port"]
-    if got["snat_ports"] is None:
-        got["snat_ports"] = DEFAULT_SNAT_PORTS
-    snat, vip = got["snat_address"], got["address"]
-    if snat is not None and snat.version != vip.version:
-        r.fail(f"{path}.snat_address", f"expected an IPv{vip.version} address like the VIP, got {_show(given['snat_address'])}")
+    if got["mode"] == "nat":
+        if got["backend_port"] is None:
+            got["backend_port"] = got["port"]
+        if got["snat_ports"] is None:
+            got["snat_ports"] = DEFAULT_SNAT_PORTS
+        snat, vip = got["snat_address"], got["address"]
+        if snat is not None and snat.version != vip.version:
+            r.fail(f"{path}.snat_address", f"expected an IPv{vip.version} address like the VIP, got {_show(given['snat_address'])}")
+    got["servers"] = _vip_servers(r, path, got)
+    got["weights"] = _vip_weights(r, path, got, given)
+    if got["members"] == () and not got["servers"]:
+        members = '"none"' if given.get("members") == "none" else "[]"
+        r.fail(path, f"no possible backend: members = {members} and no servers")
+
+
+def _vip_servers(r: _Reader, path: str, got: dict[str, Any]) -> tuple[HostPort, ...]:
+    """Each server with its port: nat, the one given or the VIP's backend port; dr keeps
+    the VIP's port (only the MACs change), so a server must listen on it."""
+    vip, mode = got["address"], got["mode"]
+    out: list[HostPort] = []
+    for j, hp in enumerate(got["servers"]):
+        where = f"{path}.servers[{j}]"
+        a = ipaddress.ip_address(hp.host)
+        if a.version != vip.version:
+            why = ("in dr mode the server receives the client's packets to the VIP unchanged, so it must "
+                   "hold the VIP itself" if mode == "dr" else "nat translates within one address family")
+            r.fail(where, f"{hp.host} is IPv{a.version} and the VIP {vip} is IPv{vip.version}: {why}")
+        if a == vip:
+            r.fail(where, f"{hp.host} is the VIP itself")
+        if mode == "dr":
+            if hp.port not in (0, got["port"]):
+                r.fail(where, f"dr does not change the destination port: the server must listen on "
+                              f"{got['port']} (drop the port), got {hp.port}")
+            port = got["port"]
+        else:
+            port = hp.port or got["backend_port"]
+        resolved = HostPort(hp.host, port)
+        if resolved in out:
+            r.fail(where, f"{resolved} is listed twice (also {path}.servers[{out.index(resolved)}])")
+        out.append(resolved)
+    return tuple(out)
+
+
+def _vip_weights(r: _Reader, path: str, got: dict[str, Any], given: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """The weights' keys as backend names: a member of the VIP (any member when members
+    = "all"), or one of its servers as "address[:port]" (the port as for servers)."""
+    servers, members = got["servers"], got["members"]
+    out: dict[str, tuple[str, int]] = {}
+    for key, w in got["weights"]:
+        where = f"{path}.weights.{_toml_key(key)}"
+        if _NAME_RE.match(key) and not _is_address(key):
+            if members == ():
+                r.fail(where, "members = \"none\": no member backs this VIP")
+            if members is not None and key not in members:
+                r.fail(where, f"{_show(key)} is not in {path}.members")
+            name = key
+        else:
+            hp = _host_port(r, key, where, default_port=0, ip_only=True)
+            port = (hp.port or got["backend_port"]) if got["mode"] == "nat" else (hp.port or got["port"])
+            name = str(HostPort(hp.host, port))
+            if HostPort(hp.host, port) not in servers:
+                r.fail(where, f"{name} is not one of {path}.servers")
+        if name in out:
+            r.fail(where, f"{name} is weighted twice (also {path}.weights.{_toml_key(out[name][0])})")
+        out[name] = (key, w)
+    return tuple(sorted((name, w) for name, (_, w) in out.items()))
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @_rules(HealthConfig)

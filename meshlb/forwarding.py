@@ -1,17 +1,16 @@
-"""From the cluster's view to forwarding tables: which members back each VIP, in what
-Maglev table, with what digest. Pure, so that every mix computes the same plan from the
-same view and a test can check it without a kernel.
+"""From each VIP's backends to its forwarding table: the Maglev table and its digest.
+Pure, so that every mix computes the same plan from the same backend sets
+(meshlb/backends.py computes them from the cluster file and the agreed view) and a test
+can check it without a kernel.
 
-A member backs a VIP when it is usable (``Node.usable_backends()``: alive, its own app
-healthy, not seen down by a majority of its observers) and its gossiped metadata lists
-the VIP. Its weight is its gossiped weight. The plan names backends by member name;
-the agent maps names to data-plane backend ids and addresses.
+The plan names backends by name (a member's name, a server's "address:port"); the agent
+maps names to data-plane backend ids and addresses.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -41,9 +40,9 @@ class VipPlan(Generic[V]):
     digest: str
 
 
-def plan_vip(vip: V, usable: Iterable[str], serving: Mapping[str, tuple[Sequence[str], int]]) -> VipPlan[V]:
-    """``serving``: member name -> (the VIP keys it serves, its weight)."""
-    return plan([vip], usable, serving)[vip.key]
+def plan_vip(vip: V, chosen: Sequence[tuple[str, int]]) -> VipPlan[V]:
+    """``chosen``: (backend name, weight) of the VIP's backends (meshlb.backends)."""
+    return plan([vip], {vip.key: chosen})[vip.key]
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,18 +55,13 @@ def _table(chosen: tuple[tuple[str, int], ...], size: int) -> tuple[tuple[str, .
     return names, table, maglev.table_digest("", table, names)
 
 
-def plan(vips: Sequence[V], usable: Iterable[str],
-         serving: Mapping[str, tuple[Sequence[str], int]]) -> dict[str, VipPlan[V]]:
-    usable_set = set(usable)
-    candidates = [
-        (name, frozenset(keys), max(0, int(weight)))
-        for name, (keys, weight) in serving.items()
-        if name in usable_set
-    ]
+def plan(vips: Sequence[V], chosen: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, VipPlan[V]]:
+    """Each VIP's table from ``chosen``: VIP key -> (backend name, weight) of its
+    backends (a VIP without an entry has none). A weight of 0 keeps a backend in the
+    table's index space (its draining flows keep their backend id) without a slot."""
     out: dict[str, VipPlan[V]] = {}
     for v in vips:
-        chosen = tuple(sorted((name, w) for name, keys, w in candidates if v.key in keys))
-        names, table, ring_digest = _table(chosen, v.ring_size)
+        names, table, ring_digest = _table(tuple(sorted(chosen.get(v.key, ()))), v.ring_size)
         # the VIP's digest binds its name to the (shared) table's digest
         digest = hashlib.blake2b(f"{v.key}|{ring_digest}".encode(), digest_size=8, person=b"meshlb.vip").hexdigest()
         out[v.key] = VipPlan(v, names, table, digest)

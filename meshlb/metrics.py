@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,19 @@ from prometheus_client.registry import Collector
 from meshlb.looplag import LoopLag
 
 log = logging.getLogger("meshlb.metrics")
+
+
+@dataclass(frozen=True)
+class BackendRow:
+    """One backend of one VIP as this node plans it."""
+
+    vip: str
+    backend: str  # member name or server "address:port"
+    kind: str  # "member" or "external"
+    state: str  # "active", "draining" or "down"
+    healthy: bool
+    weight: int  # the file's weight
+    flows: int | None  # its conntrack entries here; None: not counted for this scrape
 
 
 @dataclass
@@ -48,6 +62,7 @@ class Snapshot:
     health: Mapping[str, bool] = field(default_factory=dict)  # target -> up
     health_checks: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (target, result) -> count
     loop_lag: LoopLag | None = None
+    backends: Sequence[BackendRow] = ()
 
 
 class AgentCollector(Collector):
@@ -114,12 +129,33 @@ class AgentCollector(Collector):
             checks.add_metric([target, result], n)
         yield checks
 
+        yield from _backend_families(s.backends)
+
         if s.loop_lag is not None:
             lag = HistogramMetricFamily(
                 "meshlb_event_loop_lag_seconds",
                 "How late the agent's event loop fired a timer due every 0.1 s (a busy loop answers probes late)")
             lag.add_metric([], s.loop_lag.cumulative(), s.loop_lag.total_s)
             yield lag
+
+
+def _backend_families(rows: Sequence[BackendRow]) -> Iterable[Any]:
+    state = GaugeMetricFamily("meshlb_backend_state", "Backends of each VIP by state (1 for the current one): "
+                              "active, draining (no new flow) or down", labels=["vip", "backend", "kind", "state"])
+    up = GaugeMetricFamily("meshlb_backend_up", "The cluster's agreed health of each VIP's backend (1 = healthy)",
+                           labels=["vip", "backend"])
+    weight = GaugeMetricFamily("meshlb_backend_weight", "Weight of each VIP's backend in the cluster file "
+                               "(its share of new flows, unless it drains)", labels=["vip", "backend"])
+    flows = GaugeMetricFamily("meshlb_backend_flows", "Conntrack entries of each VIP's backend on this node "
+                              "(a draining backend's remaining flows)", labels=["vip", "backend"])
+    for r in sorted(rows, key=lambda r: (r.vip, r.backend)):
+        for st in ("active", "draining", "down"):
+            state.add_metric([r.vip, r.backend, r.kind, st], 1 if r.state == st else 0)
+        up.add_metric([r.vip, r.backend], 1 if r.healthy else 0)
+        weight.add_metric([r.vip, r.backend], r.weight)
+        if r.flows is not None:
+            flows.add_metric([r.vip, r.backend], r.flows)
+    yield from (state, up, weight, flows)
 
 
 def render(snapshot: Callable[[], Snapshot]) -> bytes:
@@ -129,9 +165,10 @@ def render(snapshot: Callable[[], Snapshot]) -> bytes:
 
 
 class MetricsServer:
-    """A minimal HTTP/1.0 responder for GET /metrics on the event loop."""
+    """A minimal HTTP/1.0 responder for GET /metrics on the event loop. ``snapshot`` may
+    be a coroutine function."""
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, host: str, port: int, snapshot: Callable[[], Snapshot | Awaitable[Snapshot]]) -> None:
         self.host, self.port = host, port
         self._snapshot = snapshot
         self._server: asyncio.base_events.Server | None = None
@@ -158,7 +195,10 @@ class MetricsServer:
             elif parts[1].split(b"?")[0] not in (b"/metrics", b"/"):
                 status, ctype, body = b"404 Not Found", b"text/plain", b"try /metrics\n"
             else:
-                status, ctype, body = b"200 OK", CONTENT_TYPE_LATEST.encode(), render(self._snapshot)
+                snap = self._snapshot()
+                if inspect.isawaitable(snap):
+                    snap = await snap  # it reads what must not hold the loop (conntrack)
+                status, ctype, body = b"200 OK", CONTENT_TYPE_LATEST.encode(), render(lambda: snap)
             writer.write(
                 b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype
                 + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body

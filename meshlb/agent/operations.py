@@ -1,7 +1,7 @@
 """What the agent serves to its operators: the control socket's operations (members,
-stats, vips, conntrack count/list/flush, leave, reload) and the metrics endpoint's
-snapshot, read from the other parts. The JSON shapes are the ones docs/operations.md
-documents."""
+stats, vips, conntrack count/list/flush, backend drain/undrain/list, leave, reload) and
+the metrics endpoint's snapshot, read from the other parts. The JSON shapes are the ones
+docs/operations.md documents."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from typing import Any, Protocol
 
-from meshlb import control, metrics
+from meshlb import backends, control, metrics
 from meshlb.agent.session import Session
 from meshlb.agent.tables import TableSync
 from meshlb.cluster.driver import GossipDriver
@@ -58,7 +58,7 @@ class Operations:
         self._control = control.ControlServer(control_path, self.handlers())
         await self._control.start()
         if metrics_listen:
-            self._metrics = metrics.MetricsServer(metrics_listen.host, metrics_listen.port, self.snapshot)
+            self._metrics = metrics.MetricsServer(metrics_listen.host, metrics_listen.port, self.metrics_snapshot)
             await self._metrics.start()
 
     async def stop(self) -> None:
@@ -75,6 +75,9 @@ class Operations:
             "conntrack_count": self.conntrack_count,
             "conntrack_list": self.conntrack_list,
             "conntrack_flush": self.conntrack_flush,
+            "backend_drain": lambda args: self.set_drain(args, True),
+            "backend_undrain": lambda args: self.set_drain(args, False),
+            "backends": self.backends,
             "leave": self.leave,
             "reload": lambda args: self.agent.reload(),
         }
@@ -84,9 +87,31 @@ class Operations:
     async def members(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
         members = sorted(self.driver.members(), key=lambda m: m.name)
-        return {"node": self.name, "now": now, "members": [self._member_json(m, now) for m in members]}
+        per_vip = await self._flows()
+        flows = self._flows_by_name(per_vip)
+        drained = self.driver.drained()
+        # each backend's place in each VIP: (name) -> [{"vip", "weight", "health", "state", "flows"}]
+        backend_of: dict[str, list[dict[str, Any]]] = {}
+        for vip, rows in self._backend_rows(per_vip).items():
+            for r in rows:
+                backend_of.setdefault(r["name"], []).append(
+                    {"vip": vip, "weight": r["weight"], "health": r["health"], "state": r["state"], "flows": r["flows"]})
+        servers: dict[str, dict[str, Any]] = {}
+        for bset in self.tables.sets.values():
+            for b in bset.backends:
+                if b.kind == backends.EXTERNAL:
+                    entry = servers.setdefault(b.name, {
+                        "name": b.name, "kind": b.kind, "address": b.address,
+                        "port": int(b.name.rsplit(":", 1)[1]), "vips": [], "health": "ok" if b.healthy else "down",
+                        "drained": backends.drain_key(b) in drained, "flows": flows.get(b.name, 0),
+                        "backend_of": backend_of.get(b.name, [])})
+                    entry["vips"].append(bset.vip_key)
+        return {"node": self.name, "now": now,
+                "members": [self._member_json(m, now, flows, drained) | {"backend_of": backend_of.get(m.name, [])}
+                            for m in members],
+                "servers": [servers[k] for k in sorted(servers)]}
 
-    def _member_json(self, m: MemberView, now: float) -> dict[str, Any]:
+    def _member_json(self, m: MemberView, now: float, flows: dict[str, int], drained: frozenset[str]) -> dict[str, Any]:
         me = m.name == self.name
         return {
             "name": m.name,
@@ -99,7 +124,65 @@ class Operations:
             # the node runs on the loop's monotonic clock; the CLI wants wall time
             "status_since": now - max(0.0, self.driver.now() - m.status_since),
             "self": me,
+            # backs VIPs (false: a balancer only), drained cluster-wide, its flows here
+            "kind": backends.MEMBER,
+            "serves": bool(m.meta.vips),
+            "drained": backends.member_drain_key(m.name) in drained or m.meta.weight == 0,
+            "flows": flows.get(m.name, 0),
         }
+
+    async def _flows(self) -> dict[tuple[int, int], int]:
+        """Conntrack entries per (backend id, VIP id); read in a worker thread (a full
+        map is a quarter million entries)."""
+        return dict(await asyncio.to_thread(self.session.balancer.conntrack_flows))
+
+    def _flows_by_name(self, flows: dict[tuple[int, int], int]) -> dict[str, int]:
+        names = self.tables.backend_names()
+        out: dict[str, int] = {}
+        for (bid, _), n in flows.items():
+            name = names.get(bid)
+            if name is not None:
+                out[name] = out.get(name, 0) + n
+        return out
+
+    def _backend_rows(self, flows: dict[tuple[int, int], int]) -> dict[str, list[dict[str, Any]]]:
+        """Per VIP key, its backends as `vips` shows them."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for vip in self.tables.vips:
+            bset = self.tables.sets.get(vip.key)
+            vip_id = self.tables.vip_ids.get(vip.key)
+            rows = []
+            for b in bset.backends if bset else ():
+                bid = self.tables.backend_ids.get((b.name, b.address, b.port))
+                rows.append({"name": b.name, "kind": b.kind, "address": b.address, "port": b.port,
+                             "weight": b.weight, "health": "ok" if b.healthy else "down", "state": b.state,
+                             "flows": flows.get((bid, vip_id), 0) if bid is not None and vip_id is not None else 0})
+            out[vip.key] = rows
+        return out
+
+    # ------------------------------------------------------------------ drain
+
+    async def set_drain(self, args: dict[str, Any], drained: bool) -> dict[str, Any]:
+        """Drain or undrain a backend cluster-wide: ``args["name"]`` is a member name or
+        a server's address."""
+        text = args.get("name")
+        if not isinstance(text, str) or not text:
+            raise control.ControlError("name a member or a server address")
+        known = {e.key for e in self.driver.drain_entries()}
+        try:
+            key = backends.drain_target(text, self.agent.cfg.vips, [m.name for m in self.driver.members()], known)
+        except backends.UnknownBackend as exc:
+            raise control.ControlError(str(exc)) from None
+        was = key in self.driver.drained()
+        entry = self.driver.set_drain(key, drained, time.time_ns() // 1_000_000)
+        return {"key": key, "drained": entry.drained, "was_drained": was, "stamp": entry.stamp,
+                "origin": entry.origin}
+
+    async def backends(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The cluster's drain map as this node holds it."""
+        return {"node": self.name, "drains": [
+            {"key": e.key, "drained": e.drained, "stamp": e.stamp, "origin": e.origin, "since": e.stamp / 1000}
+            for e in self.driver.drain_entries()]}
 
     async def stats(self, args: dict[str, Any]) -> dict[str, Any]:
         balancer = self.session.balancer
@@ -119,12 +202,13 @@ class Operations:
         }
 
     def _backend_traffic(self) -> dict[str, tuple[int, int]]:
-        """(packets, bytes) per backend, labelled "member address[:port]" as in metrics."""
+        """(packets, bytes) per backend, labelled "member address[:port]" as in metrics
+        (a server by its "address:port" alone)."""
         out = {}
+        external = self.tables.external_ids
         for (name, addr, port), bid in self.tables.backend_ids.items():
             st = self.session.balancer.backend_stats(bid)
-            label = f"[{addr}]" if ":" in addr else addr
-            out[f"{name} {label}:{port}" if port else f"{name} {label}"] = (st.packets, st.bytes)
+            out[backend_label(name, addr, port, bid in external)] = (st.packets, st.bytes)
         return out
 
     def _tracer_stats(self) -> dict[str, int]:
@@ -135,6 +219,7 @@ class Operations:
                 "sockops": t.sockops}
 
     async def vips(self, args: dict[str, Any]) -> dict[str, Any]:
+        rows = self._backend_rows(await self._flows())
         out = []
         for vip in self.tables.vips:
             plan = self.tables.plans.get(vip.key)
@@ -142,6 +227,7 @@ class Operations:
             out.append({
                 "vip": vip.key, "mode": vip.mode, "backends": list(plan.backends) if plan else [],
                 "table_digest": plan.digest if plan else "", "packets": st.packets, "bytes": st.bytes,
+                "backend_set": rows.get(vip.key, []),
             })
         return {"node": self.name, "vips": out}
 
@@ -175,7 +261,10 @@ class Operations:
 
     # ------------------------------------------------------------------ metrics
 
-    def snapshot(self) -> metrics.Snapshot:
+    async def metrics_snapshot(self) -> metrics.Snapshot:
+        return self.snapshot(await self._flows())
+
+    def snapshot(self, flows: dict[tuple[int, int], int] | None = None) -> metrics.Snapshot:
         balancer = self.session.balancer
         vip_traffic = {}
         for vip in self.tables.vips:
@@ -204,6 +293,9 @@ class Operations:
             health={n: bool(r and r.ok) for n, r in self.health.results().items()},
             health_checks=dict(self.health_checks),
             loop_lag=self.loop_lag,
+            backends=[metrics.BackendRow(vip, r["name"], r["kind"], r["state"], r["health"] == "ok", r["weight"],
+                                         r["flows"] if flows is not None else None)
+                      for vip, rows in self._backend_rows(flows or {}).items() for r in rows],
         )
 
 
@@ -217,3 +309,12 @@ def conntrack_state(k: L.FlowKey, v: L.CtValue) -> str:
 
 def _hostport(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def backend_label(name: str, addr: str, port: int, external: bool) -> str:
+    """How stats and metrics name a backend: "member address[:port]", a server by its
+    "address:port"."""
+    if external:
+        return name
+    label = f"[{addr}]" if ":" in addr else addr
+    return f"{name} {label}:{port}" if port else f"{name} {label}"

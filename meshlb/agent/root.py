@@ -5,8 +5,8 @@ pump, health checks and the operator endpoints, wires their callbacks, and owns 
 loop: start order, signals, reload, and the two ways to end. A leave drains, tells the
 cluster and unpins everything; any other end keeps the pinned state, so forwarding
 carries on and the next agent adopts it. Its one job beyond wiring is to keep the data
-plane equal to the cluster's view: a change of membership, metadata or health
-schedules a table rebuild.
+plane equal to the cluster's view: a change of membership, metadata, health or the
+cluster's drain map schedules a table rebuild.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from meshlb import config as config_mod
+from meshlb.agent.drain_store import DrainStore
 from meshlb.agent.established import count_established, served_endpoints
 from meshlb.agent.evictions import EvictionPump
 from meshlb.agent.expiry import ConntrackExpiry
@@ -32,6 +33,7 @@ from meshlb.agent.tables import TableSync
 from meshlb.cluster.driver import GossipDriver
 from meshlb.cluster.messages import DigestEntry
 from meshlb.cluster.node import (
+    DrainsChanged,
     Event,
     MemberDead,
     MemberLeft,
@@ -47,8 +49,9 @@ log = logging.getLogger(__name__)
 
 MemberEvent = MemberUp | MemberSuspect | MemberDead | MemberLeft | MetaChanged
 MEMBER_EVENTS = (MemberUp, MemberSuspect, MemberDead, MemberLeft, MetaChanged)
-# the events that change which members the health checks cover
-ROSTER_EVENTS = (MemberUp, MemberDead, MemberLeft)
+# the events that change which members the health checks cover (a member that starts or
+# stops serving says so in its metadata)
+ROSTER_EVENTS = (MemberUp, MemberDead, MemberLeft, MetaChanged)
 DRAIN_POLL_S = 0.2
 
 
@@ -68,6 +71,7 @@ class Agent:
         self.started = time.time()
         self.draining = False
         self.session = Session(cfg)
+        self.drain_store = DrainStore(cfg.node.state_dir)
         self.evictions: Counter[str] = Counter()
         self.health_checks: Counter[tuple[str, str]] = Counter()
         self.loop_lag = LoopLag()
@@ -116,20 +120,23 @@ class Agent:
         s = self.session
         self.driver = build_driver(
             self.cfg, name=self.name, address=s.address, keys=self.keys, on_event=self._on_cluster_event,
-            meta=member_meta(self.name, self.cfg.vips, "", s.data_addresses, draining=False, health=None),
-            event_queue=0, eviction_marks=[DigestEntry(o, e, m, ()) for o, (e, m) in s.restored_marks.items()])
+            meta=member_meta(self.name, self.cfg.vips, "", s.data_addresses, draining=False, health=None,
+                             serve=self.cfg.node.serve),
+            event_queue=0, eviction_marks=[DigestEntry(o, e, m, ()) for o, (e, m) in s.restored_marks.items()],
+            drains=self.drain_store.load())
         self.tables = TableSync(s.balancer, self.name, self.driver, on_digest=self._publish_meta)
         # the pump reads table sync's set of local backend ids as it changes
         self.pump = EvictionPump(s.balancer, s.tracer, self.driver, s.marks, counts=self.evictions,
                                  local_ids=self.tables.local_ids, vips=self.cfg.vips)
-        self.expiry = ConntrackExpiry(s.balancer, lambda: self.cfg.conntrack, self.evictions)
+        self.expiry = ConntrackExpiry(s.balancer, lambda: self.cfg.conntrack, self.evictions,
+                                      closing_backends=self.tables.external_ids)
         self.health = HealthChecker.from_config(self.cfg.health, on_change=self._on_health_change,
                                                 on_result=self._on_health_result)
         self.ops = Operations(self, s, self.tables, self.driver, self.health, evictions=self.evictions,
                               health_checks=self.health_checks, loop_lag=self.loop_lag)
         handlers: dict[type, list[Callable[[Any], None]]] = {}
         for part in (self.pump.cluster_handlers(), dict.fromkeys(MEMBER_EVENTS, self._on_member_event),
-                     dict.fromkeys(ROSTER_EVENTS, self._on_roster_event)):
+                     dict.fromkeys(ROSTER_EVENTS, self._on_roster_event), {DrainsChanged: self._on_drains_changed}):
             for kind, handler in part.items():
                 handlers.setdefault(kind, []).append(handler)
         self._handlers = {kind: tuple(hs) for kind, hs in handlers.items()}
@@ -197,9 +204,18 @@ class Agent:
         if event.member.name != self.name:
             self._update_health_targets()
 
+    def _on_drains_changed(self, event: DrainsChanged) -> None:
+        log.info("drain map: %s", ", ".join(f"{k} {'drained' if k in self.driver.drained() else 'undrained'}"
+                                             for k in event.keys))
+        self.tables.schedule()
+        try:
+            self.drain_store.save(self.driver.drain_entries())
+        except OSError as exc:
+            log.error("cannot save the drain map to %s: %s", self.drain_store.path, exc)
+
     def _own_meta(self) -> MemberMeta:
         return member_meta(self.name, self.tables.vips, self.tables.digest, self.session.data_addresses,
-                           draining=self.draining, health=self.health)
+                           draining=self.draining, health=self.health, serve=self.cfg.node.serve)
 
     def _publish_meta(self) -> None:
         if self.driver.running:
@@ -209,7 +225,7 @@ class Agent:
 
     def _update_health_targets(self) -> None:
         self.health.set_targets(health_targets(self.name, self.session.address, self.cfg.health,
-                                               self.tables.vips, self.driver.members()))
+                                               self.tables.vips, self.driver.members(), serve=self.cfg.node.serve))
 
     def _on_health_change(self, name: str, ok: bool) -> None:
         log.info("health: %s %s", name, "up" if ok else "DOWN")
@@ -243,7 +259,8 @@ class Agent:
         self.cfg = new
         if any(a.startswith("health") for a in applied):
             self.health.reconfigure(new.health)
-            self._update_health_targets()
+        # the targets follow the VIPs' servers, node.serve and health.check_peers
+        self._update_health_targets()
         self._publish_meta()
         await self.tables.rebuild()
         if needs_restart:

@@ -1,22 +1,23 @@
 """Table sync: the data plane's VIPs and Maglev tables kept equal to the cluster's view.
 
-Whenever membership, metadata or health changes, every VIP's table is planned again
-(meshlb.forwarding) and the changed ones are swapped in. Backends are numbered locally:
-(member, address, port) -> id. An id stays bound to its member until the member is
-forgotten (reaped), so flows that conntrack pins to a member that turned suspect keep
-flowing while only new flows move. After a restart the pinned maps still hold the
-previous agent's VIP and backend ids, which conntrack entries point at: a VIP or member
-takes back the id that holds it, and new ids avoid the others.
+Whenever membership, metadata, health or the drain map changes, every VIP's backends
+(meshlb.backends) and table (meshlb.forwarding) are planned again and the changed ones
+are swapped in. Backends are numbered locally: (name, address, port) -> id. An id stays
+bound to its backend until the backend is forgotten (a member reaped, a server gone from
+the file), so flows that conntrack pins to a member that turned suspect, or to a backend
+that drains, keep flowing while only new flows move. After a restart the pinned maps
+still hold the previous agent's VIP and backend ids, which conntrack entries point at: a
+VIP or backend takes back the id that holds it, and new ids avoid the others.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
-from meshlb import forwarding
+from meshlb import backends, forwarding, maglev
 from meshlb.cluster.membership import MemberView
 from meshlb.config import VipConfig
 from meshlb.dataplane import layouts as L
@@ -32,7 +33,9 @@ class ClusterView(Protocol):
 
     def members(self) -> list[MemberView]: ...
 
-    def usable_backends(self) -> list[str]: ...
+    def drained(self) -> Collection[str]:
+        """The keys the cluster's drain map holds drained (meshlb.backends.drain_key)."""
+        ...
 
 
 class IdAllocator:
@@ -64,24 +67,6 @@ class IdAllocator:
         return i in self._used
 
 
-def member_address(m: MemberView, v6: bool) -> str | None:
-    """The member's data-plane address of one family: its gossip address, or one of
-    the addresses its metadata lists."""
-    for addr in (m.address[0], *m.meta.addresses):
-        if (":" in addr) == v6 and not addr.lower().startswith("fe80"):
-            return addr
-    return None
-
-
-def serving_members(members: Iterable[MemberView]) -> dict[str, tuple[tuple[str, ...], int]]:
-    """member name -> (VIP keys it can back, weight). A member backs a VIP only if it has
-    an address of the VIP's family (keys are "addr:port/proto", IPv6 "[addr]:port/proto")."""
-    return {
-        m.name: (tuple(v for v in m.meta.vips if member_address(m, v.startswith("[")) is not None), m.meta.weight)
-        for m in members
-    }
-
-
 def _dataplane_shape(v: VipConfig) -> tuple[str, int, int]:
     """What of a VIP the balancer holds: a reload that changes only the rest (its SNAT
     settings, applied at start) leaves the VIP and its flows in place."""
@@ -103,6 +88,8 @@ class TableSync:
         self.vip_ids: dict[str, int] = {}
         self.backend_ids: dict[tuple[str, str, int], int] = {}
         self.local_ids: set[int] = set()  # ids of this node's own backends
+        self.external_ids: set[int] = set()  # ids of real servers (no tracer reports their closes)
+        self.sets: dict[str, backends.BackendSet] = {}
         self.plans: dict[str, forwarding.VipPlan[VipConfig]] = {}
         self.digest = ""
         self.table_changes = 0
@@ -178,26 +165,27 @@ class TableSync:
         on meanwhile. One rebuild at a time; a view that changes during one is planned
         again from scratch by the next."""
         async with self._lock:
-            members = {m.name: m for m in self.cluster.members()}
-            usable = self.cluster.usable_backends() if self.serving else []
-            plans = forwarding.plan(self.vips, usable, serving_members(members.values()))
+            members = self.cluster.members()
+            sets = backends.backend_sets(self.vips, members, self.cluster.drained(), serving=self.serving)
+            plans = forwarding.plan(self.vips, {k: s.chosen() for k, s in sets.items()})
             changed = [k for k, p in plans.items() if self.plans.get(k) is None or self.plans[k].digest != p.digest]
-            tables = self._tables_for(plans, changed, members)
+            tables = self._tables_for(plans, changed, sets)
             if tables:
                 await asyncio.to_thread(self.balancer.set_vip_tables, tables)
-            self._forget_gone_backends(members)
+            self._forget_gone_backends({m.name for m in members}, sets)
+            self.sets = sets
             self.plans = plans
             digest = forwarding.plans_digest(plans)
             if changed:
                 self.table_changes += 1
                 log.info("tables: %s -> %s (%s)", self.digest or "-", digest,
-                         ", ".join(f"{k}: {','.join(plans[k].backends) or 'none'}" for k in changed))
+                         ", ".join(f"{k}: {_shown(plans[k], sets[k])}" for k in changed))
             if digest != self.digest:
                 self.digest = digest
                 self.on_digest()
 
     def _tables_for(self, plans: dict[str, forwarding.VipPlan[VipConfig]], changed: list[str],
-                    members: dict[str, MemberView]) -> dict[int, list[int]]:
+                    sets: dict[str, backends.BackendSet]) -> dict[int, list[int]]:
         """Backend-id tables of the changed VIPs. VIPs whose plans share a table and map
         to the same backend ids share one list object (the data plane then fills one
         array for all of them)."""
@@ -206,26 +194,28 @@ class TableSync:
         for key in changed:
             plan = plans[key]
             vip = plan.vip
-            port = vip.target_port if vip.mode == "nat" else 0
             ids = []
             for name in plan.backends:
-                addr = member_address(members[name], vip.address.version == 6)
-                assert addr is not None  # serving_members lists only members with one
-                bid = self.backend_id(name, addr, port)
-                self.balancer.set_backend(bid, addr, port, local=(name == self.name))
+                b = sets[key].get(name)
+                assert b is not None  # the plan is built from the set
+                bid = self.backend_id(name, b.address, b.port, external=b.kind == backends.EXTERNAL)
+                self.balancer.set_backend(bid, b.address, b.port, local=(name == self.name),
+                                          external=b.kind == backends.EXTERNAL)
                 ids.append(bid)
             cache_key = (id(plan.table), tuple(ids))
             table = translated.get(cache_key)
             if table is None:
-                table = [ids[i] for i in plan.table] if ids else [NO_BACKEND] * vip.ring_size
+                # Maglev fills every slot or, when every backend has weight 0, none
+                filled = bool(ids) and plan.table[0] != maglev.NO_BACKEND
+                table = [ids[i] for i in plan.table] if filled else [NO_BACKEND] * vip.ring_size
                 translated[cache_key] = table
             out[self.vip_ids[vip.key]] = table
         return out
 
-    def backend_id(self, name: str, addr: str, port: int) -> int:
-        """The member's data-plane id for one address family and nat port: the one it
-        has, else the one the pinned backends give its address and port, else a new
-        one, so no established flow is silently handed to another backend."""
+    def backend_id(self, name: str, addr: str, port: int, *, external: bool = False) -> int:
+        """The backend's data-plane id for one address and nat port: the one it has,
+        else the one the pinned backends give its address and port, else a new one, so
+        no established flow is silently handed to another backend."""
         key = (name, addr, port)
         bid = self.backend_ids.get(key)
         if bid is not None:
@@ -236,15 +226,33 @@ class TableSync:
         self.backend_ids[key] = bid
         if name == self.name:
             self.local_ids.add(bid)
+        if external:
+            self.external_ids.add(bid)
         return bid
 
-    def _forget_gone_backends(self, members: dict[str, MemberView]) -> None:
-        """A backend id is released only when its member is gone from the member list
-        (reaped); while it is suspect or dead the id keeps pointing at it so established
+    def _forget_gone_backends(self, members: set[str], sets: dict[str, backends.BackendSet]) -> None:
+        """A backend id is released only when its backend is gone: a member from the
+        member list (reaped), a server from every VIP of the file. While a member is
+        suspect or dead, or a backend drains, the id keeps pointing at it so established
         flows are not silently moved to another backend."""
+        servers = {b.name for s in sets.values() for b in s.backends if b.kind == backends.EXTERNAL}
         for key, bid in list(self.backend_ids.items()):
-            if key[0] not in members:
+            if key[0] not in members and key[0] not in servers:
                 self.balancer.remove_backend(bid)
                 del self.backend_ids[key]
                 self.local_ids.discard(bid)
+                self.external_ids.discard(bid)
                 self._backend_alloc.release(bid)
+
+    def backend_names(self) -> dict[int, str]:
+        """backend id -> backend name (member name or server "address:port")."""
+        return {bid: key[0] for key, bid in self.backend_ids.items()}
+
+
+def _shown(plan: forwarding.VipPlan[VipConfig], bset: backends.BackendSet) -> str:
+    """The table's backends for the log: draining ones marked."""
+    out = []
+    for name in plan.backends:
+        b = bset.get(name)
+        out.append(f"{name}(draining)" if b is not None and b.state == backends.DRAINING else name)
+    return ",".join(out) or "none"

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from .messages import MemberMeta, Message
 from .protocol_config import ProtocolConfig
 
-__all__ = ["Address", "Delegate", "Destination", "GROUP", "Handler", "Host", "NoDelegate"]
+__all__ = ["Address", "Delegate", "Delegates", "Destination", "GROUP", "Handler", "Host", "NoDelegate"]
 
 Address = tuple[str, int]
 
@@ -214,3 +214,58 @@ class NoDelegate:
 
     def stats(self, out: Counter[str]) -> None:
         pass
+
+
+class Delegates:
+    """Several payloads riding on one engine, as one delegate: each handles its own
+    message types (they must not overlap), adds its own state to push-pulls, runs its
+    own timer and hears every notice."""
+
+    def __init__(self, *parts: Delegate[Any]) -> None:
+        self.parts = parts
+
+    def attach(self, host: Host[Any], now: float) -> None:
+        for p in self.parts:
+            p.attach(host, now)
+
+    def handlers(self) -> Mapping[type, Handler]:
+        out: dict[type, Handler] = {}
+        for p in self.parts:
+            for kind, handler in p.handlers().items():
+                if kind in out:
+                    raise ValueError(f"two payloads handle {kind.__name__}")
+                out[kind] = handler
+        return out
+
+    def local_state(self, now: float, *, join: bool, reply: bool) -> list[bytes]:
+        return [m for p in self.parts for m in p.local_state(now, join=join, reply=reply)]
+
+    def joining(self, now: float) -> None:
+        for p in self.parts:
+            p.joining(now)
+
+    def member_back(self, address: Address, now: float) -> None:
+        for p in self.parts:
+            p.member_back(address, now)
+
+    def final_after_full_round(self, key: Hashable) -> bool:
+        return any(p.final_after_full_round(key) for p in self.parts)
+
+    def tick(self, now: float) -> None:
+        for p in self.parts:
+            p.tick(now)
+
+    def next_deadline(self) -> float:
+        return min((p.next_deadline() for p in self.parts), default=float("inf"))
+
+    def maintain(self, now: float) -> None:
+        for p in self.parts:
+            p.maintain(now)
+
+    def flush(self) -> None:
+        for p in self.parts:
+            p.flush()
+
+    def stats(self, out: Counter[str]) -> None:
+        for p in self.parts:
+            p.stats(out)

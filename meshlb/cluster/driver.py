@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from .membership import MemberView
-from .messages import DigestEntry, FlowTuple, MemberMeta, Status
+from .messages import DigestEntry, DrainEntry, FlowTuple, MemberMeta, Status
 from .node import Event, Node
 from .protocol_config import ProtocolConfig
 from .swim import GossipWire
@@ -88,6 +88,7 @@ class GossipDriver:
         leave_linger: float | None = None,
         node_factory: Callable[..., Node] | None = None,
         eviction_marks: Iterable[DigestEntry] = (),
+        drains: Iterable[DrainEntry] = (),
     ) -> None:
         self.name = name
         self.wire = wire
@@ -112,6 +113,8 @@ class GossipDriver:
         self._node_factory: Callable[..., Node] = node_factory or Node
         # marks of a previous run of this member (see Node.restore_eviction_marks)
         self._eviction_marks = tuple(eviction_marks)
+        # the drain map a previous run of this member saved (see Node.restore_drains)
+        self._drains = tuple(drains)
 
         self.node: Node | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,6 +167,8 @@ class GossipDriver:
             )
             if self._eviction_marks:
                 node.restore_eviction_marks(self._eviction_marks, now)
+            if self._drains:
+                node.restore_drains(self._drains)
             node.join(now)
             self._pump()
         except BaseException:
@@ -474,6 +479,21 @@ class GossipDriver:
         if self.node is None:
             return []
         return list(self.node.members())
+
+    def set_drain(self, key: str, drained: bool, wall_ms: int) -> DrainEntry:
+        """Drain or undrain ``key`` cluster-wide (see :meth:`Node.set_drain`)."""
+        return self._call(lambda node, now: node.set_drain(key, drained, wall_ms, now))
+
+    def drained(self) -> frozenset[str]:
+        """The keys the cluster's drain map holds drained (restored ones before start)."""
+        if self.node is None:
+            return frozenset(e.key for e in self._drains if e.drained)
+        return self.node.drained()
+
+    def drain_entries(self) -> list[DrainEntry]:
+        if self.node is None:
+            return list(self._drains)
+        return self.node.drain_entries()
 
     def usable_backends(self) -> list[str]:
         if self.node is None:

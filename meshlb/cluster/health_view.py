@@ -22,6 +22,10 @@ cannot forward to it either, and both tables must still agree.
 The result depends only on (name, status, meta) of the members, never on the order in
 which they were learnt or on local time, and is returned sorted by name: two members
 with the same view compute the same list, hence the same Maglev table.
+
+Real servers (backends that run no meshlb, ``usable_servers``) are judged by rule 3
+alone, counted over every alive member: nobody speaks for them, and every mix checks
+them.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from collections.abc import Iterable
 from .membership import MemberView
 from .messages import Status
 
-__all__ = ["usable_backends", "is_usable"]
+__all__ = ["usable_backends", "usable_servers", "is_usable"]
 
 
 def usable_backends(members: Iterable[MemberView]) -> list[str]:
@@ -45,6 +49,21 @@ def usable_backends(members: Iterable[MemberView]) -> list[str]:
            if m.meta.app_healthy and is_usable(down.get(name, 0), others)]
     out.sort()
     return out
+
+
+def usable_servers(members: Iterable[MemberView], servers: Iterable[str]) -> set[str]:
+    """Of ``servers`` (real servers that run no meshlb, named as the mixes' health
+    checks name them), those rule 3 keeps: not more than half of the ALIVE members
+    report them down. A server cannot speak for itself (rule 2), and no alive member is
+    the server, so all alive members are its observers."""
+    alive = [m for m in members if m.status is Status.ALIVE]
+    wanted = set(servers)
+    down: dict[str, int] = {}
+    for observer in alive:
+        for target, ok in observer.meta.observations.items():
+            if ok is False and target in wanted:
+                down[target] = down.get(target, 0) + 1
+    return {s for s in wanted if is_usable(down.get(s, 0), len(alive))}
 
 
 def is_usable(down_reports: int, other_alive: int) -> bool:

@@ -28,7 +28,7 @@ import msgpack
 __all__ = [
     "PROTOCOL_VERSION", "Status", "MemberMeta", "FlowTuple", "MemberRecord",
     "Ping", "PingReq", "Ack", "Nack", "Alive", "Suspect", "Dead", "Left",
-    "Eviction", "EvictionRun", "PushPull", "EvictionDigest", "DigestEntry", "Message",
+    "Eviction", "EvictionRun", "PushPull", "EvictionDigest", "DigestEntry", "DrainEntry", "DrainState", "Message",
     "FLOW_RECORD_SIZE", "MAX_RUN", "RUNS_VERSION", "flow_record", "flow_tuple_of", "valid_records",
     "encode", "decode", "decode_received", "peek_alive", "decode_eviction", "decode_eviction_run", "encode_meta",
     "decode_meta", "MAX_NAME", "MAX_U64",
@@ -48,6 +48,7 @@ MAX_RECORDS = 4096
 MAX_DIGEST_ORIGINS = 8192
 MAX_DIGEST_RECENT = 256
 MAX_HOST = 64
+MAX_DRAIN_ENTRIES = 256
 
 
 class Status(str, Enum):
@@ -241,10 +242,31 @@ class EvictionDigest:
     entries: tuple[DigestEntry, ...]
 
 
-Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | Eviction | EvictionRun | PushPull | EvictionDigest
+@dataclass(frozen=True)
+class DrainEntry:
+    """One key of the cluster's drain map, last writer wins: the larger (stamp, origin)."""
+    key: str  # what drains: "member:NAME" or "server:ADDRESS" (meshlb.backends)
+    drained: bool  # False: undrained (kept, so that an older "drained" cannot come back)
+    stamp: int  # milliseconds, a hybrid logical clock (drain_gossip.py)
+    origin: str  # the member that wrote it
+
+    def newer_than(self, other: DrainEntry) -> bool:
+        # the value breaks the tie a member could only make by losing its clock
+        return (self.stamp, self.origin, self.drained) > (other.stamp, other.origin, other.drained)
+
+
+@dataclass(frozen=True)
+class DrainState:
+    """Entries of the drain map: news as it happens, the whole map with a push-pull."""
+    entries: tuple[DrainEntry, ...]
+
+
+Message = (Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | Eviction | EvictionRun | PushPull
+           | EvictionDigest | DrainState)
 
 T_PING, T_PINGREQ, T_ACK, T_NACK, T_ALIVE, T_SUSPECT, T_DEAD, T_LEFT, T_EVICT, T_PUSHPULL, T_DIGEST = range(1, 12)
 T_EVICTS = 12  # RUNS_VERSION on
+T_DRAINS = 13  # an older member drops it as malformed (counted) and sees no drains
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -330,6 +352,8 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, EvictionDigest):
         return [T_DIGEST, msg.reply,
                 [[e.origin, e.epoch, e.contiguous, list(e.recent)] for e in msg.entries]]
+    if isinstance(msg, DrainState):
+        return [T_DRAINS, [[e.key, e.drained, e.stamp, e.origin] for e in msg.entries]]
     raise TypeError(f"not a protocol message: {type(msg).__name__}")
 
 
@@ -586,6 +610,14 @@ def _decode(v: Any) -> Message:
             recent = tuple(_uint(x) for x in _array(ef[3], MAX_DIGEST_RECENT))
             entries.append(DigestEntry(_text(ef[0]), _uint(ef[1]), _uint(ef[2]), recent))
         return EvictionDigest(_bool(f[1]), tuple(entries))
+    if t == T_DRAINS and n == 2:
+        drains = []
+        for e in _array(f[1], MAX_DRAIN_ENTRIES):
+            ef = _array(e, 4)
+            if len(ef) != 4:
+                raise _Malformed
+            drains.append(DrainEntry(_text(ef[0]), _bool(ef[1]), _uint(ef[2]), _text(ef[3])))
+        return DrainState(tuple(drains))
     raise _Malformed
 
 

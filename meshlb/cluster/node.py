@@ -1,20 +1,23 @@
-"""One cluster member: the SWIM engine (swim.py) with eviction dissemination
-(eviction_gossip.py) plugged in as its delegate. This is what the driver, the
-simulator and the benches run; sans-IO like both parts.
+"""One cluster member: the SWIM engine (swim.py) with its payloads plugged in as its
+delegate: eviction dissemination (eviction_gossip.py) and the drain map
+(drain_gossip.py). This is what the driver, the simulator and the benches run; sans-IO
+like its parts.
 
 The owner feeds it datagrams (``handle_datagram``) and time (``tick`` at
-``next_deadline()``), drains ``take_outgoing()`` / ``take_events()``, and publishes
-evictions (``publish_eviction_records``, ``publish_evictions``, ``publish_eviction``).
+``next_deadline()``), drains ``take_outgoing()`` / ``take_events()``, publishes
+evictions (``publish_eviction_records``, ``publish_evictions``, ``publish_eviction``)
+and writes the drain map (``set_drain``).
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
 
-from .delegate import GROUP, Address
+from .delegate import GROUP, Address, Delegates
+from .drain_gossip import DrainGossip, DrainsChanged
 from .eviction_gossip import EvictionEvent, EvictionGossip, EvictionReceived, EvictionsReceived
 from .membership import MemberView
-from .messages import PROTOCOL_VERSION, DigestEntry, FlowTuple, MemberMeta, Status
+from .messages import PROTOCOL_VERSION, DigestEntry, DrainEntry, FlowTuple, MemberMeta, Status
 from .protocol_config import ProtocolConfig
 from .swim import (
     GossipWire,
@@ -30,21 +33,24 @@ from .swim import (
 __all__ = [
     "Node", "GROUP", "Outgoing", "FlowTuple", "MemberMeta", "Status", "MemberView", "PROTOCOL_VERSION",
     "MemberUp", "MemberSuspect", "MemberDead", "MemberLeft", "MetaChanged", "EvictionReceived", "EvictionsReceived",
-    "Event",
+    "DrainsChanged", "DrainEntry", "Event",
 ]
 
-Event = MemberUp | MemberSuspect | MemberDead | MemberLeft | MetaChanged | EvictionReceived | EvictionsReceived
+Event = (MemberUp | MemberSuspect | MemberDead | MemberLeft | MetaChanged | EvictionReceived | EvictionsReceived
+         | DrainsChanged)
 
 
-class Node(SwimNode[EvictionEvent]):
+class Node(SwimNode[EvictionEvent | DrainsChanged]):
     def __init__(self, *, name: str, address: Address, wire: GossipWire, config: ProtocolConfig,
                  rng: random.Random, now: float, meta: MemberMeta | None = None, incarnation: int = 0,
                  peers: Sequence[Address] = (), group: bool = False) -> None:
         # Evictions are numbered within the epoch of the incarnation the member starts
         # with, so a restarted member's numbers cannot be taken for duplicates.
         self.evictions = EvictionGossip(name=name, epoch=incarnation, config=config)
+        self.drains = DrainGossip(name=name, config=config)
         super().__init__(name=name, address=address, wire=wire, config=config, rng=rng, now=now, meta=meta,
-                         incarnation=incarnation, peers=peers, group=group, delegate=self.evictions)
+                         incarnation=incarnation, peers=peers, group=group,
+                         delegate=Delegates(self.evictions, self.drains))
 
     def publish_eviction(self, key: FlowTuple, now: float) -> int:
         """Queue an eviction of ``key`` for every member; returns its number."""
@@ -83,3 +89,20 @@ class Node(SwimNode[EvictionEvent]):
         member stopped, so the join asks for exactly the evictions published while it
         was down (instead of taking the seed's marks and missing them)."""
         self.evictions.restore_marks(entries, now)
+
+    def set_drain(self, key: str, drained: bool, wall_ms: int, now: float) -> DrainEntry:
+        """Drain (or undrain) ``key`` in the cluster's drain map and gossip it;
+        ``wall_ms`` is this host's wall clock in milliseconds."""
+        return self.drains.set(key, drained, wall_ms, now)
+
+    def drained(self) -> frozenset[str]:
+        """The keys the drain map holds drained."""
+        return self.drains.drained()
+
+    def drain_entries(self) -> list[DrainEntry]:
+        """The whole drain map (what an agent saves across restarts)."""
+        return self.drains.entries()
+
+    def restore_drains(self, entries: Iterable[DrainEntry]) -> int:
+        """Before :meth:`join`: the drain map a previous run of this member saved."""
+        return self.drains.restore(entries)

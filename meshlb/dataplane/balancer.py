@@ -10,12 +10,13 @@ Maglev tables survive an agent restart.
 from __future__ import annotations
 
 import array
+import collections
 import ctypes
 import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 from . import layouts as L
@@ -57,9 +58,14 @@ PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
 
 _U32 = struct.Struct("=I")
 # (last_seen_ns, flags) of one struct ct_value, for scans of the whole map
-_CT_SEEN_FLAGS = struct.Struct(f"=Q{CtValue.flags.offset - 8}xI"
-                               f"{ctypes.sizeof(CtValue) - CtValue.flags.offset - 4}x")
-assert CtValue.last_seen_ns.offset == 0 and _CT_SEEN_FLAGS.size == ctypes.sizeof(CtValue)
+# last_seen_ns, backend_id, flags of a ct_value, from the raw bytes of a batch
+_CT_SEEN_BACKEND_FLAGS = struct.Struct(f"=QI{CtValue.flags.offset - 12}xI"
+                                       f"{ctypes.sizeof(CtValue) - CtValue.flags.offset - 4}x")
+assert (CtValue.last_seen_ns.offset, CtValue.backend_id.offset) == (0, 8)
+assert _CT_SEEN_BACKEND_FLAGS.size == ctypes.sizeof(CtValue)
+# backend_id, vip_id of a ct_value
+_CT_BACKEND_VIP = struct.Struct(f"={CtValue.backend_id.offset}xI{CtValue.vip_id.offset - CtValue.backend_id.offset - 4}xI"
+                                f"{ctypes.sizeof(CtValue) - CtValue.vip_id.offset - 4}x")
 # struct evict_batch as the agent writes and reads it through mmap
 _KEY_SIZE = ctypes.sizeof(FlowKey)
 _SLOT_SIZE = ctypes.sizeof(L.EvictSlot)
@@ -284,15 +290,16 @@ class Balancer:
 
     # -------------------------------------------------------------- backends
     def set_backend(self, backend_id: int, addr, port: int = 0, *, local: bool = False,
-                    down: bool = False) -> None:
-        """``port`` is the nat target port (0: keep the VIP's port); dr ignores it."""
+                    down: bool = False, external: bool = False) -> None:
+        """``port`` is the nat target port (0: keep the VIP's port); dr ignores it.
+        ``external``: a real server, not a mix (no peer mark on what goes to it)."""
         if not 0 <= backend_id < L.MLB_MAX_BACKENDS:
             raise ValueError(f"backend_id {backend_id} outside 0..{L.MLB_MAX_BACKENDS - 1}")
         fam, words = L.addr_words(addr)
         old = self.backend(backend_id)
         b = Backend(family=fam, port=L.port_be(port),
                     flags=L.MLB_BE_F_VALID | (L.MLB_BE_F_LOCAL if local else 0)
-                    | (L.MLB_BE_F_DOWN if down else 0))
+                    | (L.MLB_BE_F_DOWN if down else 0) | (L.MLB_BE_F_EXTERNAL if external else 0))
         b.addr[:] = words
         self.maps["backends"].update(_U32.pack(backend_id), bytes(b))
         # a re-used address may now have another next hop (the agent also calls
@@ -535,32 +542,47 @@ class Balancer:
         (result, _), = self.evict_many([bytes(key)], L.MLB_EVICT_OP_BACKEND)
         return result == L.MLB_EVICT_BACKEND
 
-    def conntrack_stale(self, now_ns: int, idle_ns: int = 0, handshake_ns: int = 0
-                        ) -> tuple[list[tuple[FlowKey, CtValue]], list[tuple[FlowKey, CtValue]]]:
+    def conntrack_stale(self, now_ns: int, idle_ns: int = 0, handshake_ns: int = 0, closing_ns: int = 0,
+                        closing_backends: Collection[int] = ()) -> tuple[list[tuple[FlowKey, CtValue]], ...]:
         """Entries to expire at ``now_ns`` (CLOCK_MONOTONIC): (idle longer than
         ``idle_ns``, TCP handshakes the client has not acknowledged for
-        ``handshake_ns``); 0 disables either. Filtered on the raw bytes: a full map
-        is a quarter million entries, and most of them are neither."""
+        ``handshake_ns``, closing flows (``MLB_CT_F_CLOSING``) of the backends
+        ``closing_backends`` quiet for ``closing_ns``); 0 disables each. Filtered on
+        the raw bytes: a full map is a quarter million entries, and most of them are
+        none of these."""
         idle: list[tuple[FlowKey, CtValue]] = []
         half_open: list[tuple[FlowKey, CtValue]] = []
-        if not idle_ns and not handshake_ns:
-            return idle, half_open
+        closing: list[tuple[FlowKey, CtValue]] = []
+        if not idle_ns and not handshake_ns and not (closing_ns and closing_backends):
+            return idle, half_open, closing
         ks, vs = ctypes.sizeof(FlowKey), ctypes.sizeof(CtValue)
         proto_at = FlowKey.proto.offset
         est = L.MLB_CT_F_ESTABLISHED
+        closing_flag = L.MLB_CT_F_CLOSING if closing_ns else 0
+        closing_ids = frozenset(closing_backends)
         for keys, vals, _ in self.maps["conntrack"].lookup_batch_raw():
-            for i, (seen, flags) in enumerate(_CT_SEEN_FLAGS.iter_unpack(vals)):
+            for i, (seen, backend_id, flags) in enumerate(_CT_SEEN_BACKEND_FLAGS.iter_unpack(vals)):
                 age = now_ns - seen
                 if idle_ns and age > idle_ns:
                     out = idle
                 elif (handshake_ns and age > handshake_ns and not flags & est
                       and keys[i * ks + proto_at] == IPPROTO_TCP):
                     out = half_open
+                elif flags & closing_flag and age > closing_ns and backend_id in closing_ids:
+                    out = closing
                 else:
                     continue
                 out.append((FlowKey.from_bytes(keys[i * ks:(i + 1) * ks]),
                             CtValue.from_bytes(vals[i * vs:(i + 1) * vs])))
-        return idle, half_open
+        return idle, half_open, closing
+
+    def conntrack_flows(self) -> collections.Counter[tuple[int, int]]:
+        """Conntrack entries per (backend id, VIP id): the flows each backend of each
+        VIP still has here, in one batched read."""
+        out: collections.Counter[tuple[int, int]] = collections.Counter()
+        for _, vals, _ in self.maps["conntrack"].lookup_batch_raw():
+            out.update(_CT_BACKEND_VIP.iter_unpack(vals))
+        return out
 
     def conntrack_expire(self, entries: Sequence[tuple[FlowKey, CtValue]]) -> int:
         """Delete entries found by :meth:`conntrack_stale`, with their nat reverse

@@ -25,15 +25,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab = _lab()
     opts = lab.LabOptions(
         nodes=args.nodes, prefix=args.prefix, xdp_mode=args.xdp_mode, discovery=args.discovery, preset=args.preset,
-        routing=args.routing,
+        routing=args.routing, servers=args.servers, serve=args.serve,
     )
     try:
         state = lab.Lab(opts).up(wait_s=args.wait)
     except lab.LabError as exc:
         raise CliError(str(exc)) from None
-    others = [n for n in state["nodes"] if not lab.is_mix(n)]
+    others = [n for n in state["nodes"] if not lab.is_mix(n) and not lab.is_server(n)]
     mixes = [n for n in state["nodes"] if lab.is_mix(n)]
-    print(f"lab {args.prefix!r} up ({state['routing']} routing): {', '.join(others + mixes)}; VIPs: "
+    servers = [n for n in state["nodes"] if lab.is_server(n)]
+    role = " (balancers only)" if state.get("serve") == "none" else ""
+    print(f"lab {args.prefix!r} up ({state['routing']} routing): {', '.join(others + mixes)}{role}"
+          + (f"; real servers: {', '.join(servers)}" if servers else "") + "; VIPs: "
           + ", ".join(f"{v['address']}:{v['port']} ({v['mode']})" for v in state["vips"]))
     return 0
 
@@ -60,7 +63,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, node in state["nodes"].items():
         extra = ""
         if "agent_pid" in node:
-            extra = f" agent={'up' if node['agent_running'] else 'DOWN'} app={'up' if node['app_running'] else 'DOWN'}"
+            extra += f" agent={'up' if node['agent_running'] else 'DOWN'}"
+        if "app_pid" in node:
+            extra += f" app={'up' if node['app_running'] else 'DOWN'}"
         print(f"{name:8} {node['netns']:16} {' '.join(node['addresses'])}{extra}")
     print("VIPs: " + ", ".join(f"{v['address']}:{v['port']}/{v['protocol']} {v['mode']}" for v in state["vips"]))
     print(f"routing: {state['routing']}")
@@ -99,6 +104,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how client packets reach the mixes: a static ECMP route on the router (default), "
                         "the router's BGP (BIRD, BFD, multipath; the mixes announce), or one L2 segment "
                         "(no router, the VIP's owner answers ARP/NDP)")
+    q.add_argument("--servers", type=int, default=0, metavar="M",
+                   help="add real servers srv1..srvM: the demo app and no meshlb, backends of every VIP "
+                        "(dr: the VIP on their loopback, LVS-DR style)")
+    q.add_argument("--serve", choices=("all", "none"), default="all",
+                   help="all: every mix serves the VIPs too (default); none: the mixes only balance, "
+                        "to the real servers (dedicated mode; needs --servers)")
     q.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the cluster to converge")
     prefix(q)
     q.set_defaults(func=cmd_up)
@@ -109,7 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_status)
 
     q = lsub.add_parser("exec", help="run a command inside a node: meshlb lab exec NODE -- CMD ...")
-    q.add_argument("node", help="client, router or mixN")
+    q.add_argument("node", help="client, router, mixN or srvN")
     q.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
     prefix(q)
     q.set_defaults(func=cmd_exec)

@@ -3,7 +3,11 @@
 Shape: a bridge in a namespace of its own (nothing of the lab touches the host's
 interfaces or routes, and there is no route out), ``router`` and ``mix1``..``mixN`` each
 joined to it by a veth, and ``client`` behind ``router`` on a link of its own. Every mix
-runs the agent and the demo application. The router's route to each VIP is an ECMP
+runs the agent and the demo application (with ``serve = "none"`` the agent alone: a
+balancer only). ``servers`` adds ``srv1``..``srvM`` on the same bridge: real servers that
+run the demo application and no meshlb, listed as servers of every VIP of their family;
+each holds the dr VIPs on its loopback with ARP for them suppressed, as an LVS-DR real
+server does. The router's route to each VIP is an ECMP
 multipath over all mixes hashed on the 5-tuple of every packet, as a data-centre router
 spreads flows; mixes answer the client through the router. (ECMP in the client itself
 would not do: Linux hashes a local TCP flow by its socket's random txhash, re-drawn
@@ -88,11 +92,27 @@ CLIENT_L2_6 = f"{NET6}2"
 VIP_NET4 = "198.19.0.0/24"
 VIP_NET6 = "fd00:6d6c:63::/64"
 ROUTINGS = ("static", "bgp", "l2")
+SERVES = ("all", "none")
+# srvN: 198.18.0.(230+N), fd00:6d6c:62::(230+N); the mixes end at .210 (200 mixes)
+SERVER_BASE = 230
+MAX_SERVERS = 20
+
+
+def server_addr4(i: int) -> str:
+    return f"{NET4}.{SERVER_BASE + i}"
+
+
+def server_addr6(i: int) -> str:
+    return f"{NET6}{SERVER_BASE + i:x}"
 
 
 def is_mix(node: str) -> bool:
-    """Lab node names: ``client``, ``router``, ``mix1``..``mixN``."""
+    """Lab node names: ``client``, ``router``, ``mix1``..``mixN``, ``srv1``..``srvM``."""
     return node.startswith("mix") and node[3:].isdigit()
+
+
+def is_server(node: str) -> bool:
+    return node.startswith("srv") and node[3:].isdigit()
 
 
 @dataclass
@@ -104,12 +124,15 @@ class LabOptions:
     preset: str = "lan"
     idle_timeout_s: float = 300.0
     handshake_timeout_s: float = 10.0
+    closing_timeout_s: float = 10.0
     health_interval_s: float = 1.0
     # "auto": a cgroup per mix (module docstring), where cgroup v2 is mounted; else the
     # agents' conntrack.sockops_cgroup as given ("off", a path)
     sockops_cgroup: str = "auto"
     extra_toml: str = ""  # appended to every mix's cluster file (tests tune timings with it)
     routing: str = "static"  # "static", "bgp" or "l2" (module docstring)
+    servers: int = 0  # real servers srv1..srvM (module docstring)
+    serve: str = "all"  # "none": the mixes balance only (node.serve = false)
     vips: list[dict[str, Any]] = field(
         default_factory=lambda: [
             {"address": VIP_DR, "port": APP_PORT, "protocol": "tcp", "mode": "dr"},
@@ -135,6 +158,42 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_str(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def vip_servers(servers: int, vip: dict[str, Any]) -> list[str]:
+    """The lab's ``servers`` of the VIP's family (unless the VIP names its own)."""
+    if "servers" in vip:
+        return list(vip["servers"])
+    v6 = ":" in vip["address"]
+    return [server_addr6(i) if v6 else server_addr4(i) for i in range(1, servers + 1)]
+
+
+def server_names(servers: int, vip: dict[str, Any]) -> set[str]:
+    """The backend names the VIP's servers have in the agents' tables."""
+    port = vip.get("backend_port", vip["port"]) if vip.get("mode") == "nat" else vip["port"]
+    out = set()
+    for s in vip_servers(servers, vip):
+        if s.startswith("["):
+            host, _, rest = s[1:].partition("]")
+            given = rest[1:]
+        elif s.count(":") == 1:
+            host, given = s.split(":")
+        else:
+            host, given = s, ""
+        out.add(f"[{host}]:{given or port}" if ":" in host else f"{host}:{given or port}")
+    return out
+
+
 def mix_config(opts: LabOptions, i: int, sdir: Path, cgroup: str | None = None) -> str:
     name = f"mix{i}"
     peers = [f"{mix_addr4(j)}:{GOSSIP_PORT}" for j in range(1, opts.nodes + 1) if j != i]
@@ -147,7 +206,9 @@ def mix_config(opts: LabOptions, i: int, sdir: Path, cgroup: str | None = None) 
         f"xdp_mode = {_toml_str(opts.xdp_mode)}",
         f"pin_dir = {_toml_str(str(PIN_ROOT / f'{opts.prefix}-{name}'))}",
         f"control = {_toml_str(str(sdir / f'{name}.sock'))}",
+        f"state_dir = {_toml_str(str(sdir / 'state' / name))}",
         'metrics = "127.0.0.1:9477"',
+        f"serve = {_toml_value(opts.serve == 'all')}",
         "",
         "[cluster]",
         f"label = {_toml_str('lab-' + opts.prefix)}",
@@ -164,13 +225,18 @@ def mix_config(opts: LabOptions, i: int, sdir: Path, cgroup: str | None = None) 
         "[conntrack]",
         f"idle_timeout_s = {opts.idle_timeout_s}",
         f"handshake_timeout_s = {opts.handshake_timeout_s}",
+        f"closing_timeout_s = {opts.closing_timeout_s}",
         f"sockops_cgroup = {_toml_str(cgroup or opts.sockops_cgroup)}",
         "",
     ]
     for vip in opts.vips:
         lines.append("[[vips]]")
         for key, value in vip.items():
-            lines.append(f"{key} = {_toml_str(value) if isinstance(value, str) else value}")
+            if key != "servers":
+                lines.append(f"{key} = {_toml_value(value)}")
+        servers = vip_servers(opts.servers, vip)
+        if servers:
+            lines.append(f"servers = {_toml_value(servers)}")
         lines.append("")
     return "\n".join(lines) + opts.extra_toml + "\n"
 
@@ -195,6 +261,12 @@ class Lab:
             raise LabError("--nodes must be between 1 and 200")
         if opts.routing not in ROUTINGS:
             raise LabError(f"--routing must be one of {', '.join(ROUTINGS)}, not {opts.routing!r}")
+        if not 0 <= opts.servers <= MAX_SERVERS:
+            raise LabError(f"--servers must be between 0 and {MAX_SERVERS}")
+        if opts.serve not in SERVES:
+            raise LabError(f"--serve must be one of {', '.join(SERVES)}, not {opts.serve!r}")
+        if opts.serve == "none" and not opts.servers:
+            raise LabError("--serve none leaves the VIPs no backend: add real servers (--servers M)")
         self.sdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.sdir, 0o700)
         topo = self.topology = Topology(prefix=opts.prefix)
@@ -220,15 +292,15 @@ class Lab:
                 topo.enable_forwarding(router)
                 topo.enable_l4_multipath_hash(router)
                 nodes: dict[str, Any] = {
-                    "client": {"netns": client.name, "addresses": [CLIENT4, CLIENT6]},
-                    "router": {"netns": router.name,
+                    "client": {"netns": client.name, "addresses": [CLIENT4, CLIENT6], "role": "client"},
+                    "router": {"netns": router.name, "role": "router",
                                "addresses": [ROUTER4, ROUTER6, ROUTER_CLIENT4, ROUTER_CLIENT6]},
                 }
             else:
                 topo.connect(client, "br", addresses=[f"{CLIENT_L2_4}/24", f"{CLIENT_L2_6}/64"], tx_checksum=False)
                 client.add_route(VIP_NET4, ifname="eth0")  # on-link: the client asks ARP / NDP for each VIP
                 client.add_route(VIP_NET6, ifname="eth0")
-                nodes = {"client": {"netns": client.name, "addresses": [CLIENT_L2_4, CLIENT_L2_6]}}
+                nodes = {"client": {"netns": client.name, "addresses": [CLIENT_L2_4, CLIENT_L2_6], "role": "client"}}
             mixes: list[Namespace] = []
             for i in range(1, opts.nodes + 1):
                 ns = topo.add_namespace(f"mix{i}")
@@ -241,6 +313,23 @@ class Lab:
                     ns.add_route(CLIENT_NET4, gateway=ROUTER4)
                     ns.add_route(CLIENT_NET6, gateway=ROUTER6)
                 mixes.append(ns)
+            for i in range(1, opts.servers + 1):
+                name = f"srv{i}"
+                ns = topo.add_namespace(name)
+                topo.connect(ns, "br", addresses=[f"{server_addr4(i)}/24", f"{server_addr6(i)}/64"],
+                             tx_checksum=False)
+                if routed:  # dr answers go straight to the client, through the router
+                    ns.add_route(CLIENT_NET4, gateway=ROUTER4)
+                    ns.add_route(CLIENT_NET6, gateway=ROUTER6)
+                for vip in opts.vips:
+                    if vip.get("mode", "dr") == "dr":
+                        topo.add_loopback_vip(ns, vip["address"])
+                app_log = open(self.sdir / f"{name}.app.log", "ab")
+                app = ns.popen([sys.executable, "-m", "meshlb.lab.app", name, str(APP_PORT)], stdout=app_log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                procs.append(app)
+                nodes[name] = {"netns": ns.name, "addresses": [server_addr4(i), server_addr6(i)], "role": "server",
+                               "app_pid": app.pid, "log": str(self.sdir / f"{name}.app.log")}
             daemons: list[dict[str, Any]] = []
             if opts.routing == "static":
                 set_next_hops(router, opts.vips, [f"mix{i}" for i in range(1, opts.nodes + 1)])
@@ -263,27 +352,31 @@ class Lab:
                 nodes[name] = {"cgroup": str(cg) if cg else None}
                 cfg_path = self.sdir / f"{name}.toml"
                 cfg_path.write_text(mix_config(opts, i, self.sdir, str(cg) if cg else None))
-                app_log = open(self.sdir / f"{name}.app.log", "ab")
-                app = ns.popen(
-                    [sys.executable, "-m", "meshlb.lab.app", name, str(APP_PORT)], cgroup=cg,
-                    stdout=app_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                )
-                procs.append(app)
+                if opts.serve == "all":  # a balancer only runs no application
+                    app_log = open(self.sdir / f"{name}.app.log", "ab")
+                    app = ns.popen(
+                        [sys.executable, "-m", "meshlb.lab.app", name, str(APP_PORT)], cgroup=cg,
+                        stdout=app_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                    )
+                    procs.append(app)
+                    nodes[name]["app_pid"] = app.pid
                 agent = self._start_agent(ns, name, cg)
                 procs.append(agent)
                 nodes[name] |= {
                     "netns": ns.name,
+                    "role": "mix",
                     "addresses": [mix_addr4(i), mix_addr6(i)],
                     "control": str(self.sdir / f"{name}.sock"),
                     "config": str(cfg_path),
                     "agent_pid": agent.pid,
-                    "app_pid": app.pid,
                     "log": str(self.sdir / f"{name}.log"),
                     "pin_dir": str(PIN_ROOT / f"{opts.prefix}-{name}"),
                 }
             self.state = {
                 "prefix": opts.prefix,
                 "routing": opts.routing,
+                "serve": opts.serve,
+                "servers": opts.servers,
                 "cgroup": str(self._cgroup) if self._cgroup else None,
                 "bridge_netns": topo["br"].name,
                 "nodes": nodes,
@@ -337,7 +430,8 @@ class Lab:
         tmp.replace(self.sdir / "state.json")
 
     def wait_converged(self, timeout: float) -> None:
-        """Until every mix's agent answers and sees every mix alive with one table digest."""
+        """Until every mix's agent answers and sees every mix alive with one table
+        digest, and every VIP has every backend it should (health checks passed)."""
         deadline = time.monotonic() + timeout
         want = set(self.mixes())
         last = "no answer yet"
@@ -356,12 +450,13 @@ class Lab:
                         ok = False
                         last = f"{name} sees alive: {sorted(alive)}"
                 if ok and len(digests) == 1 and "" not in digests:
-                    # and every mix backs every VIP (health checks have passed)
                     vips = control.call(self.state["nodes"][sorted(want)[0]]["control"], "vips", timeout=2)
-                    short = [v["vip"] for v in vips["vips"] if set(v["backends"]) != want]
+                    expected = {v["address"]: self.expected_backends(v) for v in self.state["vips"]}
+                    short = [v["vip"] for v in vips["vips"]
+                             if set(v["backends"]) != expected[_vip_address(v["vip"])]]
                     if not short:
                         return
-                    last = f"VIPs without every mix as a backend yet: {short}"
+                    last = f"VIPs without all their backends yet: {short}"
                     ok = False
                 elif ok:
                     last = f"table digests differ: {sorted(digests)}"
@@ -369,6 +464,20 @@ class Lab:
                 last = str(exc)
             time.sleep(0.2)
         raise LabError(f"lab did not converge within {timeout:g} s: {last}")
+
+    def expected_backends(self, vip: dict[str, Any]) -> set[str]:
+        """The backends the VIP has once every check passed: the mixes its members
+        admit (unless the mixes balance only) and its servers."""
+        mixes = set(self.mixes()) if self.state.get("serve", "all") == "all" else set()
+        admitted = vip.get("members", "all")
+        if admitted == "none":
+            mixes = set()
+        elif admitted != "all":
+            mixes &= set(admitted)
+        return mixes | server_names(self.state.get("servers", 0), vip)
+
+    def servers(self) -> list[str]:
+        return sorted((n for n in self.state["nodes"] if is_server(n)), key=lambda n: int(n[3:]))
 
     # --- operations used by tests ----------------------------------------------------
 
@@ -517,7 +626,13 @@ def _tail(path: str, lines: int = 12) -> str:
 
 def _is_lab_netns(name: str, prefix: str) -> bool:
     rest = name[len(prefix) + 1 :] if name.startswith(prefix + "-") else None
-    return rest is not None and (rest in ("br", "client", "router") or is_mix(rest))
+    return rest is not None and (rest in ("br", "client", "router") or is_mix(rest) or is_server(rest))
+
+
+def _vip_address(key: str) -> str:
+    """The address of a VIP key ("addr:port/proto", IPv6 in brackets)."""
+    host = key.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
 
 
 def _pid_alive(pid: int) -> bool:
@@ -554,6 +669,7 @@ def status(prefix: str) -> dict[str, Any]:
     for node in state["nodes"].values():
         if "agent_pid" in node:
             node["agent_running"] = _pid_alive(node["agent_pid"])
+        if "app_pid" in node:
             node["app_running"] = _pid_alive(node["app_pid"])
     for d in state.get("daemons", ()):
         d["running"] = bgp_router.daemon_running(d["pid"], d["marker"])

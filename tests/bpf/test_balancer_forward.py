@@ -504,12 +504,12 @@ def test_stale_scan_and_expiry(lb):
         assert lb.run(p).retval == XDP_TX
     assert lb.run(f["tcp"](flags="A", sport=41010, seq=7001, payload=b"")).retval == XDP_TX
     now = time.monotonic_ns()
-    assert lb.lb.conntrack_stale(now, 0, 0) == ([], [])
-    idle, half = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 10**9)
+    assert lb.lb.conntrack_stale(now, 0, 0) == ([], [], [])
+    idle, half, _ = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 10**9)
     assert idle == [] and {L.port_host(k.sport) for k, _ in half} == {p[TCP].sport for p in syns}
-    idle, half = lb.lb.conntrack_stale(now + 5 * 10**9, 2 * 10**9, 10**9)
+    idle, half, _ = lb.lb.conntrack_stale(now + 5 * 10**9, 2 * 10**9, 10**9)
     assert len(idle) == 4 and half == []  # an idle entry is swept, whatever its state
-    _, half = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 10**9)
+    _, half, _ = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 10**9)
     time.sleep(0.02)  # a tick of the coarse clock
     lb.run(syns[0])  # retransmitted after the scan: kept
     assert lb.lb.conntrack_expire(half) == 2
@@ -520,6 +520,55 @@ def test_stale_scan_and_expiry(lb):
     assert all(lb.lb.closed_lookup(k) is None for k, _ in half)
     assert lb.lb.conntrack_expire(half) == 0  # gone, or kept: nothing the second time
 
+
+
+@pytest.mark.parametrize("mode", ["dr", "nat"])
+def test_a_closing_flow_to_a_real_server_expires_once_quiet(lb, mode):
+    """No tracer reports the closes of a real server: the client's FIN or RST (in nat
+    also the server's, on its way back) marks the entry closing, and the scan picks
+    closing entries of the backends it is given once quiet for the closing timeout."""
+    f = setup_vip(lb, "v4", mode, nat_port=8080 if mode == "nat" else 0)
+    flows = {sport: f["tcp"](flags="S", sport=sport, seq=100, payload=b"") for sport in (42000, 42001, 42002, 42003)}
+    for p in flows.values():
+        assert lb.run(p).retval == XDP_TX
+        assert lb.run(f["tcp"](flags="A", sport=p[TCP].sport, seq=101, payload=b"")).retval == XDP_TX
+    closing = lambda sport: bool(lb.lb.conntrack_lookup(key_of(flows[sport])).flags & L.MLB_CT_F_CLOSING)  # noqa: E731
+    assert lb.run(f["tcp"](flags="FA", sport=42000, seq=101, payload=b"")).retval == XDP_TX
+    # a reset mid-flow (not the handshake's, which ends the entry at once)
+    assert lb.run(f["tcp"](flags="R", sport=42001, seq=150, payload=b"")).retval == XDP_TX
+    assert lb.run(f["tcp"](flags="PA", sport=42002, seq=101, payload=b"x")).retval == XDP_TX
+    if mode == "nat":  # the server closes 42003: its FIN comes back through here
+        sp = snat_port_of(lb, flows[42003])
+        fin = Ether(src=MAC_BE_TX, dst=MAC_A) / IP(src=f["tx"], dst=f["snat"]) / TCP(sport=8080, dport=sp, flags="FA")
+        assert lb.run(fin).retval == XDP_TX
+    assert [closing(p) for p in sorted(flows)] == [True, True, False, mode == "nat"]
+    now = time.monotonic_ns()
+    _, _, none = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 0, 10**9, closing_backends=[2])
+    assert none == []  # not a backend without a tracer
+    _, _, soon = lb.lb.conntrack_stale(now, 0, 0, 10**9, closing_backends=[1])
+    assert soon == []  # not quiet long enough
+    _, _, stale = lb.lb.conntrack_stale(now + 5 * 10**9, 0, 0, 10**9, closing_backends=[1])
+    assert sorted(L.port_host(k.sport) for k, _ in stale) == [p for p in sorted(flows) if closing(p)]
+    assert lb.lb.conntrack_expire(stale) == len(stale)
+    assert {L.port_host(k.sport) for k, _ in lb.lb.conntrack_entries()} == {p for p in flows if p not in
+                                                                          {L.port_host(k.sport) for k, _ in stale}}
+    if mode == "nat":
+        assert len(lb.lb.nat_entries()) == 4 - len(stale)
+
+
+@pytest.mark.parametrize("fam", ["v4", "v6"])
+def test_what_goes_to_a_real_server_carries_no_peer_mark(lb, fam):
+    """A mix marks what it forwards to another mix so that it is not balanced again
+    there; a real server is no mix, and gets the client's packet as it was."""
+    f = setup_vip(lb, fam, "dr", table_backend=1)
+    lb.lb.set_backend(1, f["tx"], external=True)
+    pkt = f["tcp"](flags="S")
+    r = lb.run(pkt)
+    assert r.retval == XDP_TX
+    exp = pkt.copy()
+    exp[Ether].dst, exp[Ether].src = MAC_BE_TX, MAC_A
+    assert r.data == rebuilt(exp)
+    assert lb.lb.backend(1).flags & L.MLB_BE_F_EXTERNAL
 
 
 # ------------------------------------------- flows another mix may hold as well

@@ -231,6 +231,9 @@ SAMPLES = [
     M.Left("x", 9), M.Eviction("o", 5, 7, M.FlowTuple("192.0.2.1", 5, "2001:db8::1", 443, 17)),
     M.PushPull(77, True, False, False, 0, 2, (M.MemberRecord("x", ("10.0.0.1", 1), Status.SUSPECT, 1, 0, META),)),
     M.EvictionDigest(False, (M.DigestEntry("o", 1, 5, (7, 9)),)),
+    M.DrainState((M.DrainEntry("member:mix2", True, 1795533400123, "mix1"),
+                  M.DrainEntry("server:2001:db8::5", False, 7, "mix3"))),
+    M.DrainState(()),
     M.EvictionRun("o", 5, 8, M.flow_record(M.FlowTuple("192.0.2.1", 5, "198.19.0.3", 443, 6))
                   + M.flow_record(M.FlowTuple("2001:db8::9", 6, "2001:db8::1", 443, 17))),
 ]
@@ -292,6 +295,16 @@ def test_a_flow_record_is_the_data_plane_key_of_the_flow():
     [M.T_PUSHPULL, 1, False, False, False, 0, 1, [["x", "10.0.0.1", 1, 7, 0, 0, M.encode_meta(MemberMeta())]]],
     [M.T_DIGEST, False, [["o", 1, 2]]],
     [M.T_DIGEST, False, [["o", 1, 2, [-1]]]],
+    [M.T_DRAINS, [["member:a", True, 1]]],  # no origin
+    [M.T_DRAINS, [["member:a", 1, 1, "o"]]],  # drained not a bool
+    [M.T_DRAINS, [["member:a", True, -1, "o"]]],
+    [M.T_DRAINS, [["member:a", True, 1 << 64, "o"]]],
+    [M.T_DRAINS, [["", True, 1, "o"]]],
+    [M.T_DRAINS, [["member:a\n", True, 1, "o"]]],
+    [M.T_DRAINS, [["k" * 129, True, 1, "o"]]],
+    [M.T_DRAINS, [["member:a", True, 1, "o"]] * (M.MAX_DRAIN_ENTRIES + 1)],
+    [M.T_DRAINS, "member:a"],
+    [M.T_DRAINS, [], []],
 ])
 def test_malformed_messages_decode_to_none(bad):
     assert M.decode(bad) is None

@@ -7,7 +7,7 @@ here) and meshlb's wheel (pip wheel, which compiles the data plane). It then bui
 image on the local base, brings
 the lab up under a project name of its own, and checks it from the inside: all three
 mixes alive in `meshlb members`, requests through each VIP (client -> router -> ECMP)
-answered by every mix.
+answered by every mix and by both real servers (rs1, rs2: the demo app and no meshlb).
 
 Everything the project made (containers, network, volume) is removed however the test
 ends, and a dockerd this test started is stopped by its PID. The images stay: they are
@@ -32,9 +32,11 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "compose" / "docker-compose.yml"
 BASE_IMAGE = "meshlb-base:bookworm"
 MIXES = ("mix1", "mix2", "mix3")
+SERVERS = ("rs1", "rs2")  # real servers: the demo app, no meshlb
+BACKENDS = MIXES + SERVERS
 VIPS = {"198.19.0.1": "dr", "198.19.0.2": "nat"}
 CONVERGE_S = 120
-REQUESTS_PER_VIP = 60  # ECMP and Maglev both hash: 60 flows miss a mix with p < 1e-10
+REQUESTS_PER_VIP = 80  # ECMP and Maglev both hash: 80 flows miss one of 5 backends with p < 1e-7
 
 # A cold machine installs docker.io (~1 min) and runs debootstrap (~3 min) first.
 pytestmark = [pytest.mark.privileged, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -148,14 +150,14 @@ def _wait_converged(project: Project) -> None:
 
 def _answers(project: Project, vip: str) -> list[str]:
     """Up to REQUESTS_PER_VIP requests from the client, each a new connection (so a new
-    source port, hashed anew by ECMP and Maglev); stops once every mix has answered."""
+    source port, hashed anew by ECMP and Maglev); stops once every backend has answered."""
     script = (
         'seen=""; i=0; '
         f'while [ "$i" -lt {REQUESTS_PER_VIP} ]; do i=$((i + 1)); '
         f'  r=$(curl -s -m 3 http://{vip}/) || r="FAIL"; echo "$r"; '
         '  case " $seen " in *" $r "*) ;; *) seen="$seen $r";; esac; '
-        f'  n=0; for m in {" ".join(MIXES)}; do case " $seen " in *" $m "*) n=$((n + 1));; esac; done; '
-        f'  [ "$n" -eq {len(MIXES)} ] && break; '
+        f'  n=0; for m in {" ".join(BACKENDS)}; do case " $seen " in *" $m "*) n=$((n + 1));; esac; done; '
+        f'  [ "$n" -eq {len(BACKENDS)} ] && break; '
         "done"
     )
     return project.exec("client", "sh", "-c", script, timeout=REQUESTS_PER_VIP * 4 + 30).stdout.split()
@@ -190,10 +192,15 @@ def test_compose_lab_balances_over_every_mix(capsys):
             for vip in VIPS:
                 answered[vip] = phase(f"requests {vip}", _answers, project, vip)
             for vip, mode in VIPS.items():
-                missing = set(MIXES) - set(answered[vip])
-                assert not missing, (
+                missing = set(BACKENDS) - set(answered[vip])
+                assert not missing and "FAIL" not in answered[vip], (
                     f"{mode} VIP {vip}: {missing} never answered in {len(answered[vip])} requests: {answered[vip]}"
                 )
+            # the real servers, as every mix sees them: healthy backends of both VIPs
+            for m in MIXES:
+                servers = json.loads(project.exec(m, "meshlb", "members", "--format", "json").stdout)["servers"]
+                assert {(s["name"], s["health"]) for s in servers} == {("198.18.0.21:80", "ok"),
+                                                                        ("198.18.0.22:80", "ok")}, servers
 
             # every mix read closes of its VIP flows from the cgroup's sock_ops hook too
             # (the entrypoint mounts cgroup v2 where Docker did not)

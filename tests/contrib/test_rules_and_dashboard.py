@@ -90,6 +90,8 @@ def test_dashboard_shape():
     ("evictions sent/received/applied", 'kind=~"sent|received|applied"'),
     ("gossip drops by reason", "meshlb_gossip_dropped_total"),
     ("event-loop lag", "meshlb_event_loop_lag_seconds_bucket"),
+    ("draining backends' flows", "meshlb_backend_flows"),
+    ("backends by state", "meshlb_backend_state"),
 ])
 def test_dashboard_shows(what, pattern):
     assert any(pattern in e for e in dashboard_exprs()), f"no panel for {what} ({pattern})"
@@ -119,7 +121,8 @@ def test_names_come_from_the_metrics_module():
     snap = metrics.Snapshot(node="n", members_by_status={"alive": 1}, table_digest="d", vip_traffic={"v": (1, 2)},
                             backend_traffic={"b": (1, 2)}, dataplane_reasons={"rx": 1}, evictions={"sent": 1},
                             tracer_events={"emitted": 1}, gossip_datagrams={"sent": 1}, gossip_drops={"x": 1},
-                            health={"t": True}, health_checks={("t", "ok"): 1}, loop_lag=LoopLag())
+                            health={"t": True}, health_checks={("t", "ok"): 1}, loop_lag=LoopLag(),
+                            backends=[metrics.BackendRow("v", "b", "member", "draining", True, 1, 3)])
     text = metrics.render(lambda: snap).decode()
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     used = metric_names(dashboard_exprs() + rule_exprs())

@@ -78,4 +78,7 @@ def test_unit_says_what_the_docs_say():
     assert "/sys/fs/bpf" in rw and "/proc/sys/net" in rw
     assert svc["RuntimeDirectory"] == "meshlb"  # the control socket's /run/meshlb
     assert svc["LogsDirectory"] == "meshlb"  # where preflight.log_dir() puts a verifier log
+    # node.state_dir's default (/var/lib/meshlb/<name>), writable under ProtectSystem=strict
+    assert svc["StateDirectory"] == "meshlb"
+    assert config.parse('[node]\nname = "m"\n[cluster]\nkey_file = "/k"\n').node.state_dir.startswith("/var/lib/meshlb/")
     assert unit()["Install"]["WantedBy"] == "multi-user.target"

@@ -9,14 +9,14 @@ from meshlb.agent.established import count_established, served_endpoints
 from meshlb.agent.meta import health_targets, member_meta
 from meshlb.cluster.membership import MemberView
 from meshlb.cluster.node import MemberMeta, Status
-from meshlb.config import HealthConfig, VipConfig
+from meshlb.config import HealthConfig, HostPort, VipConfig
 
 DR = VipConfig(address=ip_address("198.19.0.1"), port=80)
 NAT = VipConfig(address=ip_address("fd00::1"), port=443, mode="nat", backend_port=8443)
 
 
-def member(name, status):
-    return MemberView(name, (f"10.0.0.{name[-1]}", 7946), status, 1, MemberMeta(), 0.0)
+def member(name, status, vips=(DR.key,)):
+    return MemberView(name, (f"10.0.0.{name[-1]}", 7946), status, 1, MemberMeta(vips=vips), 0.0)
 
 
 class FakeHealth:
@@ -52,8 +52,34 @@ def test_health_targets_are_the_own_app_and_the_live_members_allowed():
     assert t == {"mix1": ("10.0.0.1", 8443), "mix2": ("10.0.0.2", 8443), "mix5": ("10.0.0.5", 8443)}
     t = health_targets("mix1", "10.0.0.1", HealthConfig(check_peers=("mix5",), app_port=9000), [DR], members)
     assert t == {"mix1": ("10.0.0.1", 9000), "mix5": ("10.0.0.5", 9000)}
-    alone = health_targets("mix1", "10.0.0.1", HealthConfig(check_peers=False), [], members)
+    alone = health_targets("mix1", "10.0.0.1", HealthConfig(check_peers=False), [DR], members)
     assert alone == {"mix1": ("10.0.0.1", 80)}
+
+
+def test_health_targets_cover_every_server_and_only_members_that_serve():
+    members = [member("mix2", Status.ALIVE), member("mix3", Status.ALIVE, vips=())]  # mix3 balances only
+    dr = VipConfig(address=ip_address("198.19.0.1"), port=80, servers=(HostPort("198.18.0.231", 80),))
+    nat = VipConfig(address=ip_address("198.19.0.2"), port=80, mode="nat", backend_port=8080, members=("mix2",),
+                    servers=(HostPort("198.18.0.231", 9090), HostPort("198.18.0.232", 8080)))
+    t = health_targets("mix1", "10.0.0.1", HealthConfig(check_peers=False), [dr, nat], members)
+    assert t == {"mix1": ("10.0.0.1", 80), "198.18.0.231:80": ("198.18.0.231", 80),
+                 "198.18.0.231:9090": ("198.18.0.231", 9090), "198.18.0.232:8080": ("198.18.0.232", 8080)}
+    t = health_targets("mix1", "10.0.0.1", HealthConfig(), [nat], members)
+    # mix1 serves nothing: nat admits mix2 only
+    assert set(t) == {"mix2", "198.18.0.231:9090", "198.18.0.232:8080"}
+    balancer = health_targets("mix1", "10.0.0.1", HealthConfig(), [dr], members, serve=False)
+    assert set(balancer) == {"mix2", "198.18.0.231:80"}
+
+
+def test_meta_lists_the_vips_this_member_serves():
+    admits = VipConfig(address=ip_address("198.19.0.2"), port=80, members=("mix1",))
+    other = VipConfig(address=ip_address("198.19.0.3"), port=80, members=("mix2",))
+    m = member_meta("mix1", [DR, admits, other], "", [], draining=False, health=None)
+    assert m.vips == (DR.key, admits.key)
+    sick = FakeHealth({"mix1": SimpleNamespace(ok=False, checks=3)})
+    balancer = member_meta("mix1", [DR, admits], "", [], draining=False, health=sick, serve=False)
+    # a balancer only lists nothing, and its own app is not its business
+    assert balancer.vips == () and balancer.app_healthy
 
 
 def test_established_counts_only_established_sockets_of_the_served_endpoints(tmp_path):

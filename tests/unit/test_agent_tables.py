@@ -3,6 +3,7 @@ backend ids, what a restart takes back from the pinned maps, and the tables writ
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from ipaddress import ip_address
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from meshlb.agent.tables import IdAllocator, TableSync
 from meshlb.cluster.membership import MemberView
 from meshlb.cluster.node import MemberMeta, Status
-from meshlb.config import VipConfig
+from meshlb.config import HostPort, VipConfig
 from meshlb.dataplane import layouts as L
 from meshlb.dataplane.balancer import NO_BACKEND, vip_key
 
@@ -50,8 +51,8 @@ class FakeBalancer:
     def remove_vip(self, addr, port, proto):
         self.removed.append(f"{addr}:{port}/{proto}")
 
-    def set_backend(self, bid, addr, port, *, local):
-        self.backends[bid] = (addr, port, local)
+    def set_backend(self, bid, addr, port, *, local, external=False):
+        self.backends[bid] = (addr, port, local) + (("external",) if external else ())
 
     def remove_backend(self, bid):
         del self.backends[bid]
@@ -63,19 +64,17 @@ class FakeBalancer:
 class FakeCluster:
     def __init__(self) -> None:
         self.members_: dict[str, MemberView] = {}
-        self.usable: list[str] = []
+        self.drains: set[str] = set()
 
-    def join(self, name: str, addr: str, status: Status = Status.ALIVE) -> None:
-        meta = MemberMeta(vips=(DR.key, NAT.key))
-        self.members_[name] = MemberView(name, (addr, 7946), status, 1, meta, 0.0)
-        if status is Status.ALIVE and name not in self.usable:
-            self.usable.append(name)
+    def join(self, name: str, addr: str, status: Status = Status.ALIVE, **meta) -> None:
+        meta.setdefault("vips", (DR.key, NAT.key))
+        self.members_[name] = MemberView(name, (addr, 7946), status, 1, MemberMeta(**meta), 0.0)
 
     def members(self):
         return list(self.members_.values())
 
-    def usable_backends(self):
-        return list(self.usable)
+    def drained(self):
+        return set(self.drains)
 
 
 def test_ids_are_the_lowest_free_and_never_handed_out_twice():
@@ -123,7 +122,6 @@ def test_rebuild_writes_backend_id_tables_and_keeps_ids_until_a_member_is_reaped
         assert digests == [t.digest] and t.table_changes == 1
         # mix3 suspect: no longer in the tables, but its ids stay bound to it
         cluster.join("mix3", "10.0.0.3", Status.SUSPECT)
-        cluster.usable.remove("mix3")
         before = dict(t.backend_ids)
         await t.rebuild()
         assert t.backend_ids == before and len(digests) == 2
@@ -164,3 +162,36 @@ def test_a_reload_replaces_only_vips_the_balancer_holds_differently():
     assert lb.removed == ["198.19.0.1:80/tcp", "198.19.0.2:80/tcp"]
     assert t.vip_ids == {other.key: min(nat_id, t.vip_ids[other.key])}
     assert t.vips == (other,)
+
+
+def test_servers_get_ids_of_their_own_kept_while_the_file_lists_them():
+    async def main():
+        lb = FakeBalancer()
+        cluster = FakeCluster()
+        dr = VipConfig(address=ip_address("198.19.0.1"), port=80, ring_size=13,
+                       servers=(HostPort("198.18.0.231", 80),))
+        nat = VipConfig(address=ip_address("198.19.0.2"), port=80, mode="nat", ring_size=13, backend_port=8080,
+                        servers=(HostPort("198.18.0.231", 9090),), members=())
+        t = TableSync(lb, "mix1", cluster)
+        t.set_vips([dr, nat])
+        cluster.join("mix1", "10.0.0.1", vips=(dr.key, nat.key))
+        await t.rebuild()
+        srv_dr = t.backend_ids[("198.18.0.231:80", "198.18.0.231", 0)]
+        srv_nat = t.backend_ids[("198.18.0.231:9090", "198.18.0.231", 9090)]
+        assert lb.backends[srv_dr] == ("198.18.0.231", 0, False, "external")
+        assert lb.backends[srv_nat] == ("198.18.0.231", 9090, False, "external")
+        assert t.external_ids == {srv_dr, srv_nat} and t.local_ids == {t.backend_ids[("mix1", "10.0.0.1", 0)]}
+        assert set(lb.tables[t.vip_ids[nat.key]]) == {srv_nat}  # members = "none"
+        # drained: still in the plan (weight 0), its id kept, no slot
+        cluster.drains.add("server:198.18.0.231")
+        await t.rebuild()
+        assert set(lb.tables[t.vip_ids[nat.key]]) == {NO_BACKEND}
+        assert set(lb.tables[t.vip_ids[dr.key]]) == {t.backend_ids[("mix1", "10.0.0.1", 0)]}
+        assert t.plans[nat.key].backends == ("198.18.0.231:9090",) and srv_nat in lb.backends
+        # gone from the file: its ids are released
+        t.set_vips([replace(dr, servers=()), replace(nat, servers=(HostPort("198.18.0.232", 9090),))])
+        await t.rebuild()
+        assert srv_dr not in lb.backends and srv_dr not in t.external_ids
+        assert ("198.18.0.231:9090", "198.18.0.231", 9090) not in t.backend_ids
+
+    asyncio.run(main())

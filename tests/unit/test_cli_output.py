@@ -134,3 +134,49 @@ def test_output_into_a_closed_pipe_ends_quietly():
         os.close(w)
     assert res.stderr == ""
     assert res.returncode == 128 + signal.SIGPIPE
+
+
+def test_a_vips_backends_in_one_cell():
+    from meshlb.agent_cli import backend_cell
+
+    def b(name, weight=1, state="active", health="ok", flows=0):
+        return {"name": name, "weight": weight, "state": state, "health": health, "flows": flows}
+
+    v = {"backends": ["198.18.0.231:80", "mix1", "mix2", "mix3"],
+         "backend_set": [b("198.18.0.231:80", weight=3), b("mix1"), b("mix2", state="draining", flows=12),
+                         b("mix3", state="down", health="down")]}
+    assert backend_cell(v) == "198.18.0.231:80 [w3], mix1, mix2 [draining, 12 flows], mix3 [down]"
+    assert backend_cell({"backends": ["mix1", "mix2"]}) == "mix1,mix2"  # an agent without backend_set
+    assert backend_cell({"backends": [], "backend_set": []}) == "-"
+
+
+def test_members_show_flows_drains_balancers_and_servers():
+    from meshlb.agent_cli import members_rows, server_rows
+
+    m = {"name": "mix1", "address": "10.0.0.1:7946", "status": "alive", "incarnation": 1, "vips": ["v"],
+         "health": "ok", "table_digest": "d", "status_since": 0.0, "self": True, "serves": True, "drained": True,
+         "flows": 4}
+    balancer = dict(m, name="mix2", vips=[], serves=False, drained=False, flows=0, self=False)
+    rows, _ = members_rows({"now": 10.0, "members": [m, balancer]})
+    assert rows[0][4:7] == ["v", "draining", "4"] and rows[1][4:7] == ["(balancer only)", "ok", "0"]
+    servers = [{"name": "198.18.0.231:80", "vips": ["v", "w"], "health": "ok", "drained": False, "flows": 3}]
+    assert server_rows({"servers": servers}) == [["198.18.0.231:80", "v,w", "ok", "3"]]
+
+
+def test_backend_metrics_render():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rows = [metrics.BackendRow("v", "mix2", "member", "draining", True, 2, 7),
+            metrics.BackendRow("v", "198.18.0.231:80", "external", "down", False, 1, None)]
+    text = metrics.render(lambda: metrics.Snapshot(node="n", backends=rows)).decode()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("meshlb_backend_")
+           and not s.name.endswith(("_total", "_created"))}
+    assert got[("meshlb_backend_state", (("backend", "mix2"), ("kind", "member"), ("state", "draining"),
+                                         ("vip", "v")))] == 1
+    assert got[("meshlb_backend_state", (("backend", "mix2"), ("kind", "member"), ("state", "active"),
+                                         ("vip", "v")))] == 0
+    assert got[("meshlb_backend_flows", (("backend", "mix2"), ("vip", "v")))] == 7
+    assert ("meshlb_backend_flows", (("backend", "198.18.0.231:80"), ("vip", "v"))) not in got  # not counted
+    assert got[("meshlb_backend_up", (("backend", "198.18.0.231:80"), ("vip", "v")))] == 0
+    assert got[("meshlb_backend_weight", (("backend", "mix2"), ("vip", "v")))] == 2

@@ -81,11 +81,15 @@ def test_example_parses_and_matches_defaults_where_it_says_so():
     assert c.conntrack == ConntrackConfig()
     assert c.drain == DrainConfig()
     # [node] and [cluster]: everything but the values marked "example" is the default
-    assert dataclasses.replace(c.node, name="mix1", pin_dir=base.node.pin_dir, control=base.node.control) == base.node
+    assert dataclasses.replace(c.node, name="mix1", pin_dir=base.node.pin_dir, control=base.node.control,
+                               state_dir=base.node.state_dir) == base.node
     assert dataclasses.replace(c.cluster, peers=()) == base.cluster
     # the example VIPs: the DR one spells out defaults, the NAT one the nat options
-    dr, nat = c.vips
+    dr, nat, servers = c.vips
     assert dr == cfg.VipConfig(address=ipaddress.ip_address("192.0.2.100"), port=80)
+    assert servers.members == ("mix1", "mix2") and servers.servers == (HostPort("192.0.2.21", 80),
+                                                                       HostPort("192.0.2.22", 8080))
+    assert servers.weights == (("192.0.2.21:80", 3), ("mix1", 2))
     assert nat.mode == "nat" and nat.backend_port == 8443 and nat.snat_ports == cfg.DEFAULT_SNAT_PORTS
     assert nat.address.version == 6
 
@@ -564,7 +568,7 @@ def test_diff_name_change_needs_restart():
     old = parse(BASE)
     applied, restart = diff_live(old, merge_cli(old, name="mix2"))
     assert applied == []
-    assert restart == ["node.name", "node.pin_dir", "node.control"]
+    assert restart == ["node.name", "node.pin_dir", "node.control", "node.state_dir"]
 
 
 def test_diff_key_file_is_live():
@@ -753,3 +757,74 @@ def test_only_with_must_name_an_earlier_option():
 
     with pytest.raises(TypeError, match="only_with names 'mode'"):
         cfg._Table(Backwards)(cfg._Reader("x"), {}, "t")
+
+
+# --- backends: members, servers, weights ---------------------------------------------
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('servers = ["192.0.2.1", "192.0.2.1:80"]',
+     "vips[0].servers[1]: 192.0.2.1:80 is listed twice (also vips[0].servers[0])"),
+    ('members = ["a", "b", "a"]', 'vips[0].members[2]: "a" is listed twice (also vips[0].members[0])'),
+    ('servers = ["192.0.2.1"]\nweights = { "192.0.2.1" = 1, "192.0.2.1:80" = 2 }',
+     'vips[0].weights."192.0.2.1:80": 192.0.2.1:80 is weighted twice (also vips[0].weights."192.0.2.1")'),
+    ("weights = { mix1 = -1 }", "vips[0].weights.mix1: expected an integer in 0..65535, got -1"),
+    ("weights = { mix1 = 1.5 }", "vips[0].weights.mix1: expected an integer, got 1.5"),
+    ('weights = { mix1 = "2" }', 'vips[0].weights.mix1: expected an integer, got "2"'),
+    ("weights = 3", "vips[0].weights: expected a table of backend = weight, got 3"),
+    ('members = "none"', 'vips[0]: no possible backend: members = "none" and no servers'),
+    ("members = []", "vips[0]: no possible backend: members = [] and no servers"),
+    ('members = "some"', 'vips[0].members: expected "all", "none" or an array of member names, got "some"'),
+    ('servers = ["2001:db8::1"]',
+     "vips[0].servers[0]: 2001:db8::1 is IPv6 and the VIP 10.0.0.1 is IPv4: in dr mode the server receives the "
+     "client's packets to the VIP unchanged, so it must hold the VIP itself"),
+    ('mode = "nat"\nservers = ["[2001:db8::1]:80"]',
+     "vips[0].servers[0]: 2001:db8::1 is IPv6 and the VIP 10.0.0.1 is IPv4: nat translates within one address family"),
+    ('servers = ["192.0.2.1:8080"]',
+     "vips[0].servers[0]: dr does not change the destination port: the server must listen on 80 (drop the port), "
+     "got 8080"),
+    ('servers = ["127.0.0.1"]', 'vips[0].servers[0]: expected a unicast address a mix can reach, got "127.0.0.1"'),
+    ('servers = ["10.0.0.1"]', "vips[0].servers[0]: 10.0.0.1 is the VIP itself"),
+    ('servers = ["server1"]', 'vips[0].servers[0]: expected an IP address in "address:port", got "server1"'),
+    ('members = ["mix2"]\nweights = { mix1 = 1 }', 'vips[0].weights.mix1: "mix1" is not in vips[0].members'),
+    ('members = "none"\nservers = ["192.0.2.1"]\nweights = { mix1 = 1 }',
+     'vips[0].weights.mix1: members = "none": no member backs this VIP'),
+    ('weights = { "192.0.2.9" = 1 }', 'vips[0].weights."192.0.2.9": 192.0.2.9:80 is not one of vips[0].servers'),
+])
+def test_backend_errors_name_the_field(body, expected):
+    assert err(BASE + vip(body)) == f"cluster.toml: {expected}"
+
+
+def test_backends_read_and_resolve():
+    (dr, nat) = parse(BASE + vip('servers = ["192.0.2.1"]\nweights = { mix1 = 0, "192.0.2.1:80" = 3 }')
+                      + vip('mode = "nat"\nbackend_port = 8080\nmembers = "none"\n'
+                            'servers = ["192.0.2.1", "192.0.2.2:9090"]\nweights = { "192.0.2.2:9090" = 2 }',
+                            address="10.0.0.2")).vips
+    assert dr.members is None and dr.servers == (HostPort("192.0.2.1", 80),)
+    assert dr.weight("mix1") == 0 and dr.weight("192.0.2.1:80") == 3 and dr.weight("mix2") == 1
+    assert nat.members == () and nat.servers == (HostPort("192.0.2.1", 8080), HostPort("192.0.2.2", 9090))
+    assert nat.weights == (("192.0.2.2:9090", 2),)
+    (v6,) = parse(BASE + vip('servers = ["[2001:db8::1]", "2001:db8::2", "[2001:db8::3]:80"]\n'
+                             'weights = { "2001:db8::1" = 4 }', address="2001:db8::9")).vips
+    assert [str(s) for s in v6.servers] == ["[2001:db8::1]:80", "[2001:db8::2]:80", "[2001:db8::3]:80"]
+    assert v6.weights == (("[2001:db8::1]:80", 4),)
+    node = parse(BASE.replace("[node]", "[node]\nserve = false\nstate_dir = \"/srv/meshlb\"")).node
+    assert (node.serve, node.state_dir) == (False, "/srv/meshlb")
+    assert parse(BASE).node.state_dir == "/var/lib/meshlb/mix1"
+    assert err(BASE.replace("[node]", "[node]\nserve = 1")) == "cluster.toml: node.serve: expected true or false, got 1"
+
+
+def test_backends_change_live():
+    old = parse(BASE + vip())
+    applied, restart = diff_live(old, parse(BASE.replace("[node]", "[node]\nserve = false")
+                                            + vip('servers = ["192.0.2.1"]\nweights = { mix1 = 2 }')))
+    assert applied == ["node.serve", "vips: change 10.0.0.1:80/tcp (servers, weights)"] and restart == []
+
+
+def test_the_dedicated_mode_example_parses():
+    c = load(REPO / "docs" / "examples" / "dedicated.toml")
+    assert c.node.serve is False
+    nat, dr = c.vips
+    assert nat.members == () == dr.members and len(nat.servers) == len(dr.servers) == 3
+    assert nat.servers[0] == HostPort("192.0.2.21", 8080) and dr.servers[0] == HostPort("192.0.2.21", 80)
+    assert nat.weight("192.0.2.23:8080") == 2 and nat.weight("192.0.2.21:8080") == 1
