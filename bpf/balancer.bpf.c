@@ -31,6 +31,23 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/*
+ * The clock of conntrack and next-hop cache times: CLOCK_MONOTONIC nanoseconds at the
+ * resolution of a jiffy (1 to 10 ms), which timeouts of seconds do not notice.
+ * bpf_jiffies64() is a memory load the JIT inlines; bpf_ktime_get_coarse_ns() is a
+ * helper call that cost 14 ns on every packet (docs/architecture.md). The scale and
+ * offset are set at load by meshlb_clock_sync, so Python compares these times with
+ * time.monotonic_ns(); the offset is one 64-bit word, so a resync is never half seen.
+ */
+extern unsigned int CONFIG_HZ __kconfig __weak;
+__u64 clock_mult = 0;    /* (1e9 << MLB_CLOCK_SHIFT) / HZ */
+__u64 clock_offset = 0;
+
+static __always_inline __u64 mlb_now(void)
+{
+	return ((bpf_jiffies64() * clock_mult) >> MLB_CLOCK_SHIFT) + clock_offset;
+}
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
@@ -414,7 +431,7 @@ static __always_inline int nat_reply(struct xdp_md *ctx, struct pkt *p)
 	struct nat_rev_value *rv = bpf_map_lookup_elem(&nat_reverse, &p->key);
 	if (!rv)
 		return verdict(MLB_CNT_NAT_REPLY_MISS);
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = mlb_now();
 	if (rv->last_seen_ns != now)
 		rv->last_seen_ns = now;
 	struct flow_key orig = rv->orig;
@@ -459,6 +476,7 @@ struct dst {
 	__u32 vip_id;
 	__u32 nat;        /* the VIP's mode is nat */
 	__u16 snat_port;  /* network order: the flow's SNAT port (nat, remote backend) */
+	struct ct_value *stale;  /* the entry the table replaces (CT_STALE), rewritten in place */
 };
 
 /* What conntrack_select found for a packet's flow. */
@@ -482,6 +500,7 @@ static __always_inline int conntrack_select(const struct pkt *p, int syn, __u64 
 
 	if (!ct)
 		return CT_NONE;
+	d->stale = ct;
 	if (syn && ct->syn_seq != p->tcp_seq)
 		return CT_STALE;
 	__u32 vip_id = ct->vip_id;
@@ -516,18 +535,17 @@ static __always_inline int conntrack_select(const struct pkt *p, int syn, __u64 
 }
 
 /*
- * A late segment of a flow that closed (its entry was evicted), or its SYN
- * retransmitted late (a client retransmits a SYN whose answer was slow; the copy may
- * arrive after the connection ended): to the same backend as before, and nothing is
- * inserted, since no socket will close to evict it again. Returns whether it is one.
+ * A late segment of a flow that closed (its entry was evicted: the client's last ACK,
+ * a window update, a retransmitted FIN): to the same backend as before, and nothing
+ * is inserted, since no socket will close to evict it again. Returns whether it is
+ * one.
  */
 static __always_inline int closed_select(const struct pkt *p, const struct vip_meta *vip,
-					 int syn, struct dst *d)
+					 struct dst *d)
 {
 	struct ct_value *cl = bpf_map_lookup_elem(&ct_closed, &p->key);
 
-	if (!cl || cl->vip_id != d->vip_id || cl->vip_gen != vip->gen ||
-	    (syn && cl->syn_seq != p->tcp_seq))
+	if (!cl || cl->vip_id != d->vip_id || cl->vip_gen != vip->gen)
 		return 0;
 	__u32 bid = cl->backend_id;
 	struct backend *be = bpf_map_lookup_elem(&backends, &bid);
@@ -563,6 +581,27 @@ static __always_inline int table_select(void *tbl, __u32 ring, __u32 hash, struc
 }
 
 /*
+ * The flow's entry exists and the table chose for it again (a new connection on the
+ * tuple, or its VIP or backend changed): the entry is rewritten where it is. An
+ * update would take a free element from the LRU, link it, and free the old one: 60%
+ * of the cost of such a SYN (docs/architecture.md). Another CPU reading the entry
+ * meanwhile (a packet of the same tuple at the same instant) sees the old backend or
+ * the new one, each the table's choice a moment apart; syn_seq goes last, so a copy
+ * of the same SYN on another CPU follows the entry only once it is whole.
+ */
+static __always_inline void ct_rewrite(struct ct_value *ct, const struct ct_value *nv)
+{
+	ct->last_seen_ns = nv->last_seen_ns;
+	ct->backend_id = nv->backend_id;
+	ct->flags = nv->flags;
+	ct->vip_id = nv->vip_id;
+	ct->vip_gen = nv->vip_gen;
+	ct->snat_port = nv->snat_port;
+	asm volatile("" ::: "memory");
+	ct->syn_seq = nv->syn_seq;
+}
+
+/*
  * A new flow on the backend its table chose: its SNAT port (nat to a remote
  * backend), then its conntrack entry. Returns 0, or the reason it goes no further.
  */
@@ -590,6 +629,11 @@ static __always_inline int flow_setup(const struct pkt *p, const struct vip_meta
 		struct snat_config *sc = snat_for(p->key.family);
 		if (!sc || !(sc->flags & MLB_SNAT_F_VALID))
 			return MLB_CNT_DROP_NO_SNAT;
+		/* A new connection on the tuple of a nat flow: the old one's reply translation
+		 * goes first, or a late reply of its backend to the old SNAT port would still
+		 * be turned into a packet to this client. */
+		if (d->stale && (d->stale->flags & MLB_CT_F_NAT))
+			remove_reverse_of(&p->key, d->stale);
 		__u16 bport = be->port ? be->port : p->key.dport;
 		/* Salted with the SYN's sequence number: a client that reuses its port
 		 * gets another SNAT port than the connection before, whose tuple the
@@ -609,10 +653,14 @@ static __always_inline int flow_setup(const struct pkt *p, const struct vip_meta
 		count(MLB_CNT_CT_SKIP_CLOSING);
 		return 0;
 	}
-	if (bpf_map_update_elem(&conntrack, &p->key, &nv, BPF_ANY) == 0)
+	if (d->stale) {
+		ct_rewrite(d->stale, &nv);
 		count(MLB_CNT_CT_INSERT);
-	else
+	} else if (bpf_map_update_elem(&conntrack, &p->key, &nv, BPF_ANY) == 0) {
+		count(MLB_CNT_CT_INSERT);
+	} else {
 		count(MLB_CNT_CT_INSERT_FAIL);
+	}
 	return 0;
 }
 
@@ -667,9 +715,10 @@ int meshlb_balancer(struct xdp_md *ctx)
 
 	int syn = p.key.proto == MLB_IPPROTO_TCP &&
 		  (p.tcp_flags & (MLB_TCP_SYN | MLB_TCP_ACK)) == MLB_TCP_SYN;
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = mlb_now();
 	d.be = NULL;
 	d.snat_port = 0;
+	d.stale = NULL;
 	int found = conntrack_select(&p, syn, now, &d);
 
 	if (found != CT_FOLLOW) {
@@ -681,7 +730,14 @@ int meshlb_balancer(struct xdp_md *ctx)
 		count(found == CT_STALE ? MLB_CNT_CT_RESELECT : MLB_CNT_CT_MISS);
 		d.vip_id = vip_id;
 		d.nat = vip->flags & MLB_VIP_F_NAT;
-		if (found == CT_NONE && p.key.proto == MLB_IPPROTO_TCP && closed_select(&p, vip, syn, &d)) {
+		/* Only a segment that is not a SYN looks for a closed flow: a SYN with the
+		 * closed one's sequence number is a copy of it that the network delayed past
+		 * the close, rare enough to be balanced afresh (the backend answers it, the
+		 * client resets the answer, and that reset, carrying the SYN's number + 1,
+		 * removes the entry), while every new connection would pay a lookup that
+		 * misses in a cold map: a fifth of a new SYN's cost. */
+		if (found == CT_NONE && p.key.proto == MLB_IPPROTO_TCP && !syn &&
+		    closed_select(&p, vip, &d)) {
 			r = 0;
 		} else {
 			__u32 hash = flow_hash(&p.key);
@@ -824,4 +880,26 @@ int meshlb_evict(void *ctx)
 		n = MLB_EVICT_BATCH;
 	bpf_loop(n, evict_one, &run, 0);
 	return run.removed;
+}
+
+/*
+ * Sets the clock of mlb_now() (struct clock_sync, meshlb.h): Balancer.load runs it
+ * before the XDP program sees a packet, and the conntrack scans run it again, so
+ * that the tick's rounding never adds up.
+ */
+SEC("syscall")
+int meshlb_clock_sync(struct clock_sync *c)
+{
+	__u32 hz = c->hz ? c->hz : CONFIG_HZ;
+	__u64 j = bpf_jiffies64();
+	__u64 t = bpf_ktime_get_ns();
+
+	c->jiffies = j;
+	c->mono_ns = t;
+	c->hz = hz;
+	if (!hz)
+		return 0;
+	clock_mult = (1000000000ull << MLB_CLOCK_SHIFT) / hz;
+	clock_offset = t - ((j * clock_mult) >> MLB_CLOCK_SHIFT);
+	return hz;
 }

@@ -62,12 +62,17 @@ struct {
 	__type(value, struct backend);
 } backends SEC(".maps");
 
-/* Per-CPU LRU lists: no cross-CPU lock on insert; each CPU evicts from its own
- * share (max_entries / possible CPUs). */
+/*
+ * One hash table for every CPU, with the kernel's common LRU list: whichever CPU a
+ * packet of a flow arrives on finds the flow's one entry, and one CPU may fill the
+ * whole map (BPF_F_NO_COMMON_LRU would split max_entries over the possible CPUs).
+ * Each CPU takes free entries from the common list a batch at a time, so a few
+ * hundred entries per CPU may sit unused: meshlb/dataplane/capacity.py adds them to
+ * the capacity it promises. docs/architecture.md, "Conntrack", has the measurements.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MLB_CT_DEFAULT_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct flow_key);
 	__type(value, struct ct_value);
 } conntrack SEC(".maps");
@@ -75,7 +80,6 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MLB_CT_DEFAULT_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct flow_key);
 	__type(value, struct nat_rev_value);
 } nat_reverse SEC(".maps");

@@ -86,7 +86,8 @@ enum mlb_tracer_stat {
 #define MLB_MAX_VIPS          1024   /* vip ids are 0..MLB_MAX_VIPS-1 */
 #define MLB_MAX_BACKENDS      4096   /* backend ids are 0..MLB_MAX_BACKENDS-1 */
 #define MLB_DEFAULT_RING      65537  /* Maglev table size, prime */
-#define MLB_CT_DEFAULT_SIZE   262144 /* conntrack entries (split over CPUs) */
+#define MLB_CT_DEFAULT_SIZE   262144 /* conntrack entries; the agent sizes the map from the
+                                     * host (meshlb/dataplane/capacity.py) */
 #define MLB_CT_CLOSED_SIZE    65536  /* recently closed flows remembered (ct_closed) */
 #define MLB_FIB_RC_SLOTS      16     /* counters reserved for bpf_fib_lookup codes */
 #define MLB_SNAT_PROBES       4      /* source ports tried per new nat flow */
@@ -164,7 +165,7 @@ struct backend {
 
 /* conntrack: struct flow_key (client -> VIP, as received) -> ct_value */
 struct ct_value {
-	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC, tick resolution */
+	__u64 last_seen_ns; /* CLOCK_MONOTONIC at jiffy resolution (mlb_now(), balancer.bpf.c) */
 	__u32 backend_id;
 	__u32 flags;        /* MLB_CT_F_* */
 	__u32 vip_id;
@@ -201,6 +202,18 @@ struct nat_rev_value {
 	__u64 last_seen_ns;
 	__u32 backend_id;
 	__u32 pad;
+};
+
+/* The balancer's clock (mlb_now): ns = ((jiffies * mult) >> MLB_CLOCK_SHIFT) + offset,
+ * scale and offset set by the "meshlb_clock_sync" syscall program from one reading of
+ * bpf_jiffies64() and bpf_ktime_get_ns(). hz in: the kernel's tick rate, 0 to use
+ * CONFIG_HZ; out: the rate used, 0 when neither told it (then Python measures it). */
+#define MLB_CLOCK_SHIFT       4
+struct clock_sync {
+	__u32 hz;
+	__u32 pad;
+	__u64 jiffies;  /* out: bpf_jiffies64() */
+	__u64 mono_ns;  /* out: bpf_ktime_get_ns() at the same moment */
 };
 
 /* Batch eviction (the "meshlb_evict" syscall program, run by BPF_PROG_TEST_RUN):

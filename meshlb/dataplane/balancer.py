@@ -15,9 +15,11 @@ import mmap
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 
+from . import capacity
 from . import layouts as L
 from .layouts import (
     AF_INET, AF_INET6, IPPROTO_TCP, Backend, Counter, CtValue, FlowKey, LbStats, NatRevValue,
@@ -30,6 +32,9 @@ from .libbpf import (
 OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"
 PROGRAM = "meshlb_balancer"
 EVICT_PROGRAM = "meshlb_evict"
+CLOCK_PROGRAM = "meshlb_clock_sync"
+# tick rates a kernel is built with (CONFIG_HZ), for a measured rate to snap to
+_KNOWN_HZ = (100, 250, 300, 1000)
 BPF_F_INNER_MAP = 1 << 12
 
 MAP_NAMES = ("vips", "vip_info", "vip_filter", "vip_tables", "backends", "conntrack",
@@ -92,6 +97,14 @@ def table_slot(key: FlowKey, ring_size: int) -> int:
     return flow_hash(key) % ring_size
 
 
+def tick_rate(first: L.ClockSync, second: L.ClockSync) -> int:
+    """The kernel's HZ from two readings of (jiffies, CLOCK_MONOTONIC), snapped to a
+    rate kernels are built with when it is within 10% of one."""
+    rate = (second.jiffies - first.jiffies) * 1e9 / max(1, second.mono_ns - first.mono_ns)
+    near = min(_KNOWN_HZ, key=lambda h: abs(h - rate))
+    return near if abs(near - rate) < near / 10 else max(1, round(rate))
+
+
 def _proto(proto) -> int:
     try:
         return PROTOS[proto.lower() if isinstance(proto, str) else proto]
@@ -118,6 +131,7 @@ class Balancer:
         self.maps: dict[str, Map] = {n: obj.map(n) for n in MAP_NAMES}
         self._evict_buf: mmap.mmap | None = None
         self._evict_lock = threading.Lock()
+        self._hz = 0
 
     # -------------------------------------------------------------- lifecycle
     @classmethod
@@ -125,13 +139,16 @@ class Balancer:
              conntrack_size: int | None = None, path: str | os.PathLike | None = None,
              ) -> "Balancer":
         """Load the balancer. With ``pin_dir``, maps pinned there are adopted and
-        the rest are pinned after load. ``conntrack_size`` sizes both conntrack
-        maps (ignored for adopted maps, which keep their size)."""
+        the rest are pinned after load. ``conntrack_size`` is the conntrack's
+        capacity, the flows it holds before it evicts one (the configuration's
+        ``conntrack.max_entries``); None or 0: the host's default
+        (:func:`capacity.plan`). Both conntrack maps are made big enough for it;
+        adopted maps keep their size (:meth:`conntrack_capacity` says what it holds)."""
         obj = BpfObject.open(path or OBJECT_PATH)
         try:
-            if conntrack_size:
-                obj.set_max_entries("conntrack", conntrack_size)
-                obj.set_max_entries("nat_reverse", conntrack_size)
+            size = capacity.plan(conntrack_size).max_entries
+            obj.set_max_entries("conntrack", size)
+            obj.set_max_entries("nat_reverse", size)
             if pin_dir is not None:
                 for name in MAP_NAMES:
                     p = Path(pin_dir) / name
@@ -142,9 +159,34 @@ class Balancer:
             obj.close()
             raise
         b = cls(obj, pin_dir)
+        try:
+            b.sync_clock()
+        except BaseException:
+            b.close()
+            raise
         if pin_dir is not None:
             b.pin(pin_dir)
         return b
+
+    def sync_clock(self) -> int:
+        """Set the data plane's clock (mlb_now in balancer.bpf.c: jiffies scaled to
+        CLOCK_MONOTONIC ns) from one reading of both; returns the tick rate. Without
+        CONFIG_HZ from the kernel's config, the rate is measured once, over 100 ms."""
+        prog = self.obj.program(CLOCK_PROGRAM)
+        run = lambda hz: L.ClockSync.from_bytes(  # noqa: E731
+            prog.test_run(ctx=bytes(L.ClockSync(hz=hz))).ctx)
+        c = run(self._hz)
+        if not c.hz:
+            time.sleep(0.1)
+            c = run(tick_rate(c, run(0)))
+        self._hz = c.hz
+        return c.hz
+
+    def conntrack_capacity(self) -> int:
+        """Flows the conntrack holds before it evicts one, however their packets
+        spread over the CPUs (capacity.py says how that follows from the map)."""
+        i = self.maps["conntrack"].info()
+        return capacity.capacity_of(i["max_entries"], capacity.possible_cpus(), i["map_flags"])
 
     @property
     def program(self) -> Program:
@@ -527,6 +569,7 @@ class Balancer:
         half_open: list[tuple[FlowKey, CtValue]] = []
         if not idle_ns and not handshake_ns:
             return idle, half_open
+        self.sync_clock()  # keeps the tick's rounding from adding up over days
         ks, vs = ctypes.sizeof(FlowKey), ctypes.sizeof(CtValue)
         proto_at = FlowKey.proto.offset
         est = L.MLB_CT_F_ESTABLISHED
@@ -572,4 +615,5 @@ class Balancer:
                 for k, v in self.maps["nat_reverse"].lookup_batch()]
 
 
-__all__ = ["Balancer", "BpfError", "NO_BACKEND", "OBJECT_PATH", "flow_hash", "table_slot", "vip_key"]
+__all__ = ["Balancer", "BpfError", "NO_BACKEND", "OBJECT_PATH", "flow_hash", "table_slot", "tick_rate",
+           "vip_key"]

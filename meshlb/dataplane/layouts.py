@@ -50,6 +50,8 @@ MLB_CT_F_PEER_SEEN = 1 << 2
 
 MLB_SNAT_F_VALID = 1 << 0
 
+MLB_CLOCK_SHIFT = 4
+
 MLB_EVICT_BATCH = 256
 MLB_EVICT_OP_AUTO = 0
 MLB_EVICT_OP_FORWARD = 1
@@ -279,6 +281,15 @@ class SnatConfig(_Struct):
     ]
 
 
+class ClockSync(_Struct):
+    _fields_ = [
+        ("hz", u32),
+        ("pad", u32),
+        ("jiffies", u64),
+        ("mono_ns", u64),
+    ]
+
+
 class EvictSlot(_Struct):
     _fields_ = [
         ("key", FlowKey),
@@ -329,6 +340,7 @@ C_NAMES: dict[type, str] = {
     FibCache: "fib_cache",
     NatRevValue: "nat_rev_value",
     SnatConfig: "snat_config",
+    ClockSync: "clock_sync",
     EvictSlot: "evict_slot",
     EvictBatch: "evict_batch",
     LbStats: "lb_stats",

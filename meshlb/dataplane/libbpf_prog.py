@@ -294,6 +294,8 @@ class Program(Closeable):
               f"repeat={repeat})")
         out = dout.raw[:o.data_size_out] if dout is not None else b""
         ctx_out = cout.raw[:o.ctx_size_out] if cout is not None else None
+        if ctx is not None and self.type == BPF_PROG_TYPE_SYSCALL:
+            ctx_out = cin.raw  # the kernel writes a syscall program's context back in place
         return TestRunResult(o.retval, out, o.duration, ctx_out)
 
     def pin(self, path: str) -> None:

@@ -47,6 +47,7 @@ class FibNetns:
         self.name = f"mlbt{PID}"
         self.a, self.b = f"mlba{PID}", f"mlbb{PID}"
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._cpu_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
         self.ifindex_a = self.ifindex_b = 0
 
     def setup(self) -> None:
@@ -85,10 +86,10 @@ class FibNetns:
         self.ifindex_a = self.run(lambda: ctypes_if_index(self.a))
         self.ifindex_b = self.run(lambda: ctypes_if_index(self.b))
 
-    def _enter(self) -> None:
+    def _enter(self, cpu: int | None = None) -> None:
         # One CPU for every test run: per-CPU state (the next-hop cache, LRU lists)
         # must be the same from one packet to the next. Pid 0 = this thread only.
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0)) if cpu is None else cpu})
         fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
         try:
             if _libc.setns(fd, CLONE_NEWNET) != 0:
@@ -96,11 +97,23 @@ class FibNetns:
         finally:
             os.close(fd)
 
-    def run(self, fn):
+    def run(self, fn, cpu: int | None = None):
+        """fn() in the namespace, on the test runs' CPU or on ``cpu``: XDP runs on the
+        CPU of the thread that issues BPF_PROG_TEST_RUN, as on the CPU whose queue
+        received the packet."""
         assert self._pool is not None
-        return self._pool.submit(fn).result()
+        if cpu is None:
+            return self._pool.submit(fn).result()
+        pool = self._cpu_pools.get(cpu)
+        if pool is None:
+            pool = self._cpu_pools[cpu] = concurrent.futures.ThreadPoolExecutor(
+                1, initializer=self._enter, initargs=(cpu,))
+        return pool.submit(fn).result()
 
     def teardown(self) -> None:
+        for pool in self._cpu_pools.values():
+            pool.shutdown(wait=True)
+        self._cpu_pools.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -114,21 +127,35 @@ def ctypes_if_index(name: str) -> int:
 class Harness:
     """A freshly loaded balancer and a way to run packets through it."""
 
-    def __init__(self, env: FibNetns | None) -> None:
+    def __init__(self, env: FibNetns | None, conntrack_size: int = 8192, **load) -> None:
         self.env = env
-        self.lb = Balancer.load(conntrack_size=8192)
+        self.lb = Balancer.load(conntrack_size=conntrack_size, **load)
         self.prog = self.lb.program
 
     def close(self) -> None:
         self.lb.close()
 
-    def run(self, pkt, *, ifindex: int | None = None, repeat: int = 1):
+    def run(self, pkt, *, ifindex: int | None = None, repeat: int = 1, cpu: int | None = None):
         data = bytes(pkt)
         if self.env is None:
             return self.prog.test_run(data, repeat=repeat)
         idx = self.env.ifindex_a if ifindex is None else ifindex
         ctx = bytes(XdpMd(data=0, data_end=len(data), ingress_ifindex=idx))
-        return self.env.run(lambda: self.prog.test_run(data, repeat=repeat, ctx=ctx))
+        return self.env.run(lambda: self.prog.test_run(data, repeat=repeat, ctx=ctx), cpu)
+
+    def run_many(self, packets, *, cpu: int | None = None) -> list[int]:
+        """Return codes of the packets (bytes) run one by one, in one call to the
+        namespace's thread: a flood of thousands costs milliseconds, not seconds."""
+        assert self.env is not None
+        idx = self.env.ifindex_a
+
+        def go():
+            out = []
+            for data in packets:
+                ctx = bytes(XdpMd(data=0, data_end=len(data), ingress_ifindex=idx))
+                out.append(self.prog.test_run(data, ctx=ctx).retval)
+            return out
+        return self.env.run(go, cpu)
 
     def counters(self) -> dict[str, int]:
         return self.lb.counters()
@@ -149,9 +176,9 @@ def fib_netns() -> Iterator[FibNetns]:
 
 
 @contextlib.contextmanager
-def loaded(env: FibNetns | None) -> Iterator[Harness]:
+def loaded(env: FibNetns | None, **load) -> Iterator[Harness]:
     """A freshly loaded balancer whose test runs go through ``env``."""
-    h = Harness(env)
+    h = Harness(env, **load)
     try:
         yield h
     finally:

@@ -2,15 +2,16 @@
 established flows, the VIP address pre-filter, pinning/adoption, XDP attach."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
-import ipaddress
+import time
 
 import pytest
 from scapy.layers.l2 import Ether
 
 from meshlb.dataplane import layouts as L
-from meshlb.dataplane.balancer import Balancer
+from meshlb.dataplane.balancer import Balancer, tick_rate
 from meshlb.dataplane.libbpf import XDP_PASS, XDP_REDIRECT, XDP_TX
 
 from .harness import PID, Harness
@@ -195,3 +196,26 @@ def test_nat_reply_uses_next_hop_cache(lb):
     before = lb.counters()
     assert lb.run(rep).retval == XDP_TX
     assert lb.delta(before) == {"rx": 1, "nat_reply": 1, "tx": 1, "fib_cached": 1}
+
+
+def test_conntrack_times_are_monotonic_ns_at_tick_resolution(lb):
+    """The data plane counts jiffies (a load, where a clock helper cost 14 ns a packet)
+    scaled to CLOCK_MONOTONIC: Python's expiry compares them with time.monotonic_ns()."""
+    dr_vip(lb)
+    hz = lb.lb.sync_clock()
+    tick = 10**9 // hz
+    for sport in (41000, 41001, 41002):
+        t0 = time.monotonic_ns()
+        assert lb.run(tcp4(flags="S", sport=sport)).retval == XDP_TX
+        t1 = time.monotonic_ns()
+        seen = lb.lb.conntrack_lookup(key_of(tcp4(sport=sport))).last_seen_ns
+        assert t0 - 2 * tick <= seen <= t1 + 2 * tick, (t0, seen, t1, hz)
+        time.sleep(0.03)
+
+
+def test_tick_rate_from_two_readings():
+    a = L.ClockSync(jiffies=1000, mono_ns=0)
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 26, mono_ns=100_000_000)) == 250
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 29, mono_ns=100_000_000)) == 300
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 99, mono_ns=100_000_000)) == 1000
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 5, mono_ns=100_000_000)) == 50
