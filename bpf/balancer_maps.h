@@ -123,6 +123,41 @@ struct {
 	__type(value, struct lb_stats);
 } backend_stats SEC(".maps");
 
+/* MLB_PROG_* -> a program of this object (Balancer.load fills it). Pinned with the
+ * rest: an XDP program left running by an agent that is gone keeps reaching them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, MLB_PROG_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} progs SEC(".maps");
+
+/* The path MTU meshlb_too_big is to announce, from the program that tail-calls it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} too_big_mtu SEC(".maps");
+
+/* ifindex -> 1 where the tc program meshlb_neigh takes packets handed over for their
+ * neighbour (Balancer.neighbour_handoff sets it once the program is attached). Not
+ * pinned: every load starts without, until its program is attached again. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} neigh_handoff SEC(".maps");
+
+/* Next hops found without a neighbour entry (struct neigh_key): the agent reads them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MLB_NEIGH_MISSING_SIZE);
+	__type(key, struct neigh_key);
+	__type(value, struct neigh_seen);
+} neigh_missing SEC(".maps");
+
 /* The agent's batch of evictions (struct evict_batch, meshlb.h): written and read
  * through mmap, so a batch costs the one BPF_PROG_TEST_RUN of meshlb_evict. Scratch
  * space of one agent: never pinned, a new load gets a new one. */

@@ -33,13 +33,18 @@ OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"
 PROGRAM = "meshlb_balancer"
 EVICT_PROGRAM = "meshlb_evict"
 CLOCK_PROGRAM = "meshlb_clock_sync"
+NEIGH_PROGRAM = "meshlb_neigh"
+# MLB_PROG_* slot -> the program the XDP program tail-calls there
+TAIL_PROGRAMS = {L.MLB_PROG_ICMP: "meshlb_icmp", L.MLB_PROG_TOO_BIG: "meshlb_too_big"}
 # tick rates a kernel is built with (CONFIG_HZ), for a measured rate to snap to
 _KNOWN_HZ = (100, 250, 300, 1000)
 BPF_F_INNER_MAP = 1 << 12
 
 MAP_NAMES = ("vips", "vip_info", "vip_filter", "vip_tables", "backends", "conntrack",
              "nat_reverse", "ct_closed", "snat_cfg", "fib_cache", "counters", "vip_stats",
-             "backend_stats")
+             "backend_stats", "progs")
+# maps of one load, never pinned: each load starts them afresh
+LOAD_MAPS = ("neigh_handoff", "neigh_missing")
 
 MODES = {"dr": 0, "nat": L.MLB_VIP_F_NAT}
 PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
@@ -97,6 +102,22 @@ def table_slot(key: FlowKey, ring_size: int) -> int:
     return flow_hash(key) % ring_size
 
 
+def _has_map(obj: BpfObject, name: str) -> bool:
+    try:
+        obj.map(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _has_program(obj: BpfObject, name: str) -> bool:
+    try:
+        obj.program(name)
+    except KeyError:
+        return False
+    return True
+
+
 def tick_rate(first: L.ClockSync, second: L.ClockSync) -> int:
     """The kernel's HZ from two readings of (jiffies, CLOCK_MONOTONIC), snapped to a
     rate kernels are built with when it is within 10% of one."""
@@ -128,7 +149,9 @@ class Balancer:
     def __init__(self, obj: BpfObject, pin_dir: str | os.PathLike | None = None) -> None:
         self.obj = obj
         self.pin_dir = Path(pin_dir) if pin_dir is not None else None
-        self.maps: dict[str, Map] = {n: obj.map(n) for n in MAP_NAMES}
+        # an object of an older meshlb (a benchmark's baseline) may lack some
+        self.maps: dict[str, Map] = {n: obj.map(n) for n in MAP_NAMES + LOAD_MAPS
+                                     if _has_map(obj, n)}
         self._evict_buf: mmap.mmap | None = None
         self._evict_lock = threading.Lock()
         self._hz = 0
@@ -152,7 +175,7 @@ class Balancer:
             if pin_dir is not None:
                 for name in MAP_NAMES:
                     p = Path(pin_dir) / name
-                    if p.exists():
+                    if p.exists() and _has_map(obj, name):
                         obj.reuse_pinned_map(name, str(p))
             obj.load()
         except BaseException:
@@ -160,13 +183,24 @@ class Balancer:
             raise
         b = cls(obj, pin_dir)
         try:
-            b.sync_clock()
+            b._fill_progs()
+            if _has_program(obj, CLOCK_PROGRAM):
+                b.sync_clock()
         except BaseException:
             b.close()
             raise
         if pin_dir is not None:
             b.pin(pin_dir)
         return b
+
+    def _fill_progs(self) -> None:
+        """Point the tail-call slots at this load's programs (an adopted slot array held
+        the previous load's)."""
+        m = self.maps.get("progs")
+        if m is None:
+            return
+        for slot, name in TAIL_PROGRAMS.items():
+            m.update(_U32.pack(slot), _U32.pack(self.obj.program(name).fd))
 
     def sync_clock(self) -> int:
         """Set the data plane's clock (mlb_now in balancer.bpf.c: jiffies scaled to
@@ -201,7 +235,7 @@ class Balancer:
         d.mkdir(parents=True, exist_ok=True)
         for name, m in self.maps.items():
             p = d / name
-            if not p.exists():
+            if name not in LOAD_MAPS and not p.exists():
                 m.pin(str(p))
         self.pin_dir = d
 
@@ -324,6 +358,43 @@ class Balancer:
         self.forget_next_hop(addr)
         if old is not None:
             self.forget_next_hop(L.words_addr(old.addr, old.family))
+
+    # ------------------------------------------------------------- neighbours
+    def neighbour_handoff(self, ifindex: int, link: Link | None = None) -> Link:
+        """Have packets whose next hop has no neighbour entry sent, on ``ifindex`` (the
+        device XDP runs on), by the kernel's own neighbour resolution: attaches the tc
+        ingress program meshlb_neigh there as a tcx link (Linux 6.6 and later), or
+        moves ``link`` (that program's link adopted from a pin) to this load's program,
+        then tells the XDP program to hand such packets over. Without it they are
+        dropped (counter drop_no_neigh). Returns the link: the caller pins it beside
+        the XDP link and keeps it."""
+        prog = self.obj.program(NEIGH_PROGRAM)
+        if link is None:
+            link = prog.attach_tcx(ifindex)
+        else:
+            link.update(prog)
+        self.maps["neigh_handoff"].update(_U32.pack(ifindex), _U32.pack(1))
+        return link
+
+    def neighbour_handoff_off(self, ifindex: int) -> None:
+        """Stop handing packets over on ``ifindex`` (before its tc link goes)."""
+        self.maps["neigh_handoff"].delete(_U32.pack(ifindex))
+
+    def unresolved_neighbours(self, clear: bool = False) -> list[dict]:
+        """Next hops the data plane found without a neighbour entry (each with its
+        device, packets and first/last time, CLOCK_MONOTONIC ns); ``clear`` forgets
+        them once read."""
+        m = self.maps["neigh_missing"]
+        rows = m.lookup_batch()
+        out = []
+        for k, v in rows:
+            key, seen = L.NeighKey.from_bytes(k), L.NeighSeen.from_bytes(v)
+            out.append({"addr": str(L.words_addr(key.addr, key.family)), "ifindex": key.ifindex,
+                        "packets": seen.packets, "first_ns": seen.first_ns,
+                        "last_ns": seen.last_ns})
+        if clear and rows:
+            m.delete_batch([k for k, _ in rows])
+        return out
 
     def forget_next_hop(self, addr) -> None:
         """Drop the cached bpf_fib_lookup result for ``addr`` on every CPU."""

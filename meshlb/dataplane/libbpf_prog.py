@@ -36,6 +36,7 @@ XDP_FLAGS_REPLACE = 1 << 4
 
 BPF_XDP = 37  # enum bpf_attach_type
 BPF_CGROUP_SOCK_OPS = 3
+BPF_TCX_INGRESS = 46  # Linux 6.6
 BPF_F_REPLACE = 1 << 2
 
 BPF_PROG_TYPE_SOCKET_FILTER = 1
@@ -226,6 +227,16 @@ class Program(Closeable):
         flags = _mode_flags(mode, f"attach_xdp({what})")
         o = opts(bpf_link_create_opts, flags=flags)
         fd = check(lib().bpf_link_create(self._live_fd("attach_xdp"), ifindex, BPF_XDP, byref(o)),
+                   f"bpf_link_create({what})")
+        return Link(fd, what=f"link of {what}")
+
+    def attach_tcx(self, ifindex: int) -> Link:
+        """Attach a tc (SCHED_CLS) program to the ingress of a device as a tcx link
+        (Linux 6.6 and later): beside other tc programs, detached when the link goes."""
+        what = f"tc program {self.name!r} on ingress of ifindex {_ifname(ifindex)}"
+        o = opts(bpf_link_create_opts)
+        fd = check(lib().bpf_link_create(self._live_fd("attach_tcx"), ifindex, BPF_TCX_INGRESS,
+                                         byref(o)),
                    f"bpf_link_create({what})")
         return Link(fd, what=f"link of {what}")
 

@@ -23,9 +23,9 @@ from meshlb.dataplane.balancer import Balancer
 from meshlb.dataplane.layouts import XdpMd
 
 from .pkt import (
-    BE_NONEIGH4, BE_NONEIGH6, BE_REDIR4, BE_REDIR6, BE_TX4, BE_TX6, CLIENT4, CLIENT6, GW4, GW6,
-    MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW, SNAT4, SNAT6, VIP4, VIP6, key_of, tcp4, tcp6,
-    udp4, udp6,
+    BE_NONEIGH4, BE_NONEIGH6, BE_REDIR4, BE_REDIR6, BE_SMALL4, BE_SMALL6, BE_TX4, BE_TX6, CLIENT4,
+    CLIENT6, CLIENT_SMALL4, CLIENT_SMALL6, GW4, GW6, MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW,
+    SMALL_MTU, SNAT4, SNAT6, VIP4, VIP6, key_of, tcp4, tcp6, udp4, udp6,
 )
 
 PID = os.getpid()
@@ -78,6 +78,14 @@ class FibNetns:
         _ip("route", "add", "default", "via", GW4, "dev", self.a, ns=ns)
         _ip("-6", "route", "add", "default", "via", GW6, "dev", self.a, ns=ns)
         _ip("route", "add", "blackhole", "10.99.0.0/24", ns=ns)
+        # narrower paths: to one backend, and back to one client ("lock": Linux applies
+        # an IPv4 route's MTU to forwarded packets only when locked, as bpf_fib_lookup)
+        for addr, dev in ((BE_SMALL4, self.a), (BE_SMALL6, self.a)):
+            _ip("route", "add", addr, "dev", dev, "mtu", "lock", str(SMALL_MTU), ns=ns)
+            _ip("neigh", "replace", addr, "lladdr", MAC_BE_TX, "nud", "permanent", "dev", dev, ns=ns)
+        for addr, gw in ((CLIENT_SMALL4, GW4), (CLIENT_SMALL6, GW6)):
+            _ip("route", "add", addr, "via", gw, "dev", self.a, "mtu", "lock", str(SMALL_MTU),
+                ns=ns)
         # The VIP is local (mix mode: it sits on the node's loopback).
         _ip("addr", "add", f"{VIP4}/32", "dev", "lo", ns=ns)
         _ip("-6", "addr", "add", f"{VIP6}/128", "dev", "lo", "nodad", ns=ns)
@@ -188,10 +196,12 @@ def loaded(env: FibNetns | None, **load) -> Iterator[Harness]:
 # A VIP with the four backends of the topology, for the tests of forwarding paths.
 RING = 13
 FAMILIES = {
-    "v4": dict(vip=VIP4, tx=BE_TX4, redir=BE_REDIR4, noneigh=BE_NONEIGH4, snat=SNAT4,
-               client=CLIENT4, tcp=tcp4, udp=udp4, af=L.AF_INET),
-    "v6": dict(vip=VIP6, tx=BE_TX6, redir=BE_REDIR6, noneigh=BE_NONEIGH6, snat=SNAT6,
-               client=CLIENT6, tcp=tcp6, udp=udp6, af=L.AF_INET6),
+    "v4": dict(vip=VIP4, tx=BE_TX4, redir=BE_REDIR4, noneigh=BE_NONEIGH4, small=BE_SMALL4,
+               snat=SNAT4, client=CLIENT4, client_small=CLIENT_SMALL4, gw=GW4, tcp=tcp4,
+               udp=udp4, af=L.AF_INET),
+    "v6": dict(vip=VIP6, tx=BE_TX6, redir=BE_REDIR6, noneigh=BE_NONEIGH6, small=BE_SMALL6,
+               snat=SNAT6, client=CLIENT6, client_small=CLIENT_SMALL6, gw=GW6, tcp=tcp6,
+               udp=udp6, af=L.AF_INET6),
 }
 
 
@@ -202,6 +212,7 @@ def setup_vip(lb, fam, mode, table_backend=1, proto="tcp", port=80, nat_port=0):
     lb.lb.set_backend(2, f["redir"], nat_port)
     lb.lb.set_backend(3, f["vip"], local=True)
     lb.lb.set_backend(4, f["noneigh"], nat_port)
+    lb.lb.set_backend(6, f["small"], nat_port)
     lb.lb.set_vip_table(5, [table_backend] * RING)
     if mode == "nat":
         lb.lb.set_snat(f["af"], f["snat"], 20000, 20999)

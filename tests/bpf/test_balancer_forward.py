@@ -15,7 +15,7 @@ from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
 from .harness import RING, setup_vip, snat_port_of
 from .pkt import (
-    BE_BLACKHOLE4, BE_NONEIGH4, BE_TX4, MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW, SNAT4, VIP4,
+    BE_BLACKHOLE4, BE_TX4, MAC_A, MAC_B, MAC_BE_REDIR, MAC_BE_TX, MAC_GW, SNAT4, VIP4,
     checksums_valid, key_of, l3, marked, rebuilt, tcp4, udp4, udp6,
 )
 
@@ -74,18 +74,6 @@ def test_local_backend_passes_unmodified(lb, fam):
         assert r.retval == XDP_PASS and r.data == bytes(pkt)
         assert lb.delta(before) == {"rx": 1, "ct_miss": 1, "ct_insert": 1, "pass_local": 1}
         lb.lb.remove_vip(f["vip"], 80, "tcp")
-
-
-@pytest.mark.parametrize("fam", ["v4", "v6"])
-def test_no_neigh_passes_and_counts(lb, fam):
-    f = setup_vip(lb, fam, "dr", table_backend=4)
-    pkt = f["tcp"](flags="S")
-    before = lb.counters()
-    r = lb.run(pkt)
-    assert r.retval == XDP_PASS
-    assert r.data == bytes(pkt)  # unmarked, unmodified: the local stack gets it as sent
-    d = lb.delta(before)
-    assert d["pass_no_neigh"] == 1 and d["fib_no_neigh"] == 1 and "tx" not in d
 
 
 def test_blackhole_drops_and_counts(lb):
@@ -325,16 +313,6 @@ def test_nat_without_snat_drops(lb):
     before = lb.counters()
     assert lb.run(tcp4(flags="S")).retval == XDP_DROP
     assert lb.delta(before)["drop_no_snat"] == 1
-
-
-def test_nat_no_neigh_passes_rewritten_for_the_kernel_to_route(lb):
-    setup_vip(lb, "v4", "nat", table_backend=4, nat_port=8080)
-    before = lb.counters()
-    r = lb.run(tcp4(flags="S"))
-    assert r.retval == XDP_PASS
-    out = Ether(r.data)
-    assert out[IP].dst == BE_NONEIGH4 and out[IP].src == SNAT4 and checksums_valid(r.data)
-    assert lb.delta(before)["pass_no_neigh"] == 1
 
 
 def test_nat_conntrack_delete_removes_reverse_entry(lb):

@@ -11,8 +11,8 @@ import pytest
 from scapy.layers.l2 import Ether
 
 from meshlb.dataplane import layouts as L
-from meshlb.dataplane.balancer import Balancer, tick_rate
-from meshlb.dataplane.libbpf import XDP_PASS, XDP_REDIRECT, XDP_TX
+from meshlb.dataplane.balancer import MAP_NAMES, Balancer, tick_rate
+from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
 from .harness import PID, Harness
 from .pkt import BE_REDIR4, BE_TX4, MAC_BE_REDIR, MAC_BE_TX, SNAT4, VIP4, key_of, tcp4
@@ -53,9 +53,10 @@ def test_cached_next_hop_respects_mtu(lb):
     dr_vip(lb)
     assert lb.run(tcp4(flags="S")).retval == XDP_TX
     before = lb.counters()
-    r = lb.run(tcp4(payload=b"x" * 1600))  # bigger than the veth's 1500
-    assert r.retval == XDP_PASS
-    assert lb.delta(before).get("fib_frag_needed") == 1
+    r = lb.run(tcp4(payload=b"x" * 1600))  # bigger than the veth's 1500, no DF
+    assert r.retval == XDP_DROP
+    d = lb.delta(before)
+    assert d.get("fib_frag_needed") == 1 and d.get("drop_too_big") == 1, d
 
 
 def test_removed_vip_stops_established_flows(lb):
@@ -139,7 +140,7 @@ def test_pinned_state_is_adopted_by_the_next_load(netns):
         h.prog = h.lb.program
         dr_vip(h)
         assert h.run(tcp4(flags="S")).retval == XDP_TX
-        assert sorted(os.listdir(pin)) == sorted(h.lb.maps)
+        assert sorted(os.listdir(pin)) == sorted(MAP_NAMES)
         h.lb.set_vip_table(2, [2] * RING)  # established flow must survive the restart
         h.lb.close()
         h.lb = Balancer.load(pin, conntrack_size=4096)
