@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import mmap
 import os
+import socket
 import struct
 import threading
 import time
@@ -45,6 +47,7 @@ MAP_NAMES = ("vips", "vip_info", "vip_filter", "vip_tables", "backends", "conntr
              "backend_stats", "progs")
 # maps of one load, never pinned: each load starts them afresh
 LOAD_MAPS = ("neigh_handoff", "neigh_missing")
+NEIGH_LINK_PIN = "neigh_link"  # the tc program's link, pinned beside the maps
 
 MODES = {"dr": 0, "nat": L.MLB_VIP_F_NAT}
 PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
@@ -242,7 +245,7 @@ class Balancer:
     def unpin(self) -> None:
         if self.pin_dir is None:
             return
-        for name in MAP_NAMES:
+        for name in MAP_NAMES + (NEIGH_LINK_PIN,):
             try:
                 os.unlink(self.pin_dir / name)
             except FileNotFoundError:
@@ -375,6 +378,48 @@ class Balancer:
             link.update(prog)
         self.maps["neigh_handoff"].update(_U32.pack(ifindex), _U32.pack(1))
         return link
+
+    def ensure_neighbour_handoff(self, ifindex: int) -> Link | None:
+        """What the agent calls once XDP is attached (and again after a restart): the tc
+        program's link pinned under the pin directory is moved to this load's program,
+        or attached and pinned; then the XDP program hands packets without a neighbour
+        entry over on ``ifindex``. None where the kernel has no tcx links (Linux < 6.6):
+        such packets are then dropped, and :meth:`solicit_unresolved` has the kernel
+        resolve their next hops for the packets after them."""
+        pin = self.pin_dir / NEIGH_LINK_PIN if self.pin_dir is not None else None
+        old = None
+        if pin is not None and pin.exists():
+            try:
+                old = Link.from_pinned(str(pin))
+            except BpfError:
+                os.unlink(pin)
+        try:
+            link = self.neighbour_handoff(ifindex, old)
+        except BpfError as exc:
+            if old is not None:
+                old.close()
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return None
+            raise
+        if pin is not None and old is None:
+            link.pin(str(pin))
+        return link
+
+    def solicit_unresolved(self) -> list[str]:
+        """Have the kernel resolve every next hop the data plane found without a
+        neighbour entry (an empty datagram to the discard port makes it do so), and
+        forget them; returns their addresses. For a host without the tc program; call
+        it whenever drop_no_neigh moves (the agent's neighbour loop)."""
+        addrs = []
+        for n in self.unresolved_neighbours(clear=True):
+            fam = socket.AF_INET6 if ":" in n["addr"] else socket.AF_INET
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                try:
+                    s.sendto(b"", (n["addr"], 9))
+                except OSError:
+                    continue
+            addrs.append(n["addr"])
+        return addrs
 
     def neighbour_handoff_off(self, ifindex: int) -> None:
         """Stop handing packets over on ``ifindex`` (before its tc link goes)."""

@@ -345,3 +345,44 @@ def test_a_backend_of_another_family_is_refused_whatever_wrote_the_table(lb):
     # an ICMP error about the flow is not sent there either
     err = router_error("v4", f, reply_from("v4", VIP4, 80, f["client"], 40000))
     expect(lb, err, XDP_PASS, {"pass_icmp_no_flow": 1}, data=err)
+
+
+def test_the_agents_handoff_survives_a_restart(netns):
+    """ensure_neighbour_handoff pins the tc link beside the maps; the next load moves
+    that link to its own program (no moment without one) and hands packets over again."""
+    import os
+    import shutil
+
+    from .harness import PID, Harness
+    pin = f"/sys/fs/bpf/mlbneigh{PID}"
+    try:
+        h = Harness(netns, pin_dir=pin)
+        link = netns.run(lambda: h.lb.ensure_neighbour_handoff(netns.ifindex_a))
+        first = link.info()["id"]
+        assert os.path.exists(f"{pin}/neigh_link")
+        link.close()
+        h.close()
+        h = Harness(netns, pin_dir=pin)
+        link = netns.run(lambda: h.lb.ensure_neighbour_handoff(netns.ifindex_a))
+        assert link.info()["id"] == first
+        assert link.info()["prog_id"] == h.lb.obj.program("meshlb_neigh").id
+        setup_vip(h, "v4", "dr", table_backend=4)
+        assert h.run(tcp4(flags="S")).retval == XDP_PASS  # handed over, not dropped
+        h.lb.unpin()
+        link.close()  # unpinned and closed: detached
+        h.close()
+        assert not os.path.exists(f"{pin}/neigh_link")
+    finally:
+        shutil.rmtree(pin, ignore_errors=True)
+
+
+def test_soliciting_unresolved_next_hops(lb, netns):
+    """Without the tc program: the agent has the kernel resolve what was dropped."""
+    import subprocess
+    f = setup_vip(lb, "v4", "dr", table_backend=4)
+    expect(lb, f["tcp"](flags="S"), XDP_DROP)
+    assert netns.run(lb.lb.solicit_unresolved) == [f["noneigh"]]
+    out = subprocess.run(["ip", "-n", netns.name, "neigh", "show", f["noneigh"]],
+                         capture_output=True, text=True).stdout
+    assert f["noneigh"] in out  # resolution under way (nobody answers in this netns)
+    assert lb.lb.unresolved_neighbours() == []
