@@ -766,6 +766,7 @@ static __always_inline int nat_reply(struct xdp_md *ctx, struct pkt *p, struct o
 	o->sport = rv->orig.dport;
 	o->dport = rv->orig.sport;
 	o->translate = 1;
+	o->mark = 0;
 	count(MLB_CNT_NAT_REPLY);
 	stats_add(&backend_stats, rv->backend_id, ctx->data_end - ctx->data);
 	return MLB_SEND;
@@ -1004,6 +1005,7 @@ static __always_inline int forward(struct pkt *p, const struct dst *d, struct ou
 	o->dst = be->addr;
 	if (!d->nat) {
 		o->src = p->key.src;
+		o->translate = 0;
 		o->mark = 1;
 		return MLB_SEND;
 	}
@@ -1014,6 +1016,7 @@ static __always_inline int forward(struct pkt *p, const struct dst *d, struct ou
 	o->sport = d->snat_port;
 	o->dport = be->port ? be->port : p->key.dport;
 	o->translate = 1;
+	o->mark = 0;
 	return MLB_SEND;
 }
 
@@ -1307,12 +1310,11 @@ SEC("xdp")
 int meshlb_balancer(struct xdp_md *ctx)
 {
 	struct pkt p;
-	struct out o;
+	struct out o;  /* every path that sends fills what send() reads */
 	__u64 now = 0;
 	int r;
 
 	__builtin_memset(&p, 0, sizeof(p));
-	__builtin_memset(&o, 0, sizeof(o));
 	count(MLB_CNT_RX);
 	r = parse_packet(ctx, &p);
 	if (r)
