@@ -3,22 +3,26 @@
  * meshlb XDP balancer: one fast path for every mix.
  *
  *   parse (eth, one 802.1Q tag, IPv4/IPv6, TCP/UDP) -- anything else --> PASS
+ *     |                                            \-- ICMP --> meshlb_icmp (tail call)
  *     v
  *   dst address in vip_filter? -- no --> SNAT reply? -- yes --> back to client
  *     v                                              \-- no --> PASS (cheap)
  *   marked by a peer? -- yes --> (a VIP?) un-mark, PASS: never balanced twice
  *     v
- *   conntrack hit (not a SYN, VIP same generation, backend usable)?
+ *   conntrack hit (not a new SYN, VIP same generation, backend usable)?
  *     | no: VIP lookup (miss -> PASS); a closed flow's late segment -> its old
- *     |     backend; else Maglev table of the VIP, conntrack insert
+ *     |     backend; else Maglev table of the VIP, conntrack insert (or rewrite)
  *     v
  *   backend LOCAL -> PASS (the VIP is on our loopback)
- *   dr  -> next hop MACs (bpf_fib_lookup, cached per CPU), mark, TX/REDIRECT
- *   nat -> dst := backend, src := SNAT addr:port, checksums, next hop, TX/REDIRECT
+ *   send(): next hop (bpf_fib_lookup, cached per CPU), then
+ *     dr  -> MACs, mark, TX/REDIRECT
+ *     nat -> dst := backend, src := SNAT addr:port, checksums, TX/REDIRECT
+ *     too big for the path -> meshlb_too_big (tail call): ICMP back to the sender
+ *     no neighbour -> up to meshlb_neigh (tc) with the next hop, or DROP
+ *     no route -> DROP: a packet of a remote backend never reaches the local stack
  *
- * Not handled here, passed to the stack: ICMP errors about VIP flows (so PMTU
- * signals reach only the mix that receives them), IP fragments, IPv6 routing
- * headers, stacked VLAN tags.
+ * Passed to the stack: IP fragments, IPv6 routing headers, stacked VLAN tags,
+ * malformed headers, and everything not for a VIP.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
