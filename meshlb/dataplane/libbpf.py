@@ -24,9 +24,11 @@ from ctypes import byref, c_size_t
 
 from .libbpf_ffi import (
     Closeable,
+    ENOTSUPP,
     LIBBPF_WARN,
     BpfError,
     KernelBtfError,
+    LibbpfNotFound,
     ObjectOpenError,
     VerifierError,
     btf_type,
