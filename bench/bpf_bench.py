@@ -247,10 +247,11 @@ class Subject:
 def load(label: str, path: Path, header: Path, flows: int) -> Subject:
     """A balancer whose conntrack holds ``flows`` flows from one CPU: the layout of an
     older object (BPF_F_NO_COMMON_LRU) splits the map over the possible CPUs."""
-    lb = Balancer.load(conntrack_size=flows, path=path)
+    lb = Balancer.load(conntrack_size=capacity.plan(flows).max_entries, path=path)
     if lb.maps["conntrack"].info()["map_flags"] & capacity.BPF_F_NO_COMMON_LRU:
         lb.close()
-        lb = Balancer.load(conntrack_size=flows * capacity.possible_cpus(), path=path)
+        cpus = capacity.possible_cpus()
+        lb = Balancer.load(conntrack_size=capacity.plan(flows * cpus).max_entries, path=path)
     return Subject(label, lb, path, counter_names(header))
 
 

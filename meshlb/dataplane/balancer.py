@@ -165,14 +165,14 @@ class Balancer:
              conntrack_size: int | None = None, path: str | os.PathLike | None = None,
              ) -> "Balancer":
         """Load the balancer. With ``pin_dir``, maps pinned there are adopted and
-        the rest are pinned after load. ``conntrack_size`` is the conntrack's
-        capacity, the flows it holds before it evicts one (the configuration's
-        ``conntrack.max_entries``); None or 0: the host's default
-        (:func:`capacity.plan`). Both conntrack maps are made big enough for it;
-        adopted maps keep their size (:meth:`conntrack_capacity` says what it holds)."""
+        the rest are pinned after load. ``conntrack_size`` is the size (max_entries)
+        of both conntrack maps, the configuration's ``conntrack.max_entries``; None or
+        0: the host's default, made for its CPUs and memory (:func:`capacity.plan`).
+        What a map holds before it evicts a flow is :meth:`conntrack_capacity`, a few
+        hundred entries less (capacity.py says why). Adopted maps keep their size."""
         obj = BpfObject.open(path or OBJECT_PATH)
         try:
-            size = capacity.plan(conntrack_size).max_entries
+            size = conntrack_size or capacity.plan().max_entries
             obj.set_max_entries("conntrack", size)
             obj.set_max_entries("nat_reverse", size)
             if pin_dir is not None:

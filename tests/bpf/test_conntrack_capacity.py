@@ -64,9 +64,9 @@ def _flood(h, syns: list[bytes], acks: list[bytes], batch: int = 96) -> None:
 
 @pytest.mark.privileged
 def test_the_stated_capacity_holds_under_a_flood_from_every_cpu(netns):
-    with loaded(netns, conntrack_size=CAP) as h:
+    plan = capacity.plan(CAP)
+    with loaded(netns, conntrack_size=plan.max_entries) as h:
         setup_vip(h, "v4", "dr", table_backend=1)
-        plan = capacity.plan(CAP)
         assert h.lb.maps["conntrack"].info()["max_entries"] == plan.max_entries
         assert h.lb.conntrack_capacity() == CAP
         live_syn, live_ack = _flow_packets(LIVE, 0, "S"), _flow_packets(LIVE, 0, "A")
@@ -103,7 +103,7 @@ def test_the_per_cpu_layout_on_a_simulated_64_cpu_host_evicts_below_its_size(net
                          flags=capacity.BPF_F_NO_COMMON_LRU)
         old.pin(f"{pin}/conntrack")
         old.close()
-        with loaded(netns, conntrack_size=CAP, pin_dir=pin) as h:
+        with loaded(netns, pin_dir=pin) as h:
             h.lb.unpin()  # pinned by the load; the directory goes in the finally
             setup_vip(h, "v4", "dr", table_backend=1)
             assert h.lb.conntrack_capacity() == 4096
