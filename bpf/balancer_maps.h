@@ -62,12 +62,17 @@ struct {
 	__type(value, struct backend);
 } backends SEC(".maps");
 
-/* Per-CPU LRU lists: no cross-CPU lock on insert; each CPU evicts from its own
- * share (max_entries / possible CPUs). */
+/*
+ * One hash table for every CPU, with the kernel's common LRU list: whichever CPU a
+ * packet of a flow arrives on finds the flow's one entry, and one CPU may fill the
+ * whole map (BPF_F_NO_COMMON_LRU would split max_entries over the possible CPUs).
+ * Each CPU takes free entries from the common list a batch at a time, so a few
+ * hundred entries per CPU may sit unused: meshlb/dataplane/capacity.py adds them to
+ * the capacity it promises. docs/architecture.md, "Conntrack", has the measurements.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MLB_CT_DEFAULT_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct flow_key);
 	__type(value, struct ct_value);
 } conntrack SEC(".maps");
@@ -75,7 +80,6 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MLB_CT_DEFAULT_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct flow_key);
 	__type(value, struct nat_rev_value);
 } nat_reverse SEC(".maps");
@@ -118,6 +122,41 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_stats);
 } backend_stats SEC(".maps");
+
+/* MLB_PROG_* -> a program of this object (Balancer.load fills it). Pinned with the
+ * rest: an XDP program left running by an agent that is gone keeps reaching them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, MLB_PROG_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} progs SEC(".maps");
+
+/* The path MTU meshlb_too_big is to announce, from the program that tail-calls it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} too_big_mtu SEC(".maps");
+
+/* ifindex -> 1 where the tc program meshlb_neigh takes packets handed over for their
+ * neighbour (Balancer.neighbour_handoff sets it once the program is attached). Not
+ * pinned: every load starts without, until its program is attached again. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} neigh_handoff SEC(".maps");
+
+/* Next hops found without a neighbour entry (struct neigh_key): the agent reads them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MLB_NEIGH_MISSING_SIZE);
+	__type(key, struct neigh_key);
+	__type(value, struct neigh_seen);
+} neigh_missing SEC(".maps");
 
 /* The agent's batch of evictions (struct evict_batch, meshlb.h): written and read
  * through mmap, so a batch costs the one BPF_PROG_TEST_RUN of meshlb_evict. Scratch

@@ -86,7 +86,8 @@ enum mlb_tracer_stat {
 #define MLB_MAX_VIPS          1024   /* vip ids are 0..MLB_MAX_VIPS-1 */
 #define MLB_MAX_BACKENDS      4096   /* backend ids are 0..MLB_MAX_BACKENDS-1 */
 #define MLB_DEFAULT_RING      65537  /* Maglev table size, prime */
-#define MLB_CT_DEFAULT_SIZE   262144 /* conntrack entries (split over CPUs) */
+#define MLB_CT_DEFAULT_SIZE   262144 /* conntrack entries; the agent sizes the map from the
+                                     * host (meshlb/dataplane/capacity.py) */
 #define MLB_CT_CLOSED_SIZE    65536  /* recently closed flows remembered (ct_closed) */
 #define MLB_FIB_RC_SLOTS      16     /* counters reserved for bpf_fib_lookup codes */
 #define MLB_SNAT_PROBES       4      /* source ports tried per new nat flow */
@@ -171,7 +172,7 @@ struct backend {
 
 /* conntrack: struct flow_key (client -> VIP, as received) -> ct_value */
 struct ct_value {
-	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC, tick resolution */
+	__u64 last_seen_ns; /* CLOCK_MONOTONIC at jiffy resolution (mlb_now(), balancer.bpf.c) */
 	__u32 backend_id;
 	__u32 flags;        /* MLB_CT_F_* */
 	__u32 vip_id;
@@ -208,6 +209,55 @@ struct nat_rev_value {
 	__u64 last_seen_ns;
 	__u32 backend_id;
 	__u32 pad;
+};
+
+/*
+ * A next hop without a neighbour entry: XDP cannot have the kernel resolve it, so the
+ * packet (translated, marked: ready to leave) is passed up with this in its metadata,
+ * and the tc ingress program meshlb_neigh sends it with bpf_redirect_neigh(), which
+ * resolves the neighbour and queues the packet meanwhile. XDP does so only on a device
+ * whose tc program Python installed ("neigh_handoff"); elsewhere it drops. Either way
+ * the next hop is noted in "neigh_missing", which the agent reads.
+ */
+#define MLB_NEIGH_META_MAGIC  0x6d6c6e68u  /* "mlnh" */
+#define MLB_NEIGH_MISSING_SIZE 1024
+struct neigh_meta {
+	__u32 magic;
+	__u32 ifindex;   /* egress device */
+	__u32 family;    /* of the next hop */
+	__u32 nh[4];     /* next hop address, network order */
+};
+
+struct neigh_key {
+	__u32 addr[4];   /* the next hop */
+	__u32 ifindex;
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct neigh_seen {
+	__u64 first_ns;  /* mlb_now() */
+	__u64 last_ns;
+	__u64 packets;
+};
+
+/* Slots of "progs", the balancer's programs for rare packets, reached by tail call:
+ * each has a stack of its own (the verifier allows 512 bytes per call chain, and the
+ * fast path's takes most of it). */
+#define MLB_PROG_ICMP         0   /* meshlb_icmp: an ICMP error to a VIP address */
+#define MLB_PROG_TOO_BIG      1   /* meshlb_too_big: answer a packet too big for its path */
+#define MLB_PROG_MAX          2
+
+/* The balancer's clock (mlb_now): ns = ((jiffies * mult) >> MLB_CLOCK_SHIFT) + offset,
+ * scale and offset set by the "meshlb_clock_sync" syscall program from one reading of
+ * bpf_jiffies64() and bpf_ktime_get_ns(). hz in: the kernel's tick rate, 0 to use
+ * CONFIG_HZ; out: the rate used, 0 when neither told it (then Python measures it). */
+#define MLB_CLOCK_SHIFT       4
+struct clock_sync {
+	__u32 hz;
+	__u32 pad;
+	__u64 jiffies;  /* out: bpf_jiffies64() */
+	__u64 mono_ns;  /* out: bpf_ktime_get_ns() at the same moment */
 };
 
 /* Batch eviction (the "meshlb_evict" syscall program, run by BPF_PROG_TEST_RUN):
@@ -267,14 +317,23 @@ enum mlb_counter {
 	MLB_CNT_PASS_NOT_VIP,      /* well-formed, not for a VIP */
 	MLB_CNT_PASS_LOCAL,        /* backend is this node */
 	MLB_CNT_PASS_FROM_PEER,    /* carried a peer's mark: un-marked, passed */
-	MLB_CNT_PASS_NO_NEIGH,     /* fib: neighbour unknown, kernel resolves it */
-	MLB_CNT_PASS_FIB_OTHER,    /* fib failed, passed (see MLB_CNT_FIB_RC) */
+	MLB_CNT_PASS_NEIGH_RESOLVE, /* no neighbour entry for the next hop: handed, with the
+	                             * next hop, to the tc program (meshlb_neigh), which has
+	                             * the kernel resolve it and send the packet on */
+	MLB_CNT_PASS_ICMP_NO_FLOW, /* an ICMP error to a VIP address about no flow of a VIP */
 	MLB_CNT_DROP_FIB,          /* fib said blackhole/unreachable/prohibit */
 	MLB_CNT_DROP_NO_TABLE,     /* VIP without a (matching) Maglev table */
 	MLB_CNT_DROP_NO_BACKEND,   /* table slot points to a missing/down backend */
 	MLB_CNT_DROP_NO_SNAT,      /* nat VIP, no SNAT address for the family */
 	MLB_CNT_DROP_SNAT_EXHAUSTED, /* all probed SNAT ports taken */
 	MLB_CNT_DROP_UDP6_ZERO_CSUM, /* nat of IPv6 UDP with checksum 0 */
+	MLB_CNT_DROP_FIB_OTHER,    /* fib failed otherwise (forwarding off on the device, a
+	                            * local route...): a packet of a remote backend never goes
+	                            * to the local stack, which would answer for it */
+	MLB_CNT_DROP_NO_NEIGH,     /* no neighbour entry, and no tc program to resolve it */
+	MLB_CNT_DROP_TOO_BIG,      /* bigger than the path: IPv4 without DF (not fragmented
+	                            * here) or an ICMP error (never answered with another) */
+	MLB_CNT_DROP_BACKEND_FAMILY, /* the table's backend is of another family than the VIP */
 	MLB_CNT_CT_HIT,
 	MLB_CNT_CT_MISS,
 	MLB_CNT_CT_RESELECT,       /* entry existed, but SYN or backend gone */
@@ -293,6 +352,10 @@ enum mlb_counter {
 	                            * re-inserted */
 	MLB_CNT_CT_HANDSHAKE_RESET, /* the client reset a handshake (its RST carries the
 	                             * SYN's sequence number + 1): forwarded, entry removed */
+	MLB_CNT_ICMP_TOO_BIG,      /* fragmentation-needed / packet-too-big sent back to a
+	                            * sender whose packet does not fit the path on */
+	MLB_CNT_ICMP_TO_BACKEND,   /* ICMP error about a VIP flow, sent on to its backend */
+	MLB_CNT_NEIGH_SENT,        /* tc: handed-over packets the kernel's neighbour code took */
 	MLB_CNT_FIB_RC,            /* MLB_FIB_RC_SLOTS slots: fib failures by code */
 	MLB_CNT_MAX = MLB_CNT_FIB_RC + MLB_FIB_RC_SLOTS,
 };
@@ -301,6 +364,6 @@ enum mlb_counter {
  * stack: one range, so that one comparison tells. A new DROP_* reason goes inside it
  * (the layout test fails otherwise). */
 #define MLB_CNT_DROP_FIRST    MLB_CNT_DROP_FIB
-#define MLB_CNT_DROP_LAST     MLB_CNT_DROP_UDP6_ZERO_CSUM
+#define MLB_CNT_DROP_LAST     MLB_CNT_DROP_BACKEND_FAMILY
 
 #endif /* MESHLB_H */

@@ -15,10 +15,12 @@
 #define ETH_P_8021AD_BE bpf_htons(0x88A8)
 
 #define MLB_IPPROTO_HOPOPTS  0
+#define MLB_IPPROTO_ICMP     1
 #define MLB_IPPROTO_TCP      6
 #define MLB_IPPROTO_UDP      17
 #define MLB_IPPROTO_ROUTING  43
 #define MLB_IPPROTO_FRAGMENT 44
+#define MLB_IPPROTO_ICMPV6   58
 #define MLB_IPPROTO_DSTOPTS  60
 
 /* Hop-by-hop and destination options are walked (they do not change which host
@@ -42,7 +44,8 @@ struct mlb_opt_hdr {
 };
 
 struct pkt {
-	struct flow_key key;  /* as received: src = sender, dst = receiver */
+	struct flow_key key;  /* as received: src = sender, dst = receiver; an ICMP
+	                       * message has proto ICMP(V6) and ports 0 */
 	struct ethhdr *eth;
 	void *l3;
 	void *l4;
@@ -50,7 +53,75 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 marked;          /* carries the peer-forwarded mark */
 	__u32 tcp_seq;        /* host order; salts the SNAT port of a new nat flow */
+	__u8 df;              /* IPv4 DF (IPv6 is never fragmented on the way: 1) */
+	__u8 icmp_type;
+	__u8 l3_off;          /* bytes of Ethernet (and VLAN) header before l3 */
+	__u8 pad;
 };
+
+/* ICMP and ICMPv6 share the first 8 bytes' shape. */
+struct mlb_icmp_hdr {
+	__u8 type;
+	__u8 code;
+	__u16 csum;
+	__be32 rest;   /* unused, or the next-hop MTU (v4: low 16 bits; v6: all 32) */
+};
+
+#define MLB_IPV4_OPTS_MAX 40
+
+/* One option of the walk below per call: bpf_loop() has the verifier check the step
+ * once, where a loop over a variable position would be checked along every path. */
+struct opt_walk {
+	__u8 opts[64];  /* a power of two: "& 63" shows the verifier every index is inside */
+	__u32 at;
+	__u32 len;
+	__u32 ok;
+};
+
+static long ipv4_option_step(__u64 n, void *data)
+{
+	struct opt_walk *w = data;
+	__u32 at = w->at, len = w->len;
+
+	if (at >= len) {
+		w->ok = 1;
+		return 1;
+	}
+	__u8 type = w->opts[at & 63];
+	if (type == 0) {  /* end of the list */
+		w->ok = 1;
+		return 1;
+	}
+	if (type == 1) {  /* no operation */
+		w->at = at + 1;
+		return 0;
+	}
+	if (at + 1 >= len)
+		return 1;
+	__u8 olen = w->opts[(at + 1) & 63];
+	if (olen < 2 || at + olen > len)
+		return 1;
+	w->at = at + olen;
+	return 0;
+}
+
+/*
+ * IPv4 options must lie inside the header: each is one byte (end of list, no-op) or
+ * type, length >= 2 and its data, within IHL. A length running past the header
+ * means the sender and the next parser disagree on where the transport header is.
+ */
+static __always_inline int ipv4_options_ok(struct xdp_md *ctx, __u32 off, __u32 len)
+{
+	struct opt_walk w;
+
+	__builtin_memset(&w, 0, sizeof(w));
+	if (len == 0 || len > MLB_IPV4_OPTS_MAX || bpf_xdp_load_bytes(ctx, off, w.opts, len))
+		return 0;
+	w.len = len;
+	/* every step but the last moves on by a byte at least */
+	bpf_loop(MLB_IPV4_OPTS_MAX + 1, ipv4_option_step, &w, 0);
+	return w.ok;
+}
 
 static __always_inline int parse_l4(void *l4, void *l3_end, void *end, struct pkt *p, __u8 proto)
 {
@@ -58,7 +129,7 @@ static __always_inline int parse_l4(void *l4, void *l3_end, void *end, struct pk
 		struct tcphdr *th = l4;
 		if ((void *)(th + 1) > end || (void *)(th + 1) > l3_end)
 			return MLB_CNT_PASS_MALFORMED;
-		if (th->doff < 5)
+		if (th->doff < 5 || l4 + th->doff * 4 > l3_end)
 			return MLB_CNT_PASS_MALFORMED;
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
@@ -68,8 +139,16 @@ static __always_inline int parse_l4(void *l4, void *l3_end, void *end, struct pk
 		struct udphdr *uh = l4;
 		if ((void *)(uh + 1) > end || (void *)(uh + 1) > l3_end)
 			return MLB_CNT_PASS_MALFORMED;
+		__u16 ulen = bpf_ntohs(uh->len);
+		if (ulen < sizeof(*uh) || l4 + ulen > l3_end)
+			return MLB_CNT_PASS_MALFORMED;
 		p->key.sport = uh->source;
 		p->key.dport = uh->dest;
+	} else if (proto == MLB_IPPROTO_ICMP || proto == MLB_IPPROTO_ICMPV6) {
+		struct mlb_icmp_hdr *ih = l4;
+		if ((void *)(ih + 1) > end || (void *)(ih + 1) > l3_end)
+			return MLB_CNT_PASS_MALFORMED;
+		p->icmp_type = ih->type;
 	} else {
 		return MLB_CNT_PASS_UNKNOWN_L4;
 	}
@@ -78,7 +157,7 @@ static __always_inline int parse_l4(void *l4, void *l3_end, void *end, struct pk
 	return 0;
 }
 
-static __always_inline int parse_ipv4(void *l3, void *end, struct pkt *p)
+static __always_inline int parse_ipv4(struct xdp_md *ctx, void *l3, void *end, struct pkt *p)
 {
 	struct iphdr *ip = l3;
 
@@ -95,6 +174,10 @@ static __always_inline int parse_ipv4(void *l3, void *end, struct pkt *p)
 		return MLB_CNT_PASS_MALFORMED;
 	if (ip->frag_off & bpf_htons(0x3fff))  /* MF or a non-zero offset */
 		return MLB_CNT_PASS_FRAGMENT;
+	if (hlen > sizeof(*ip) &&
+	    !ipv4_options_ok(ctx, l3 + sizeof(*ip) - (void *)(long)ctx->data, hlen - sizeof(*ip)))
+		return MLB_CNT_PASS_MALFORMED;
+	p->df = !!(ip->frag_off & bpf_htons(0x4000));
 	p->marked = !!(ip->frag_off & bpf_htons(MLB_V4_MARK));
 	p->l3_len = tot;
 	p->key.family = AF_INET;
@@ -137,6 +220,7 @@ static __always_inline int parse_ipv6(void *l3, void *end, struct pkt *p)
 		return MLB_CNT_PASS_MALFORMED;
 
 	p->marked = (bpf_ntohl(*(__be32 *)ip6) & 0xfffff) == MLB_V6_MARK;
+	p->df = 1;
 	p->l3_len = 40 + plen;
 	p->key.family = AF_INET6;
 	__builtin_memcpy(p->key.src, &ip6->saddr, 16);
@@ -164,8 +248,9 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
 		l3 = vh + 1;
 	}
 	p->l3 = l3;
+	p->l3_off = l3 - data;
 	if (proto == ETH_P_IP_BE)
-		return parse_ipv4(l3, end, p);
+		return parse_ipv4(ctx, l3, end, p);
 	if (proto == ETH_P_IPV6_BE)
 		return parse_ipv6(l3, end, p);
 	return MLB_CNT_PASS_NOT_IP;

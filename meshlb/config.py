@@ -654,7 +654,8 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class ConntrackConfig:
-    max_entries: int = option(262144, integer(1, 1 << 28))
+    # the conntrack map's size; None: sized for this host (meshlb/dataplane/capacity.py)
+    max_entries: int | None = option(None, integer(1, 1 << 28))
     idle_timeout_s: float = option(300.0, number(), live=True)
     sweep_interval_s: float = option(30.0, number(positive=True), live=True)
     # a TCP entry whose handshake the client never acknowledged; 0 keeps them

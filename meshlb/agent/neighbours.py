@@ -1,7 +1,8 @@
-"""Neighbour warming: bpf_fib_lookup cannot resolve a neighbour itself, and a miss
-passes the packet to the local stack, so the kernel's neighbour entries of every live
-member address (IPv6 ones included; health checks use the gossip address only) are
-kept fresh by sending them an empty datagram now and then."""
+"""Neighbour warming: bpf_fib_lookup cannot resolve a neighbour itself, so the kernel's
+neighbour entries of every live member address (IPv6 ones included; health checks use
+the gossip address only) are kept fresh by sending them an empty datagram now and then.
+A packet that meets a missing entry all the same is handed to the kernel's resolution
+by a tc program; on kernels without one, the next hops it found missing are solicited."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,8 @@ from collections.abc import Callable
 
 from meshlb.cluster.driver import GossipDriver
 from meshlb.cluster.node import Status
+from meshlb.dataplane.balancer import Balancer
+from meshlb.dataplane.libbpf import BpfError
 
 DISCARD_PORT = 9  # resolution is the point, not the datagram
 
@@ -38,3 +41,16 @@ async def warm_neighbours(driver: GossipDriver, name: str, interval: Callable[[]
     finally:
         for s in socks.values():
             s.close()
+
+
+SOLICIT_PERIOD_S = 0.2
+
+
+async def solicit_unresolved(balancer: Balancer, period: float = SOLICIT_PERIOD_S) -> None:
+    """Forever, on a kernel without the tc hand-off (no tcx links): every ``period``
+    seconds, have the kernel resolve the next hops the data plane found without a
+    neighbour entry (it dropped those packets; the ones after them find the entry)."""
+    while True:
+        await asyncio.sleep(period)
+        with contextlib.suppress(BpfError, OSError):
+            balancer.solicit_unresolved()

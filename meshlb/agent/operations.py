@@ -285,6 +285,7 @@ class Operations:
             backend_traffic=backend_traffic,
             dataplane_reasons=balancer.counters(),
             conntrack_entries=balancer.conntrack_count(),
+            conntrack_capacity=balancer.conntrack_capacity(),
             evictions=dict(self.evictions),
             tracer_events=self._tracer_stats(),
             gossip_datagrams={"sent": transport.get("datagrams_sent", 0),

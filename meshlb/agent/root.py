@@ -26,7 +26,7 @@ from meshlb.agent.evictions import EvictionPump
 from meshlb.agent.expiry import ConntrackExpiry
 from meshlb.agent.gossip import build_driver
 from meshlb.agent.meta import health_targets, member_meta
-from meshlb.agent.neighbours import warm_neighbours
+from meshlb.agent.neighbours import solicit_unresolved, warm_neighbours
 from meshlb.agent.operations import Operations
 from meshlb.agent.session import Session
 from meshlb.agent.tables import TableSync
@@ -96,6 +96,8 @@ class Agent:
             self.pump.start()
             await self.tables.rebuild()
             self._spawn(warm_neighbours(self.driver, self.name, lambda: self.cfg.health.interval), "neighbours")
+            if self.session.neighbour_link is None:
+                self._spawn(solicit_unresolved(self.session.balancer), "unresolved-neighbours")
             self._spawn(self.pump.save_marks_loop(), "eviction-marks")
             self._spawn(self.expiry.run(), "conntrack-expiry")
             self._spawn(self.loop_lag.run(), "loop-lag")

@@ -80,6 +80,7 @@ class Session:
         self.snat_ports = DEFAULT_SNAT_PORTS
         self.restored_marks: dict[str, tuple[int, int]] = {}  # origin -> (epoch, contiguous)
         self.loopback: list[str] = []  # VIP addresses this session put on lo
+        self.neighbour_link: Link | None = None  # None: no tcx, next hops solicited instead
         self._undo = contextlib.ExitStack()
         self._leaving = False
 
@@ -112,6 +113,7 @@ class Session:
         if off:
             log.info("turned off %s on %s so XDP sees VLAN tags", ", ".join(off), self.iface)
         self._attach_xdp()
+        self._hand_over_neighbours()
         self._open_tracer()
         self._configure_snat()
         self._open_marks()
@@ -134,6 +136,23 @@ class Session:
             link.pin(str(link_pin))
         self._on_close("remove the XDP link's pin", os.unlink, link_pin, leave=True)
         self._on_close("detach XDP", link.detach, leave=True)
+
+    def _hand_over_neighbours(self) -> None:
+        """Packets whose next hop has no neighbour entry go to the kernel's own
+        resolution through a tc program (bpf/balancer.bpf.c, "Unknown neighbours");
+        where the kernel has no tcx links they are dropped, and the neighbour loop has
+        the kernel resolve those next hops for the packets after them."""
+        link = self.balancer.ensure_neighbour_handoff(self.ifindex)
+        self.neighbour_link = link
+        if link is None:
+            log.warning("no tcx links in this kernel (Linux < 6.6): a packet whose next hop has no "
+                        "neighbour entry is dropped while the kernel resolves it")
+            return
+        self._on_close("close the neighbour hand-off link", link.close)
+        # before the pins go: the XDP program must stop handing packets to a program
+        # that is about to be detached
+        self._on_close("stop the neighbour hand-off", self.balancer.neighbour_handoff_off, self.ifindex,
+                       leave=True)
 
     def _adopt_xdp_link(self, link_pin: Path) -> Link | None:
         old = Link.from_pinned(str(link_pin))

@@ -12,13 +12,17 @@ from __future__ import annotations
 import array
 import collections
 import ctypes
+import errno
 import mmap
 import os
+import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
+from . import capacity
 from . import layouts as L
 from .layouts import (
     AF_INET,
@@ -46,11 +50,20 @@ from .libbpf import (
 OBJECT_PATH = Path(__file__).with_name("bpf") / "balancer.bpf.o"
 PROGRAM = "meshlb_balancer"
 EVICT_PROGRAM = "meshlb_evict"
+CLOCK_PROGRAM = "meshlb_clock_sync"
+NEIGH_PROGRAM = "meshlb_neigh"
+# MLB_PROG_* slot -> the program the XDP program tail-calls there
+TAIL_PROGRAMS = {L.MLB_PROG_ICMP: "meshlb_icmp", L.MLB_PROG_TOO_BIG: "meshlb_too_big"}
+# tick rates a kernel is built with (CONFIG_HZ), for a measured rate to snap to
+_KNOWN_HZ = (100, 250, 300, 1000)
 BPF_F_INNER_MAP = 1 << 12
 
 MAP_NAMES = ("vips", "vip_info", "vip_filter", "vip_tables", "backends", "conntrack",
              "nat_reverse", "ct_closed", "snat_cfg", "fib_cache", "counters", "vip_stats",
-             "backend_stats")
+             "backend_stats", "progs")
+# maps of one load, never pinned: each load starts them afresh
+LOAD_MAPS = ("neigh_handoff", "neigh_missing")
+NEIGH_LINK_PIN = "neigh_link"  # the tc program's link, pinned beside the maps
 
 MODES = {"dr": 0, "nat": L.MLB_VIP_F_NAT}
 PROTOS = {"tcp": L.IPPROTO_TCP, "udp": L.IPPROTO_UDP,
@@ -113,6 +126,30 @@ def table_slot(key: FlowKey, ring_size: int) -> int:
     return flow_hash(key) % ring_size
 
 
+def _has_map(obj: BpfObject, name: str) -> bool:
+    try:
+        obj.map(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _has_program(obj: BpfObject, name: str) -> bool:
+    try:
+        obj.program(name)
+    except KeyError:
+        return False
+    return True
+
+
+def tick_rate(first: L.ClockSync, second: L.ClockSync) -> int:
+    """The kernel's HZ from two readings of (jiffies, CLOCK_MONOTONIC), snapped to a
+    rate kernels are built with when it is within 10% of one."""
+    rate = (second.jiffies - first.jiffies) * 1e9 / max(1, second.mono_ns - first.mono_ns)
+    near = min(_KNOWN_HZ, key=lambda h: abs(h - rate))
+    return near if abs(near - rate) < near / 10 else max(1, round(rate))
+
+
 def _proto(proto) -> int:
     try:
         return PROTOS[proto.lower() if isinstance(proto, str) else proto]
@@ -136,9 +173,12 @@ class Balancer:
     def __init__(self, obj: BpfObject, pin_dir: str | os.PathLike | None = None) -> None:
         self.obj = obj
         self.pin_dir = Path(pin_dir) if pin_dir is not None else None
-        self.maps: dict[str, Map] = {n: obj.map(n) for n in MAP_NAMES}
+        # an object of an older meshlb (a benchmark's baseline) may lack some
+        self.maps: dict[str, Map] = {n: obj.map(n) for n in MAP_NAMES + LOAD_MAPS
+                                     if _has_map(obj, n)}
         self._evict_buf: mmap.mmap | None = None
         self._evict_lock = threading.Lock()
+        self._hz = 0
 
     # -------------------------------------------------------------- lifecycle
     @classmethod
@@ -146,26 +186,70 @@ class Balancer:
              conntrack_size: int | None = None, path: str | os.PathLike | None = None,
              ) -> Balancer:
         """Load the balancer. With ``pin_dir``, maps pinned there are adopted and
-        the rest are pinned after load. ``conntrack_size`` sizes both conntrack
-        maps (ignored for adopted maps, which keep their size)."""
+        the rest are pinned after load. ``conntrack_size`` is the size (max_entries)
+        of both conntrack maps, the configuration's ``conntrack.max_entries``; None or
+        0: the host's default, made for its CPUs and memory (:func:`capacity.plan`).
+        What a map holds before it evicts a flow is :meth:`conntrack_capacity`, a few
+        hundred entries less (capacity.py says why). Adopted maps keep their size."""
         obj = BpfObject.open(path or OBJECT_PATH)
         try:
-            if conntrack_size:
-                obj.set_max_entries("conntrack", conntrack_size)
-                obj.set_max_entries("nat_reverse", conntrack_size)
+            size = conntrack_size or capacity.plan().max_entries
+            obj.set_max_entries("conntrack", size)
+            obj.set_max_entries("nat_reverse", size)
             if pin_dir is not None:
-                for name in MAP_NAMES:
+                for name in MAP_NAMES + (NEIGH_LINK_PIN,):
                     p = Path(pin_dir) / name
-                    if p.exists():
+                    if p.exists() and _has_map(obj, name):
                         obj.reuse_pinned_map(name, str(p))
             obj.load()
         except BaseException:
             obj.close()
             raise
         b = cls(obj, pin_dir)
+        try:
+            b._fill_progs()
+            if _has_program(obj, CLOCK_PROGRAM):
+                b.sync_clock()
+        except BaseException:
+            b.close()
+            raise
         if pin_dir is not None:
             b.pin(pin_dir)
         return b
+
+    def _fill_progs(self) -> None:
+        """Point the tail-call slots at this load's programs (an adopted slot array held
+        the previous load's)."""
+        m = self.maps.get("progs")
+        if m is None:
+            return
+        for slot, name in TAIL_PROGRAMS.items():
+            m.update(_U32.pack(slot), _U32.pack(self.obj.program(name).fd))
+
+    def sync_clock(self) -> int:
+        """Set the data plane's clock (mlb_now in balancer.bpf.c: jiffies scaled to
+        CLOCK_MONOTONIC ns) from one reading of both; returns the tick rate. Without
+        CONFIG_HZ from the kernel's config, the rate is measured once, over 100 ms."""
+        prog = self.obj.program(CLOCK_PROGRAM)
+
+        def run(hz: int) -> L.ClockSync:
+            out = prog.test_run(ctx=bytes(L.ClockSync(hz=hz))).ctx
+            if out is None:
+                raise BpfError(0, f"{CLOCK_PROGRAM}: the kernel gave no context back")
+            return L.ClockSync.from_bytes(out)
+
+        c = run(self._hz)
+        if not c.hz:
+            time.sleep(0.1)
+            c = run(tick_rate(c, run(0)))
+        self._hz = c.hz
+        return c.hz
+
+    def conntrack_capacity(self) -> int:
+        """Flows the conntrack holds before it evicts one, however their packets
+        spread over the CPUs (capacity.py says how that follows from the map)."""
+        i = self.maps["conntrack"].info()
+        return capacity.capacity_of(i["max_entries"], capacity.possible_cpus(), i["map_flags"])
 
     @property
     def program(self) -> Program:
@@ -180,14 +264,14 @@ class Balancer:
         d.mkdir(parents=True, exist_ok=True)
         for name, m in self.maps.items():
             p = d / name
-            if not p.exists():
+            if name not in LOAD_MAPS and not p.exists():
                 m.pin(str(p))
         self.pin_dir = d
 
     def unpin(self) -> None:
         if self.pin_dir is None:
             return
-        for name in MAP_NAMES:
+        for name in MAP_NAMES + (NEIGH_LINK_PIN,):
             try:
                 os.unlink(self.pin_dir / name)
             except FileNotFoundError:
@@ -307,6 +391,85 @@ class Balancer:
         self.forget_next_hop(addr)
         if old is not None:
             self.forget_next_hop(L.words_addr(old.addr, old.family))
+
+    # ------------------------------------------------------------- neighbours
+    def neighbour_handoff(self, ifindex: int, link: Link | None = None) -> Link:
+        """Have packets whose next hop has no neighbour entry sent, on ``ifindex`` (the
+        device XDP runs on), by the kernel's own neighbour resolution: attaches the tc
+        ingress program meshlb_neigh there as a tcx link (Linux 6.6 and later), or
+        moves ``link`` (that program's link adopted from a pin) to this load's program,
+        then tells the XDP program to hand such packets over. Without it they are
+        dropped (counter drop_no_neigh). Returns the link: the caller pins it beside
+        the XDP link and keeps it."""
+        prog = self.obj.program(NEIGH_PROGRAM)
+        if link is None:
+            link = prog.attach_tcx(ifindex)
+        else:
+            link.update(prog)
+        self.maps["neigh_handoff"].update(_U32.pack(ifindex), _U32.pack(1))
+        return link
+
+    def ensure_neighbour_handoff(self, ifindex: int) -> Link | None:
+        """What the agent calls once XDP is attached (and again after a restart): the tc
+        program's link pinned under the pin directory is moved to this load's program,
+        or attached and pinned; then the XDP program hands packets without a neighbour
+        entry over on ``ifindex``. None where the kernel has no tcx links (Linux < 6.6):
+        such packets are then dropped, and :meth:`solicit_unresolved` has the kernel
+        resolve their next hops for the packets after them."""
+        pin = self.pin_dir / NEIGH_LINK_PIN if self.pin_dir is not None else None
+        old = None
+        if pin is not None and pin.exists():
+            try:
+                old = Link.from_pinned(str(pin))
+            except BpfError:
+                os.unlink(pin)
+        try:
+            link = self.neighbour_handoff(ifindex, old)
+        except BpfError as exc:
+            if old is not None:
+                old.close()
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return None
+            raise
+        if pin is not None and old is None:
+            link.pin(str(pin))
+        return link
+
+    def solicit_unresolved(self) -> list[str]:
+        """Have the kernel resolve every next hop the data plane found without a
+        neighbour entry (an empty datagram to the discard port makes it do so), and
+        forget them; returns their addresses. For a host without the tc program; call
+        it whenever drop_no_neigh moves (the agent's neighbour loop)."""
+        addrs = []
+        for n in self.unresolved_neighbours(clear=True):
+            fam = socket.AF_INET6 if ":" in n["addr"] else socket.AF_INET
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                try:
+                    s.sendto(b"", (n["addr"], 9))
+                except OSError:
+                    continue
+            addrs.append(n["addr"])
+        return addrs
+
+    def neighbour_handoff_off(self, ifindex: int) -> None:
+        """Stop handing packets over on ``ifindex`` (before its tc link goes)."""
+        self.maps["neigh_handoff"].delete(_U32.pack(ifindex))
+
+    def unresolved_neighbours(self, clear: bool = False) -> list[dict]:
+        """Next hops the data plane found without a neighbour entry (each with its
+        device, packets and first/last time, CLOCK_MONOTONIC ns); ``clear`` forgets
+        them once read."""
+        m = self.maps["neigh_missing"]
+        rows = m.lookup_batch()
+        out = []
+        for k, v in rows:
+            key, seen = L.NeighKey.from_bytes(k), L.NeighSeen.from_bytes(v)
+            out.append({"addr": str(L.words_addr(key.addr, key.family)), "ifindex": key.ifindex,
+                        "packets": seen.packets, "first_ns": seen.first_ns,
+                        "last_ns": seen.last_ns})
+        if clear and rows:
+            m.delete_batch([k for k, _ in rows])
+        return out
 
     def forget_next_hop(self, addr) -> None:
         """Drop the cached bpf_fib_lookup result for ``addr`` on every CPU."""
@@ -555,6 +718,7 @@ class Balancer:
         closing: list[tuple[FlowKey, CtValue]] = []
         if not idle_ns and not handshake_ns and not (closing_ns and closing_backends):
             return idle, half_open, closing
+        self.sync_clock()  # keeps the tick's rounding from adding up over days
         ks, vs = ctypes.sizeof(FlowKey), ctypes.sizeof(CtValue)
         proto_at = FlowKey.proto.offset
         est = L.MLB_CT_F_ESTABLISHED
@@ -612,4 +776,5 @@ class Balancer:
                 for k, v in self.maps["nat_reverse"].lookup_batch()]
 
 
-__all__ = ["Balancer", "BpfError", "NO_BACKEND", "OBJECT_PATH", "flow_hash", "table_slot", "vip_key"]
+__all__ = ["Balancer", "BpfError", "NO_BACKEND", "OBJECT_PATH", "flow_hash", "table_slot", "tick_rate",
+           "vip_key"]

@@ -55,6 +55,13 @@ MLB_CT_F_CLOSING = 1 << 3
 
 MLB_SNAT_F_VALID = 1 << 0
 
+MLB_CLOCK_SHIFT = 4
+MLB_PROG_ICMP = 0
+MLB_PROG_TOO_BIG = 1
+MLB_PROG_MAX = 2
+MLB_NEIGH_META_MAGIC = 0x6D6C6E68
+MLB_NEIGH_MISSING_SIZE = 1024
+
 MLB_EVICT_BATCH = 256
 MLB_EVICT_OP_AUTO = 0
 MLB_EVICT_OP_FORWARD = 1
@@ -79,35 +86,42 @@ class Counter(enum.IntEnum):
     PASS_NOT_VIP = 7
     PASS_LOCAL = 8
     PASS_FROM_PEER = 9
-    PASS_NO_NEIGH = 10
-    PASS_FIB_OTHER = 11
+    PASS_NEIGH_RESOLVE = 10
+    PASS_ICMP_NO_FLOW = 11
     DROP_FIB = 12
     DROP_NO_TABLE = 13
     DROP_NO_BACKEND = 14
     DROP_NO_SNAT = 15
     DROP_SNAT_EXHAUSTED = 16
     DROP_UDP6_ZERO_CSUM = 17
-    CT_HIT = 18
-    CT_MISS = 19
-    CT_RESELECT = 20
-    CT_INSERT = 21
-    CT_INSERT_FAIL = 22
-    NAT_REPLY = 23
-    NAT_REPLY_MISS = 24
-    TX = 25
-    REDIRECT = 26
-    FIB_CACHED = 27
-    CT_SKIP_CLOSING = 28
-    PASS_NAT_NO_FLOW = 29
-    CT_CLOSED_HIT = 30
-    CT_HANDSHAKE_RESET = 31
-    FIB_RC = 32  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
+    DROP_FIB_OTHER = 18
+    DROP_NO_NEIGH = 19
+    DROP_TOO_BIG = 20
+    DROP_BACKEND_FAMILY = 21
+    CT_HIT = 22
+    CT_MISS = 23
+    CT_RESELECT = 24
+    CT_INSERT = 25
+    CT_INSERT_FAIL = 26
+    NAT_REPLY = 27
+    NAT_REPLY_MISS = 28
+    TX = 29
+    REDIRECT = 30
+    FIB_CACHED = 31
+    CT_SKIP_CLOSING = 32
+    PASS_NAT_NO_FLOW = 33
+    CT_CLOSED_HIT = 34
+    CT_HANDSHAKE_RESET = 35
+    ICMP_TOO_BIG = 36
+    ICMP_TO_BACKEND = 37
+    NEIGH_SENT = 38
+    FIB_RC = 39  # first of MLB_FIB_RC_SLOTS slots, one per bpf_fib_lookup return code
 
 
 MLB_CNT_MAX = Counter.FIB_RC + MLB_FIB_RC_SLOTS
 # the reasons the balancer drops a packet for (every other one passes it)
 MLB_CNT_DROP_FIRST = Counter.DROP_FIB
-MLB_CNT_DROP_LAST = Counter.DROP_UDP6_ZERO_CSUM
+MLB_CNT_DROP_LAST = Counter.DROP_BACKEND_FAMILY
 
 
 class TracerStat(enum.IntEnum):
@@ -284,6 +298,41 @@ class SnatConfig(_Struct):
     ]
 
 
+class ClockSync(_Struct):
+    _fields_ = [
+        ("hz", u32),
+        ("pad", u32),
+        ("jiffies", u64),
+        ("mono_ns", u64),
+    ]
+
+
+class NeighMeta(_Struct):
+    _fields_ = [
+        ("magic", u32),
+        ("ifindex", u32),
+        ("family", u32),
+        ("nh", u32 * 4),
+    ]
+
+
+class NeighKey(_Struct):
+    _fields_ = [
+        ("addr", u32 * 4),
+        ("ifindex", u32),
+        ("family", u8),
+        ("pad", u8 * 3),
+    ]
+
+
+class NeighSeen(_Struct):
+    _fields_ = [
+        ("first_ns", u64),
+        ("last_ns", u64),
+        ("packets", u64),
+    ]
+
+
 class EvictSlot(_Struct):
     _fields_ = [
         ("key", FlowKey),
@@ -334,6 +383,10 @@ C_NAMES: dict[type, str] = {
     FibCache: "fib_cache",
     NatRevValue: "nat_rev_value",
     SnatConfig: "snat_config",
+    ClockSync: "clock_sync",
+    NeighMeta: "neigh_meta",
+    NeighKey: "neigh_key",
+    NeighSeen: "neigh_seen",
     EvictSlot: "evict_slot",
     EvictBatch: "evict_batch",
     LbStats: "lb_stats",
@@ -361,6 +414,10 @@ BALANCER_MAPS: dict[str, tuple[type, type] | None] = {
     "vip_stats": (u32, LbStats),
     "backend_stats": (u32, LbStats),
     "evict_batch": (u32, EvictBatch),
+    "progs": OPAQUE,                  # program fds, written once at load
+    "too_big_mtu": OPAQUE,
+    "neigh_handoff": (u32, u32),
+    "neigh_missing": (NeighKey, NeighSeen),
 }
 TRACER_MAPS: dict[str, tuple[type, type] | None] = {
     "watched_endpoints": (EndpointKey, EndpointFilter),

@@ -36,6 +36,7 @@ XDP_FLAGS_REPLACE = 1 << 4
 
 BPF_XDP = 37  # enum bpf_attach_type
 BPF_CGROUP_SOCK_OPS = 3
+BPF_TCX_INGRESS = 46  # Linux 6.6
 BPF_F_REPLACE = 1 << 2
 
 BPF_PROG_TYPE_SOCKET_FILTER = 1
@@ -229,6 +230,16 @@ class Program(Closeable):
                    f"bpf_link_create({what})")
         return Link(fd, what=f"link of {what}")
 
+    def attach_tcx(self, ifindex: int) -> Link:
+        """Attach a tc (SCHED_CLS) program to the ingress of a device as a tcx link
+        (Linux 6.6 and later): beside other tc programs, detached when the link goes."""
+        what = f"tc program {self.name!r} on ingress of ifindex {_ifname(ifindex)}"
+        o = opts(bpf_link_create_opts)
+        fd = check(lib().bpf_link_create(self._live_fd("attach_tcx"), ifindex, BPF_TCX_INGRESS,
+                                         byref(o)),
+                   f"bpf_link_create({what})")
+        return Link(fd, what=f"link of {what}")
+
     def attach_cgroup(self, path: str | os.PathLike, attach_type: int = BPF_CGROUP_SOCK_OPS) -> Link:
         """Attach to the cgroup at ``path`` (a cgroup v2 directory) as a BPF link:
         programs of every process in it and below run, beside other attachments."""
@@ -294,6 +305,8 @@ class Program(Closeable):
               f"repeat={repeat})")
         out = dout.raw[:o.data_size_out] if dout is not None else b""
         ctx_out = cout.raw[:o.ctx_size_out] if cout is not None else None
+        if ctx is not None and self.type == BPF_PROG_TYPE_SYSCALL:
+            ctx_out = cin.raw  # the kernel writes a syscall program's context back in place
         return TestRunResult(o.retval, out, o.duration, ctx_out)
 
     def pin(self, path: str) -> None:

@@ -49,16 +49,17 @@ def forwarding_off(netns):
         netns.run(restore)
 
 
-def test_forwarding_off_on_the_ingress_device_is_counted_and_passed(lb, forwarding_off):
+def test_forwarding_off_on_the_ingress_device_is_counted_and_dropped(lb, forwarding_off):
     """bpf_fib_lookup refuses to route for a device without forwarding (the agent turns
-    it on for its interface); the balancer must not drop silently meanwhile."""
+    it on for its interface): counted by its code, and dropped, never passed to the
+    local stack, where the VIP is local and the stack would answer for another backend."""
     dr_vip(lb, [1] * RING)
     lb.lb.flush_fib_cache()
     before = lb.counters()
     r = lb.run(tcp4(flags="S"))
-    assert r.retval == XDP_PASS
+    assert r.retval == XDP_DROP
     d = lb.delta(before)
-    assert d.get("fib_fwd_disabled") == 1 and d.get("pass_fib_other") == 1, d
+    assert d.get("fib_fwd_disabled") == 1 and d.get("drop_fib_other") == 1, d
 
 
 @pytest.mark.parametrize("flags", ["FA", "R", "RA"])

@@ -2,8 +2,9 @@
 
 An independent classifier (plain byte parsing below, written from the protocol
 specs, not from the C) says what each packet is. The balancer may TX/REDIRECT only a
-well-formed packet for a VIP whose table backend is remote, and then to the MAC of
-exactly that backend; everything else is PASS or DROP with the classifier's reason.
+well-formed packet for a VIP (or an ICMP error about one of its flows) whose table
+backend is remote, and then to the MAC of exactly that backend; everything else is
+PASS or DROP with the classifier's reason.
 """
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ from .pkt import (
 pytestmark = pytest.mark.privileged
 
 RING = 13
-# vip -> (vip_id, mode); backends: 1 TX (v4), 2 REDIRECT (v4), 3 local, 4 TX (v6), 5 REDIR (v6)
+# vip -> (vip_id, mode); backends: 1 TX (v4), 2 REDIRECT (v4), 3 local (v4), 4 TX (v6),
+# 5 REDIR (v6), 6 local (v6)
 VIPS = {
     (VIP4, 80, 6): (1, "dr"), (VIP4, 53, 17): (2, "dr"), (VIP6, 80, 6): (3, "dr"),
     (VIP6, 53, 17): (4, "dr"), (VIP4, 443, 6): (5, "nat"),
 }
 TABLE4 = [(1, 2, 3)[i % 3] for i in range(RING)]
-TABLE6 = [(4, 5, 3)[i % 3] for i in range(RING)]
+TABLE6 = [(4, 5, 6)[i % 3] for i in range(RING)]
+LOCAL = (3, 6)
 BACKEND_MAC = {1: MAC_BE_TX, 2: MAC_BE_REDIR, 4: MAC_BE_TX, 5: MAC_BE_REDIR}
 SNAT_LO, SNAT_HI = 1024, 65535
 
@@ -60,6 +63,7 @@ def world(netns):
     lb.set_backend(3, VIP4, local=True)
     lb.set_backend(4, BE_TX6)
     lb.set_backend(5, BE_REDIR6)
+    lb.set_backend(6, VIP6, local=True)
     for (addr, port, proto), (vid, mode) in VIPS.items():
         lb.add_vip(addr, port, proto, mode, vip_id=vid, ring_size=RING)
         lb.set_vip_table(vid, TABLE4 if ":" not in addr else TABLE6)
@@ -93,11 +97,83 @@ def l4_ports(raw, l4, l3_end, proto):
     if proto == 6:
         if l4 + 20 > l3_end:
             return None
-        if raw[l4 + 12] >> 4 < 5:
+        doff = (raw[l4 + 12] >> 4) * 4
+        if doff < 20 or l4 + doff > l3_end:  # the header past the segment
             return None
-    elif l4 + 8 > l3_end:
-        return None
+    else:
+        if l4 + 8 > l3_end:
+            return None
+        ulen, = struct.unpack_from("!H", raw, l4 + 4)
+        if ulen < 8 or l4 + ulen > l3_end:  # a length past the datagram
+            return None
     return struct.unpack_from("!HH", raw, l4)
+
+
+def ipv4_options_ok(opts: bytes) -> bool:
+    """RFC 791: one-byte options 0 (end) and 1 (no-op); every other is type, length >= 2
+    and data, inside the header."""
+    i = 0
+    while i < len(opts):
+        if opts[i] == 0:
+            return True
+        if opts[i] == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2 or i + opts[i + 1] > len(opts):
+            return False
+        i += opts[i + 1]
+    return True
+
+
+VIP_ADDRS = {a for a, _, _ in VIPS}
+VIP_SLOTS = {L.vip_filter_slot(a) for a in VIP_ADDRS}
+ICMP_ERRORS = {4: (1, (3, 11, 12)), 6: (58, (1, 2, 3, 4))}
+
+
+def classify_icmp(raw, off, l4, l3_end, version, src, dst, marked, world):
+    """An ICMP error to a VIP address about a flow of a VIP goes to the flow's backend,
+    found by the packet it quotes, whose source must be that address."""
+    if l4 + 8 > l3_end:
+        return "pass_malformed", None
+    if raw[l4] not in ICMP_ERRORS[version][1] or L.vip_filter_slot(dst) not in VIP_SLOTS:
+        return "pass_unknown_l4", None
+    if marked:
+        return "pass_from_peer", None
+    inner = l4 + 8
+    if version == 4:
+        if inner + 20 > l3_end or raw[inner] >> 4 != 4 or raw[inner] & 0xF < 5:
+            return "pass_malformed", None
+        ports = inner + (raw[inner] & 0xF) * 4
+        if ports + 4 > l3_end:
+            return "pass_malformed", None
+        frag, = struct.unpack_from("!H", raw, inner + 6)
+        isrc = str(ipaddress.IPv4Address(raw[inner + 12:inner + 16]))
+        idst = str(ipaddress.IPv4Address(raw[inner + 16:inner + 20]))
+        proto = raw[inner + 9]
+        if frag & 0x1FFF or isrc != dst:
+            return "pass_icmp_no_flow", None
+    else:
+        if inner + 40 > l3_end or raw[inner] >> 4 != 6:
+            return "pass_malformed", None
+        ports = inner + 40
+        if ports + 4 > l3_end:
+            return "pass_malformed", None
+        isrc = str(ipaddress.IPv6Address(raw[inner + 8:inner + 24]))
+        idst = str(ipaddress.IPv6Address(raw[inner + 24:inner + 40]))
+        proto = raw[inner + 6]
+        if isrc != dst:
+            return "pass_icmp_no_flow", None
+    if proto not in (6, 17):
+        return "pass_icmp_no_flow", None
+    vport, cport = struct.unpack_from("!HH", raw, ports)
+    vip = VIPS.get((isrc, vport, proto))
+    if vip is None:
+        return "pass_icmp_no_flow", None
+    key = L.flow_key(idst, cport, isrc, vport, proto)
+    if vip[1] == "nat" and world.lb.conntrack_lookup(key) is None:
+        return "pass_icmp_no_flow", None
+    b = (TABLE4 if version == 4 else TABLE6)[flow_hash(key) % RING]
+    return ("pass_local", b) if b in LOCAL else ("forward", b)
 
 
 def classify4(raw, off, world):
@@ -113,14 +189,18 @@ def classify4(raw, off, world):
     frag, = struct.unpack_from("!H", raw, off + 6)
     if frag & 0x3FFF:
         return "pass_fragment", None
+    if not ipv4_options_ok(raw[off + 20:off + hlen]):
+        return "pass_malformed", None
     proto = raw[off + 9]
+    src = str(ipaddress.IPv4Address(raw[off + 12:off + 16]))
+    dst = str(ipaddress.IPv4Address(raw[off + 16:off + 20]))
+    if proto == 1:
+        return classify_icmp(raw, off, off + hlen, off + tot, 4, src, dst, frag & 0x8000, world)
     if proto not in (6, 17):
         return "pass_unknown_l4", None
     ports = l4_ports(raw, off + hlen, off + tot, proto)
     if ports is None:
         return "pass_malformed", None
-    src = str(ipaddress.IPv4Address(raw[off + 12:off + 16]))
-    dst = str(ipaddress.IPv4Address(raw[off + 16:off + 20]))
     vip = VIPS.get((dst, ports[1], proto))
     if vip is None:
         if dst == SNAT4 and SNAT_LO <= ports[1] <= SNAT_HI:
@@ -158,13 +238,16 @@ def classify6(raw, off, world=None):
         return "pass_v6_ext", None
     if cur > l3_end:
         return "pass_malformed", None
+    src = str(ipaddress.IPv6Address(raw[off + 8:off + 24]))
+    dst = str(ipaddress.IPv6Address(raw[off + 24:off + 40]))
+    if nh == 58:
+        marked = struct.unpack_from("!I", raw, off)[0] & 0xFFFFF == L.MLB_V6_MARK
+        return classify_icmp(raw, off, cur, l3_end, 6, src, dst, marked, world)
     if nh not in (6, 17):
         return "pass_unknown_l4", None
     ports = l4_ports(raw, cur, l3_end, nh)
     if ports is None:
         return "pass_malformed", None
-    src = str(ipaddress.IPv6Address(raw[off + 8:off + 24]))
-    dst = str(ipaddress.IPv6Address(raw[off + 24:off + 40]))
     vip = VIPS.get((dst, ports[1], nh))
     if vip is None:
         return "pass_not_vip", None
@@ -176,7 +259,7 @@ def classify6(raw, off, world=None):
 
 def table_choice(key, table, mode="dr", tcp_flags=None, world=None):
     b = table[flow_hash(key) % RING]
-    if b == 3:
+    if b in LOCAL:
         return "pass_local", b
     # full NAT only starts TCP flows on a SYN; other segments need their entry
     if mode == "nat" and tcp_flags is not None and tcp_flags & 0x12 != 0x02:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import time
 
 import pytest
 from scapy.layers.l2 import Ether
 
 from meshlb.dataplane import layouts as L
-from meshlb.dataplane.balancer import Balancer
-from meshlb.dataplane.libbpf import XDP_PASS, XDP_REDIRECT, XDP_TX
+from meshlb.dataplane.balancer import MAP_NAMES, Balancer, tick_rate
+from meshlb.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
 from .harness import PID, Harness
 from .pkt import BE_REDIR4, BE_TX4, MAC_BE_REDIR, MAC_BE_TX, SNAT4, VIP4, key_of, tcp4
@@ -52,9 +53,10 @@ def test_cached_next_hop_respects_mtu(lb):
     dr_vip(lb)
     assert lb.run(tcp4(flags="S")).retval == XDP_TX
     before = lb.counters()
-    r = lb.run(tcp4(payload=b"x" * 1600))  # bigger than the veth's 1500
-    assert r.retval == XDP_PASS
-    assert lb.delta(before).get("fib_frag_needed") == 1
+    r = lb.run(tcp4(payload=b"x" * 1600))  # bigger than the veth's 1500, no DF
+    assert r.retval == XDP_DROP
+    d = lb.delta(before)
+    assert d.get("fib_frag_needed") == 1 and d.get("drop_too_big") == 1, d
 
 
 def test_removed_vip_stops_established_flows(lb):
@@ -138,7 +140,7 @@ def test_pinned_state_is_adopted_by_the_next_load(netns):
         h.prog = h.lb.program
         dr_vip(h)
         assert h.run(tcp4(flags="S")).retval == XDP_TX
-        assert sorted(os.listdir(pin)) == sorted(h.lb.maps)
+        assert sorted(os.listdir(pin)) == sorted(MAP_NAMES)
         h.lb.set_vip_table(2, [2] * RING)  # established flow must survive the restart
         h.lb.close()
         h.lb = Balancer.load(pin, conntrack_size=4096)
@@ -195,3 +197,26 @@ def test_nat_reply_uses_next_hop_cache(lb):
     before = lb.counters()
     assert lb.run(rep).retval == XDP_TX
     assert lb.delta(before) == {"rx": 1, "nat_reply": 1, "tx": 1, "fib_cached": 1}
+
+
+def test_conntrack_times_are_monotonic_ns_at_tick_resolution(lb):
+    """The data plane counts jiffies (a load, where a clock helper cost 14 ns a packet)
+    scaled to CLOCK_MONOTONIC: Python's expiry compares them with time.monotonic_ns()."""
+    dr_vip(lb)
+    hz = lb.lb.sync_clock()
+    tick = 10**9 // hz
+    for sport in (41000, 41001, 41002):
+        t0 = time.monotonic_ns()
+        assert lb.run(tcp4(flags="S", sport=sport)).retval == XDP_TX
+        t1 = time.monotonic_ns()
+        seen = lb.lb.conntrack_lookup(key_of(tcp4(sport=sport))).last_seen_ns
+        assert t0 - 2 * tick <= seen <= t1 + 2 * tick, (t0, seen, t1, hz)
+        time.sleep(0.03)
+
+
+def test_tick_rate_from_two_readings():
+    a = L.ClockSync(jiffies=1000, mono_ns=0)
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 26, mono_ns=100_000_000)) == 250
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 29, mono_ns=100_000_000)) == 300
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 99, mono_ns=100_000_000)) == 1000
+    assert tick_rate(a, L.ClockSync(jiffies=1000 + 5, mono_ns=100_000_000)) == 50

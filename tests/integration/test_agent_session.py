@@ -14,6 +14,8 @@ import pytest
 from meshlb import vipnet
 from meshlb.agent.session import MARKS_PIN, TRACER_SUBDIR, XDP_LINK_PIN, Session
 from meshlb.config import parse
+from meshlb.dataplane.balancer import NEIGH_LINK_PIN
+from meshlb.dataplane.libbpf import Link
 from meshlb.lab.netns import Topology
 
 pytestmark = pytest.mark.privileged
@@ -30,6 +32,18 @@ def config(pin: Path, sockops: str = "off", source: str = "cluster.toml"):
 def xdp_attached(ns) -> bool:
     out = subprocess.run(["ip", "-n", ns.name, "link", "show", "eth0"], capture_output=True, text=True, check=True)
     return "xdp" in out.stdout
+
+
+def link_exists(link_id: int) -> bool:
+    return subprocess.run(["bpftool", "link", "show", "id", str(link_id)], capture_output=True).returncode == 0
+
+
+def pinned_link_id(path: Path) -> int:
+    link = Link.from_pinned(str(path))
+    try:
+        return int(link.info()["id"])
+    finally:
+        link.close()
 
 
 @pytest.fixture
@@ -60,9 +74,10 @@ def test_a_session_keeps_its_pins_for_the_next_or_removes_everything(mix):
         return sorted(os.listdir(pin))
 
     left = ns.run(first)
-    assert {"conntrack", XDP_LINK_PIN, TRACER_SUBDIR, MARKS_PIN} <= set(left), left
+    assert {"conntrack", XDP_LINK_PIN, NEIGH_LINK_PIN, TRACER_SUBDIR, MARKS_PIN} <= set(left), left
     assert os.listdir(pin / TRACER_SUBDIR)
     assert xdp_attached(ns)  # forwarding carries on with no agent
+    neigh_link = pinned_link_id(pin / NEIGH_LINK_PIN)  # and so does the neighbour hand-off
     assert ns.sysctl("net/ipv4/conf/eth0/forwarding") == "1"
     assert VIP in ns.run(vipnet.loopback_addresses)
 
@@ -75,6 +90,7 @@ def test_a_session_keeps_its_pins_for_the_next_or_removes_everything(mix):
     ns.run(second)
     assert not pin.exists()
     assert not xdp_attached(ns)
+    assert not link_exists(neigh_link)
 
     def third() -> tuple[set[str], str]:
         # a fresh start on a clean host: what it changed, a leave undoes

@@ -254,5 +254,5 @@ def test_ipv6_vip_flows_reach_their_maglev_backend(lab, wire):
     d = _delta(before, _counters(lab))
     forwarded = d.get("tx", 0) + d.get("redirect", 0)
     record("packets: IPv6 DR SYNs (valid)", sent=sent, forwarded=forwarded, local=d.get("pass_local", 0),
-           fib_failed=d.get("pass_fib_other", 0), fib_not_fwded=d.get("fib_not_fwded", 0))
-    assert forwarded > 0 and d.get("pass_fib_other", 0) == 0, d
+           fib_failed=d.get("drop_fib_other", 0), fib_not_fwded=d.get("fib_not_fwded", 0))
+    assert forwarded > 0 and d.get("drop_fib_other", 0) == 0, d

@@ -39,6 +39,9 @@ class FakeBalancer:
     def conntrack_count(self):
         return len(self.entries)
 
+    def conntrack_capacity(self):
+        return 261760
+
     def conntrack_entries(self):
         return self.entries
 
@@ -203,6 +206,7 @@ def test_snapshot_for_metrics():
     assert s.gossip_datagrams == {"sent": 7, "received": 8}
     assert s.gossip_drops == {"replay": 2, "transport_oversize": 1}
     assert s.health == {"mix1": True, "mix2": False} and s.health_checks == {("mix1", "ok"): 6}
+    assert s.conntrack_capacity == 261760  # the fill alert divides by it
     assert s.conntrack_entries == 3 and s.evictions == {"sent": 3} and s.tracer_events["sockops"] == 2
 
     assert [(r.backend, r.state, r.flows) for r in s.backends] == [
